@@ -1,0 +1,1 @@
+//! unicorn's inference engine.
