@@ -1,1 +1,5 @@
 //! CPU compute kernels for unicorn.
+
+mod types;
+
+pub use types::GgmlType;
