@@ -1,0 +1,663 @@
+//! Control-channel messages (the slow path): one message per `SOCK_SEQPACKET` packet.
+//!
+//! Every packet starts with an 8-byte header `{kind: u16, flags: u16 (0), request_id: u32}`;
+//! the body follows in the encoding of [`super::codec`]. A client numbers its requests and the
+//! daemon echoes the number in the reply; unsolicited messages ([`Reply::Goodbye`]) carry 0.
+//! File descriptors travel beside the bytes as `SCM_RIGHTS`: [`Request::RegisterBuffer`]
+//! carries one (the memfd), [`Reply::Welcome`] three (ring memfd, submission doorbell,
+//! completion doorbell); any other message carrying descriptors is a protocol error.
+//!
+//! Compatibility: fields are only ever appended. The daemon reads requests strictly (trailing
+//! bytes are an error); clients ignore trailing bytes in replies, so a newer daemon may append
+//! fields that an older client does not know.
+
+use super::codec::{Reader, Writer};
+use crate::error::Error;
+use crate::status::Status;
+
+/// Longest request the daemon accepts, in bytes (header included).
+pub const MAX_REQUEST_BYTES: usize = 4096;
+/// Longest reply a client must be ready to receive, in bytes.
+pub const MAX_REPLY_BYTES: usize = 256 * 1024;
+/// Longest client name, in bytes.
+pub const MAX_CLIENT_NAME: usize = 64;
+/// Longest echo payload, in bytes.
+pub const MAX_ECHO_BYTES: usize = 1024;
+/// Size of the packet header.
+pub const HEADER_BYTES: usize = 8;
+/// Most descriptors any message carries.
+pub const MAX_FDS: usize = 3;
+
+/// Scheduling class of a session; lower numbers are served first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum Priority {
+    Realtime = 0,
+    Interactive = 1,
+    Normal = 2,
+    Background = 3,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 4] = [
+        Priority::Realtime,
+        Priority::Interactive,
+        Priority::Normal,
+        Priority::Background,
+    ];
+
+    pub fn from_u8(v: u8) -> Option<Priority> {
+        Priority::ALL.get(usize::from(v)).copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Realtime => "realtime",
+            Priority::Interactive => "interactive",
+            Priority::Normal => "normal",
+            Priority::Background => "background",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.name() == s)
+    }
+}
+
+/// Per-session limits the daemon enforces (and announces in the welcome).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Jobs accepted from the ring and not yet completed.
+    pub max_jobs_in_flight: u32,
+    /// Registered buffers.
+    pub max_buffers: u32,
+    /// Bytes of registered buffers, all together.
+    pub max_buffer_bytes: u64,
+}
+
+/// What kind of compute device a [`Device`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum DeviceKind {
+    Cpu = 0,
+    Gpu = 1,
+    Npu = 2,
+}
+
+impl DeviceKind {
+    pub fn from_u8(v: u8) -> Option<DeviceKind> {
+        [DeviceKind::Cpu, DeviceKind::Gpu, DeviceKind::Npu]
+            .get(usize::from(v))
+            .copied()
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Gpu => "gpu",
+            DeviceKind::Npu => "npu",
+        }
+    }
+}
+
+/// A device the daemon found, and whether it serves jobs on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    pub kind: DeviceKind,
+    pub name: String,
+    /// True when the daemon runs jobs on this device.
+    pub in_use: bool,
+    /// Why it is or is not in use, features, paths: for people, not for programs.
+    pub detail: String,
+}
+
+/// The first message of a session.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub abi_major: u16,
+    pub abi_minor: u16,
+    pub priority: Priority,
+    /// Submission ring size wanted (0: the daemon's default); rounded up to a power of two and
+    /// capped by the daemon.
+    pub sq_entries: u32,
+    /// How long the daemon should keep polling this session's ring after activity before it
+    /// sleeps (capped by policy). 0 means always sleep: every submission rings the doorbell.
+    pub daemon_spin_us: u32,
+    pub client_name: String,
+}
+
+/// The daemon's answer to [`Hello`]; the ring memfd and both doorbells come with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    pub session_id: u64,
+    pub abi_major: u16,
+    pub abi_minor: u16,
+    pub daemon_version: String,
+    pub priority: Priority,
+    pub daemon_spin_us: u32,
+    pub sq_entries: u32,
+    pub cq_entries: u32,
+    pub ring_bytes: u64,
+    pub limits: Limits,
+    pub devices: Vec<Device>,
+}
+
+/// One session as `unicorn status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub id: u64,
+    pub pid: u32,
+    pub uid: u32,
+    pub name: String,
+    pub priority: Priority,
+    pub connected_ms: u64,
+    pub jobs_completed: u64,
+    pub jobs_failed: u64,
+    pub jobs_in_flight: u32,
+    pub buffers: u32,
+    pub buffer_bytes: u64,
+}
+
+/// The daemon's state as `unicorn status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub pid: u32,
+    pub system_mode: bool,
+    pub uptime_ms: u64,
+    pub socket_path: String,
+    /// Sessions accepted since the daemon started.
+    pub sessions_served: u64,
+    /// Jobs completed since the daemon started (successfully or not).
+    pub jobs_completed: u64,
+    /// Sessions disconnected for misbehaving.
+    pub sessions_disconnected: u64,
+    pub sessions: Vec<SessionInfo>,
+    pub devices: Vec<Device>,
+}
+
+/// Client to daemon.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    Hello(Hello),
+    /// The daemon sends the payload back: a socket round trip to compare the rings with.
+    Echo {
+        payload: Vec<u8>,
+    },
+    Status,
+    /// Register the memfd passed with this message as a buffer jobs may read and write. The
+    /// memfd must be sealed against shrinking and growing.
+    RegisterBuffer {
+        size: u64,
+    },
+    UnregisterBuffer {
+        handle: u32,
+    },
+}
+
+/// Daemon to client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Error {
+        status: Status,
+        message: String,
+    },
+    Welcome(Welcome),
+    Echo {
+        payload: Vec<u8>,
+    },
+    Status(DaemonStatus),
+    BufferRegistered {
+        handle: u32,
+        size: u64,
+    },
+    Done,
+    /// Sent, unsolicited, just before the daemon closes a session, saying why.
+    Goodbye {
+        status: Status,
+        message: String,
+    },
+}
+
+mod kind {
+    pub const HELLO: u16 = 0x01;
+    pub const ECHO: u16 = 0x02;
+    pub const STATUS: u16 = 0x03;
+    pub const REGISTER_BUFFER: u16 = 0x04;
+    pub const UNREGISTER_BUFFER: u16 = 0x05;
+
+    pub const ERROR: u16 = 0x80;
+    pub const WELCOME: u16 = 0x81;
+    pub const ECHO_REPLY: u16 = 0x82;
+    pub const STATUS_REPLY: u16 = 0x83;
+    pub const BUFFER_REGISTERED: u16 = 0x84;
+    pub const DONE: u16 = 0x85;
+    pub const GOODBYE: u16 = 0x86;
+}
+
+fn header(kind: u16, request_id: u32) -> Writer {
+    let mut w = Writer::new();
+    w.u16(kind).u16(0).u32(request_id);
+    w
+}
+
+fn read_header<'a>(bytes: &'a [u8]) -> Result<(u16, u32, Reader<'a>), Error> {
+    let mut r = Reader::new(bytes);
+    let kind = r.u16("message kind")?;
+    let flags = r.u16("message flags")?;
+    if flags != 0 {
+        return Err(Error::protocol(format!(
+            "message flags {flags:#x}: none are defined"
+        )));
+    }
+    let id = r.u32("request id")?;
+    Ok((kind, id, r))
+}
+
+impl Request {
+    /// How many descriptors must accompany this request.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Request::RegisterBuffer { .. } => 1,
+            _ => 0,
+        }
+    }
+
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        let mut w;
+        match self {
+            Request::Hello(h) => {
+                w = header(kind::HELLO, request_id);
+                w.u16(h.abi_major)
+                    .u16(h.abi_minor)
+                    .u8(h.priority as u8)
+                    .u32(h.sq_entries)
+                    .u32(h.daemon_spin_us)
+                    .str(&h.client_name);
+            }
+            Request::Echo { payload } => {
+                w = header(kind::ECHO, request_id);
+                w.bytes(payload);
+            }
+            Request::Status => w = header(kind::STATUS, request_id),
+            Request::RegisterBuffer { size } => {
+                w = header(kind::REGISTER_BUFFER, request_id);
+                w.u64(*size);
+            }
+            Request::UnregisterBuffer { handle } => {
+                w = header(kind::UNREGISTER_BUFFER, request_id);
+                w.u32(*handle);
+            }
+        }
+        w.into_bytes()
+    }
+
+    /// Decodes a request strictly. The ABI version fields of a `Hello` are returned as sent, so
+    /// that the daemon can refuse a mismatch with a clear message.
+    pub fn decode(bytes: &[u8]) -> Result<(u32, Request), Error> {
+        let (k, id, mut r) = read_header(bytes)?;
+        let req = match k {
+            kind::HELLO => {
+                let abi_major = r.u16("abi_major")?;
+                let abi_minor = r.u16("abi_minor")?;
+                let p = r.u8("priority")?;
+                let priority = Priority::from_u8(p)
+                    .ok_or_else(|| Error::protocol(format!("priority {p} does not exist")))?;
+                let sq_entries = r.u32("sq_entries")?;
+                let daemon_spin_us = r.u32("daemon_spin_us")?;
+                let client_name = r.str("client_name", MAX_CLIENT_NAME)?;
+                Request::Hello(Hello {
+                    abi_major,
+                    abi_minor,
+                    priority,
+                    sq_entries,
+                    daemon_spin_us,
+                    client_name,
+                })
+            }
+            kind::ECHO => Request::Echo {
+                payload: r.bytes("echo payload", MAX_ECHO_BYTES)?,
+            },
+            kind::STATUS => Request::Status,
+            kind::REGISTER_BUFFER => Request::RegisterBuffer {
+                size: r.u64("buffer size")?,
+            },
+            kind::UNREGISTER_BUFFER => Request::UnregisterBuffer {
+                handle: r.u32("handle")?,
+            },
+            other => return Err(Error::protocol(format!("unknown request kind {other:#x}"))),
+        };
+        r.finish("request")?;
+        Ok((id, req))
+    }
+}
+
+fn write_device(w: &mut Writer, d: &Device) {
+    w.u8(d.kind as u8)
+        .str(&d.name)
+        .bool(d.in_use)
+        .str(&d.detail);
+}
+
+fn read_device(r: &mut Reader<'_>) -> Result<Device, Error> {
+    let k = r.u8("device kind")?;
+    let kind = DeviceKind::from_u8(k).ok_or_else(|| Error::protocol(format!("device kind {k}")))?;
+    Ok(Device {
+        kind,
+        name: r.str("device name", usize::from(u16::MAX))?,
+        in_use: r.bool("device in_use")?,
+        detail: r.str("device detail", usize::from(u16::MAX))?,
+    })
+}
+
+fn read_priority(r: &mut Reader<'_>) -> Result<Priority, Error> {
+    let p = r.u8("priority")?;
+    Priority::from_u8(p).ok_or_else(|| Error::protocol(format!("priority {p} does not exist")))
+}
+
+fn read_status(r: &mut Reader<'_>) -> Result<Status, Error> {
+    let s = r.u32("status")?;
+    // A status this client does not know still is an error, never success.
+    Ok(Status::from_u32(s).unwrap_or(Status::Internal))
+}
+
+impl Reply {
+    /// How many descriptors accompany this reply.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Reply::Welcome(_) => 3,
+            _ => 0,
+        }
+    }
+
+    pub fn encode(&self, request_id: u32) -> Vec<u8> {
+        let mut w;
+        match self {
+            Reply::Error { status, message } => {
+                w = header(kind::ERROR, request_id);
+                w.u32(status.as_u32()).str(message);
+            }
+            Reply::Goodbye { status, message } => {
+                w = header(kind::GOODBYE, request_id);
+                w.u32(status.as_u32()).str(message);
+            }
+            Reply::Welcome(m) => {
+                w = header(kind::WELCOME, request_id);
+                w.u64(m.session_id)
+                    .u16(m.abi_major)
+                    .u16(m.abi_minor)
+                    .str(&m.daemon_version)
+                    .u8(m.priority as u8)
+                    .u32(m.daemon_spin_us)
+                    .u32(m.sq_entries)
+                    .u32(m.cq_entries)
+                    .u64(m.ring_bytes)
+                    .u32(m.limits.max_jobs_in_flight)
+                    .u32(m.limits.max_buffers)
+                    .u64(m.limits.max_buffer_bytes)
+                    .list(&m.devices, write_device);
+            }
+            Reply::Echo { payload } => {
+                w = header(kind::ECHO_REPLY, request_id);
+                w.bytes(payload);
+            }
+            Reply::Status(s) => {
+                w = header(kind::STATUS_REPLY, request_id);
+                w.str(&s.version)
+                    .u32(s.pid)
+                    .bool(s.system_mode)
+                    .u64(s.uptime_ms)
+                    .str(&s.socket_path)
+                    .u64(s.sessions_served)
+                    .u64(s.jobs_completed)
+                    .u64(s.sessions_disconnected)
+                    .list(&s.sessions, |w, x| {
+                        w.u64(x.id)
+                            .u32(x.pid)
+                            .u32(x.uid)
+                            .str(&x.name)
+                            .u8(x.priority as u8)
+                            .u64(x.connected_ms)
+                            .u64(x.jobs_completed)
+                            .u64(x.jobs_failed)
+                            .u32(x.jobs_in_flight)
+                            .u32(x.buffers)
+                            .u64(x.buffer_bytes);
+                    })
+                    .list(&s.devices, write_device);
+            }
+            Reply::BufferRegistered { handle, size } => {
+                w = header(kind::BUFFER_REGISTERED, request_id);
+                w.u32(*handle).u64(*size);
+            }
+            Reply::Done => w = header(kind::DONE, request_id),
+        }
+        w.into_bytes()
+    }
+
+    /// Decodes a reply; bytes after the known fields are ignored (see the module docs).
+    pub fn decode(bytes: &[u8]) -> Result<(u32, Reply), Error> {
+        let (k, id, mut r) = read_header(bytes)?;
+        let reply = match k {
+            kind::ERROR | kind::GOODBYE => {
+                let status = read_status(&mut r)?;
+                let message = r.str("error message", usize::from(u16::MAX))?;
+                if k == kind::ERROR {
+                    Reply::Error { status, message }
+                } else {
+                    Reply::Goodbye { status, message }
+                }
+            }
+            kind::WELCOME => Reply::Welcome(Welcome {
+                session_id: r.u64("session id")?,
+                abi_major: r.u16("abi_major")?,
+                abi_minor: r.u16("abi_minor")?,
+                daemon_version: r.str("daemon version", 256)?,
+                priority: read_priority(&mut r)?,
+                daemon_spin_us: r.u32("daemon_spin_us")?,
+                sq_entries: r.u32("sq_entries")?,
+                cq_entries: r.u32("cq_entries")?,
+                ring_bytes: r.u64("ring bytes")?,
+                limits: Limits {
+                    max_jobs_in_flight: r.u32("max_jobs_in_flight")?,
+                    max_buffers: r.u32("max_buffers")?,
+                    max_buffer_bytes: r.u64("max_buffer_bytes")?,
+                },
+                devices: r.list("devices", 6, read_device)?,
+            }),
+            kind::ECHO_REPLY => Reply::Echo {
+                payload: r.bytes("echo payload", MAX_REPLY_BYTES)?,
+            },
+            kind::STATUS_REPLY => Reply::Status(DaemonStatus {
+                version: r.str("version", 256)?,
+                pid: r.u32("pid")?,
+                system_mode: r.bool("system mode")?,
+                uptime_ms: r.u64("uptime")?,
+                socket_path: r.str("socket path", 4096)?,
+                sessions_served: r.u64("sessions served")?,
+                jobs_completed: r.u64("jobs completed")?,
+                sessions_disconnected: r.u64("sessions disconnected")?,
+                sessions: r.list("sessions", 55, |r| {
+                    Ok(SessionInfo {
+                        id: r.u64("session id")?,
+                        pid: r.u32("pid")?,
+                        uid: r.u32("uid")?,
+                        name: r.str("name", MAX_CLIENT_NAME)?,
+                        priority: read_priority(r)?,
+                        connected_ms: r.u64("connected")?,
+                        jobs_completed: r.u64("jobs completed")?,
+                        jobs_failed: r.u64("jobs failed")?,
+                        jobs_in_flight: r.u32("jobs in flight")?,
+                        buffers: r.u32("buffers")?,
+                        buffer_bytes: r.u64("buffer bytes")?,
+                    })
+                })?,
+                devices: r.list("devices", 6, read_device)?,
+            }),
+            kind::BUFFER_REGISTERED => Reply::BufferRegistered {
+                handle: r.u32("handle")?,
+                size: r.u64("size")?,
+            },
+            kind::DONE => Reply::Done,
+            other => return Err(Error::protocol(format!("unknown reply kind {other:#x}"))),
+        };
+        Ok((id, reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device() -> Device {
+        Device {
+            kind: DeviceKind::Cpu,
+            name: "x86-64".into(),
+            in_use: true,
+            detail: "avx2".into(),
+        }
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let reqs = [
+            Request::Hello(Hello {
+                abi_major: 1,
+                abi_minor: 0,
+                priority: Priority::Interactive,
+                sq_entries: 128,
+                daemon_spin_us: 50,
+                client_name: "test".into(),
+            }),
+            Request::Echo {
+                payload: vec![1, 2, 3],
+            },
+            Request::Status,
+            Request::RegisterBuffer { size: 4096 },
+            Request::UnregisterBuffer { handle: 7 },
+        ];
+        for (i, req) in reqs.iter().enumerate() {
+            let bytes = req.encode(i as u32 + 1);
+            assert!(bytes.len() <= MAX_REQUEST_BYTES);
+            assert_eq!(
+                Request::decode(&bytes).unwrap(),
+                (i as u32 + 1, req.clone())
+            );
+            // Every strict prefix is an error, and so is any trailing byte.
+            for cut in 0..bytes.len() {
+                assert!(
+                    Request::decode(&bytes[..cut]).is_err(),
+                    "prefix {cut} of {req:?}"
+                );
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(Request::decode(&longer).is_err());
+        }
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let replies = [
+            Reply::Error {
+                status: Status::LimitExceeded,
+                message: "too many".into(),
+            },
+            Reply::Goodbye {
+                status: Status::Protocol,
+                message: "bye".into(),
+            },
+            Reply::Welcome(Welcome {
+                session_id: 9,
+                abi_major: 1,
+                abi_minor: 0,
+                daemon_version: "0.1.0".into(),
+                priority: Priority::Normal,
+                daemon_spin_us: 20,
+                sq_entries: 256,
+                cq_entries: 512,
+                ring_bytes: 65536,
+                limits: Limits {
+                    max_jobs_in_flight: 256,
+                    max_buffers: 64,
+                    max_buffer_bytes: 1 << 30,
+                },
+                devices: vec![device()],
+            }),
+            Reply::Echo {
+                payload: vec![9; 64],
+            },
+            Reply::Status(DaemonStatus {
+                version: "0.1.0".into(),
+                pid: 42,
+                system_mode: false,
+                uptime_ms: 1000,
+                socket_path: "/run/x".into(),
+                sessions_served: 3,
+                jobs_completed: 10,
+                sessions_disconnected: 1,
+                sessions: vec![SessionInfo {
+                    id: 1,
+                    pid: 2,
+                    uid: 3,
+                    name: "a".into(),
+                    priority: Priority::Background,
+                    connected_ms: 4,
+                    jobs_completed: 5,
+                    jobs_failed: 6,
+                    jobs_in_flight: 7,
+                    buffers: 8,
+                    buffer_bytes: 9,
+                }],
+                devices: vec![device()],
+            }),
+            Reply::BufferRegistered {
+                handle: 3,
+                size: 8192,
+            },
+            Reply::Done,
+        ];
+        for reply in replies {
+            let bytes = reply.encode(5);
+            assert_eq!(Reply::decode(&bytes).unwrap(), (5, reply.clone()));
+            // Appended fields from a newer daemon are ignored.
+            let mut longer = bytes.clone();
+            longer.extend_from_slice(&[1, 2, 3]);
+            assert_eq!(Reply::decode(&longer).unwrap(), (5, reply));
+        }
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        assert!(Request::decode(&[]).is_err());
+        assert!(Request::decode(&[0xFF, 0xFF, 0, 0, 0, 0, 0, 0]).is_err());
+        // Flags set.
+        assert!(Request::decode(&[0x03, 0, 1, 0, 0, 0, 0, 0]).is_err());
+        // Hello with an unknown priority.
+        let mut hello = Request::Hello(Hello {
+            abi_major: 1,
+            abi_minor: 0,
+            priority: Priority::Normal,
+            sq_entries: 0,
+            daemon_spin_us: 0,
+            client_name: String::new(),
+        })
+        .encode(1);
+        hello[12] = 9;
+        assert!(Request::decode(&hello).is_err());
+        // An unknown error status still decodes as an error.
+        let mut err = Reply::Error {
+            status: Status::Io,
+            message: String::new(),
+        }
+        .encode(1);
+        err[8..12].copy_from_slice(&999u32.to_le_bytes());
+        assert!(matches!(
+            Reply::decode(&err).unwrap().1,
+            Reply::Error {
+                status: Status::Internal,
+                ..
+            }
+        ));
+    }
+}
