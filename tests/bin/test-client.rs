@@ -1,0 +1,136 @@
+//! A real client process for the cross-process tests.
+//!
+//!     unicorn-test-client nops SOCKET N    submit N NOPs (user_data 0..N) in batches, check that
+//!                                          each completes exactly once, print "ok N"
+//!     unicorn-test-client hold SOCKET      register a buffer, leave delayed NOPs in flight,
+//!                                          print "ready SESSION", then ping until killed
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use unicorn::{Client, ClientOptions, Completion, Job, Status, WaitMode};
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 || args.iter().any(|a| a == "--help") {
+        eprintln!("usage: unicorn-test-client nops SOCKET N | hold SOCKET");
+        std::process::exit(2);
+    }
+    let opts = ClientOptions {
+        socket: Some(PathBuf::from(&args[2])),
+        name: format!("test-client-{}", std::process::id()),
+        wait: WaitMode::Adaptive,
+        ..ClientOptions::default()
+    };
+    let mut client = Client::connect(&opts).unwrap_or_else(|e| fail(&format!("connect: {e}")));
+    match args[1].as_str() {
+        "nops" => {
+            let n: usize = args
+                .get(3)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or_else(|| fail("N"));
+            nops(&mut client, n);
+            println!("ok {n}");
+        }
+        "hold" => hold(&mut client),
+        other => fail(&format!("unknown mode {other}")),
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("unicorn-test-client: {msg}");
+    std::process::exit(1);
+}
+
+fn nops(client: &mut Client, n: usize) {
+    let mut seen = vec![false; n];
+    let mut next = 0usize;
+    let mut done = 0usize;
+    let mut got: Vec<Completion> = Vec::with_capacity(512);
+    while done < n {
+        if next < n {
+            let batch: Vec<(Job, u64)> = (next..n.min(next + 100))
+                .map(|i| {
+                    (
+                        Job::Nop {
+                            delay: Duration::ZERO,
+                        },
+                        i as u64,
+                    )
+                })
+                .collect();
+            next += client
+                .submit(&batch)
+                .unwrap_or_else(|e| fail(&format!("submit: {e}")));
+        }
+        got.clear();
+        let k = client
+            .reap(&mut got, usize::MAX)
+            .unwrap_or_else(|e| fail(&format!("reap: {e}")));
+        if k == 0 {
+            let ready = client
+                .wait(Some(Duration::from_secs(30)))
+                .unwrap_or_else(|e| fail(&format!("wait: {e}")));
+            if !ready {
+                fail(&format!(
+                    "no completion within 30 s with {} in flight",
+                    client.in_flight()
+                ));
+            }
+        }
+        for c in &got {
+            if c.status != Status::Ok {
+                fail(&format!("NOP {} failed: {}", c.user_data, c.status));
+            }
+            let i = usize::try_from(c.user_data).ok().filter(|i| *i < n);
+            let Some(i) = i else {
+                fail(&format!(
+                    "completion for a job never submitted: {}",
+                    c.user_data
+                ))
+            };
+            if seen[i] {
+                fail(&format!("NOP {i} completed twice"));
+            }
+            seen[i] = true;
+            done += 1;
+        }
+    }
+    if client.in_flight() != 0 {
+        fail(&format!(
+            "{} jobs still in flight after all completed",
+            client.in_flight()
+        ));
+    }
+}
+
+fn hold(client: &mut Client) {
+    use unicorn::sys::memfd;
+    let fd = memfd::create_sealed_memfd("hold", 1 << 16)
+        .unwrap_or_else(|e| fail(&format!("memfd: {e}")));
+    client
+        .register_buffer(&fd, 1 << 16)
+        .unwrap_or_else(|e| fail(&format!("register: {e}")));
+    let jobs: Vec<(Job, u64)> = (0..16)
+        .map(|i| {
+            (
+                Job::Nop {
+                    delay: Duration::from_secs(10),
+                },
+                i,
+            )
+        })
+        .collect();
+    client
+        .submit(&jobs)
+        .unwrap_or_else(|e| fail(&format!("submit: {e}")));
+    println!("ready {}", client.welcome().session_id);
+    std::io::stdout().flush().ok();
+    loop {
+        client
+            .ping()
+            .unwrap_or_else(|e| fail(&format!("ping: {e}")));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
