@@ -15,11 +15,7 @@ fn install(prefix: &Path) {
     std::fs::create_dir_all(&lib).unwrap();
     std::fs::create_dir_all(&inc).unwrap();
     let built = target_dir().join("libunicorn.so");
-    assert!(
-        built.is_file(),
-        "{} is missing: build the workspace first",
-        built.display()
-    );
+    assert!(built.is_file(), "{} is missing: build the workspace first", built.display());
     std::fs::copy(&built, lib.join("libunicorn.so.1")).unwrap();
     std::os::unix::fs::symlink("libunicorn.so.1", lib.join("libunicorn.so")).unwrap();
     std::fs::copy(repo_root().join("include/unicorn.h"), inc.join("unicorn.h")).unwrap();
@@ -41,14 +37,8 @@ fn the_library_carries_its_soname_and_exports_only_unicorn_symbols() {
         })
         .collect();
     assert!(exported.contains(&"unicorn_connect"), "{exported:?}");
-    let foreign: Vec<_> = exported
-        .iter()
-        .filter(|s| !s.starts_with("unicorn_"))
-        .collect();
-    assert!(
-        foreign.is_empty(),
-        "functions exported beyond unicorn_*: {foreign:?}"
-    );
+    let foreign: Vec<_> = exported.iter().filter(|s| !s.starts_with("unicorn_")).collect();
+    assert!(foreign.is_empty(), "functions exported beyond unicorn_*: {foreign:?}");
 }
 
 #[test]
@@ -57,28 +47,20 @@ fn c_program_with_sanitizers_against_a_real_daemon() {
     install(tmp.path());
     let exe = tmp.path().join("api_test");
     let mut cc = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
-    cc.args([
-        "-std=c11",
-        "-Wall",
-        "-Wextra",
-        "-Werror",
-        "-pedantic",
-        "-g",
-        "-O1",
-    ])
-    .args([
-        "-fsanitize=address,undefined",
-        "-fno-sanitize-recover=all",
-        "-fno-omit-frame-pointer",
-    ])
-    .arg("-D_POSIX_C_SOURCE=200809L")
-    .arg(format!("-I{}", tmp.path().join("include").display()))
-    .arg(repo_root().join("tests/c/api_test.c"))
-    .arg(format!("-L{}", tmp.path().join("lib").display()))
-    .arg("-lunicorn")
-    .arg(format!("-Wl,-rpath,{}", tmp.path().join("lib").display()))
-    .arg("-o")
-    .arg(&exe);
+    cc.args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-pedantic", "-g", "-O1"])
+        .args([
+            "-fsanitize=address,undefined",
+            "-fno-sanitize-recover=all",
+            "-fno-omit-frame-pointer",
+        ])
+        .arg("-D_POSIX_C_SOURCE=200809L")
+        .arg(format!("-I{}", tmp.path().join("include").display()))
+        .arg(repo_root().join("tests/c/api_test.c"))
+        .arg(format!("-L{}", tmp.path().join("lib").display()))
+        .arg("-lunicorn")
+        .arg(format!("-Wl,-rpath,{}", tmp.path().join("lib").display()))
+        .arg("-o")
+        .arg(&exe);
     let (status, out, err) = run(&mut cc);
     assert!(status.success(), "compiling the C test failed:\n{out}{err}");
     // The program loads the library by its SONAME, from the install prefix.

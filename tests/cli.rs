@@ -37,10 +37,7 @@ fn status_and_ping() {
     assert!(out.contains(&format!("\"pid\":{}", d.pid())), "{out}");
     let (status, out, err) = run(unicorn(&d).args(["ping", "-n", "200"]));
     assert!(status.success(), "{err}");
-    assert!(
-        out.contains("200 pings") && out.contains("p50") && out.contains("p99"),
-        "{out}"
-    );
+    assert!(out.contains("200 pings") && out.contains("p50") && out.contains("p99"), "{out}");
     for mode in ["sleep", "spin"] {
         let (status, _, err) = run(unicorn(&d).args(["ping", "-n", "20", "--mode", mode]));
         assert!(status.success(), "{mode}: {err}");
@@ -56,10 +53,7 @@ fn no_daemon_and_no_spawn_is_a_clear_error() {
         .arg(dir.path().join("none.sock"))
         .arg("status"));
     assert_eq!(status.code(), Some(1));
-    assert!(
-        err.contains("no daemon") || err.contains("no unicornd"),
-        "{err}"
-    );
+    assert!(err.contains("no daemon") || err.contains("no unicornd"), "{err}");
 }
 
 #[test]
@@ -87,15 +81,9 @@ fn a_first_run_starts_a_user_daemon() {
         .env("XDG_RUNTIME_DIR", &runtime)
         .env_remove("UNICORN_SOCKET"));
     assert!(status.success(), "{err2}");
-    assert!(
-        !err2.contains("starting") && out2.contains(&format!("\"pid\":{pid}")),
-        "{err2}{out2}"
-    );
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    assert!(!err2.contains("starting") && out2.contains(&format!("\"pid\":{pid}")), "{err2}{out2}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
     assert!(
         eventually(Duration::from_secs(10), || !socket.exists()),
         "the daemon did not clean up"
@@ -116,12 +104,9 @@ fn the_ring_benchmark_prints_its_table() {
         "20000",
     ]));
     assert!(status.success(), "{err}");
-    for row in [
-        "ring round trip, wake-ups",
-        "ring round trip, spin",
-        "Unix socket ping-pong",
-        "M NOPs/s",
-    ] {
+    for row in
+        ["ring round trip, wake-ups", "ring round trip, spin", "Unix socket ping-pong", "M NOPs/s"]
+    {
         assert!(out.contains(row), "missing {row:?} in:\n{out}");
     }
 }

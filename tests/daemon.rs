@@ -18,19 +18,12 @@ fn status_reports_the_daemon_and_its_sessions() {
     assert_eq!(st.socket_path, d.socket.display().to_string());
     let ids: Vec<u64> = st.sessions.iter().map(|s| s.id).collect();
     assert!(ids.contains(&a.welcome().session_id) && ids.contains(&b.welcome().session_id));
-    assert!(st
-        .devices
-        .iter()
-        .any(|d| d.kind == unicorn::protocol::DeviceKind::Cpu && d.in_use));
+    assert!(st.devices.iter().any(|d| d.kind == unicorn::protocol::DeviceKind::Cpu && d.in_use));
     for _ in 0..100 {
         b.ping().unwrap();
     }
     let st = a.status().unwrap();
-    let bs = st
-        .sessions
-        .iter()
-        .find(|s| s.id == b.welcome().session_id)
-        .unwrap();
+    let bs = st.sessions.iter().find(|s| s.id == b.welcome().session_id).unwrap();
     assert_eq!(bs.jobs_completed, 100);
     assert_eq!(bs.pid, std::process::id());
     assert_eq!(a.echo(b"hello").unwrap(), b"hello");
@@ -43,11 +36,7 @@ fn sigterm_and_sigint_shut_down_cleanly_and_remove_the_socket() {
         let mut c = d.client();
         c.ping().unwrap();
         let status = d.stop_with(sig);
-        assert!(
-            status.success(),
-            "exit status {status} after {sig}:\n{}",
-            d.log()
-        );
+        assert!(status.success(), "exit status {status} after {sig}:\n{}", d.log());
         assert!(!d.socket.exists(), "socket left behind after {sig}");
         // The connected client learns why its session ended.
         let err = c.ping().unwrap_err();
@@ -60,10 +49,8 @@ fn sigterm_and_sigint_shut_down_cleanly_and_remove_the_socket() {
 fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     let mut d = Daemon::start();
     // A second daemon on a live socket refuses to start.
-    let (status, _, err) = run(Command::new(bin("unicornd"))
-        .arg("--user")
-        .arg("--socket")
-        .arg(&d.socket));
+    let (status, _, err) =
+        run(Command::new(bin("unicornd")).arg("--user").arg("--socket").arg(&d.socket));
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("already listens"), "{err}");
     assert!(d.alive());
@@ -80,17 +67,11 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let opts = unicorn::ClientOptions {
-        socket: Some(socket.clone()),
-        ..Default::default()
-    };
+    let opts = unicorn::ClientOptions { socket: Some(socket.clone()), ..Default::default() };
     let ok = unicorn_tests::eventually(Duration::from_secs(20), || {
         unicorn::Client::connect(&opts).is_ok()
     });
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        Signal::SIGTERM,
-    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM);
     let status = child.wait().unwrap();
     assert!(ok, "the new daemon did not take over the stale socket");
     assert!(status.success());
@@ -123,10 +104,8 @@ fn configuration_mistakes_are_reported_not_ignored() {
     std::fs::create_dir(&open).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let (status, _, err) = run(Command::new(bin("unicornd"))
-        .arg("--user")
-        .arg("--socket")
-        .arg(open.join("s")));
+    let (status, _, err) =
+        run(Command::new(bin("unicornd")).arg("--user").arg("--socket").arg(open.join("s")));
     assert_eq!(status.code(), Some(1));
     assert!(err.contains("writable by others"), "{err}");
 }

@@ -24,18 +24,11 @@ fn wrong_abi_versions_are_refused_with_a_clear_error() {
     let mut d = Daemon::start();
     for (major, minor) in [(ABI_MAJOR + 1, 0), (ABI_MAJOR, ABI_MINOR + 1), (0, 0)] {
         let mut raw = RawClient::connect(&d.socket);
-        let hello = Hello {
-            abi_major: major,
-            abi_minor: minor,
-            ..raw.hello()
-        };
+        let hello = Hello { abi_major: major, abi_minor: minor, ..raw.hello() };
         raw.send(&Request::Hello(hello), 1, &[]).unwrap();
         let replies = raw.drain_until_closed();
         match replies.first() {
-            Some(Reply::Error {
-                status: Status::AbiMismatch,
-                message,
-            }) => {
+            Some(Reply::Error { status: Status::AbiMismatch, message }) => {
                 assert!(message.contains(&format!("{major}.{minor}")), "{message}")
             }
             other => panic!("ABI {major}.{minor}: expected an ABI error, got {other:?}"),
@@ -65,10 +58,7 @@ fn garbage_handshakes_are_disconnected() {
     // An oversized packet, and a packet carrying descriptors it should not.
     let mut raw = RawClient::connect(&d.socket);
     raw.send_bytes(&vec![0u8; 64 * 1024], &[]).unwrap();
-    assert_eq!(
-        goodbye_status(&raw.drain_until_closed()).map(|g| g.0),
-        Some(Status::Protocol)
-    );
+    assert_eq!(goodbye_status(&raw.drain_until_closed()).map(|g| g.0), Some(Status::Protocol));
     let mut raw = RawClient::connect(&d.socket);
     let _ring = raw.handshake();
     let stray = memfd::create_sealed_memfd("stray", 4096).unwrap();
@@ -80,10 +70,7 @@ fn garbage_handshakes_are_disconnected() {
     let mut raw = RawClient::connect(&d.socket);
     let _ring = raw.handshake();
     raw.send(&Request::Hello(raw.hello()), 2, &[]).unwrap();
-    assert_eq!(
-        goodbye_status(&raw.drain_until_closed()).map(|g| g.0),
-        Some(Status::Protocol)
-    );
+    assert_eq!(goodbye_status(&raw.drain_until_closed()).map(|g| g.0), Some(Status::Protocol));
     d.assert_healthy();
 }
 
@@ -116,32 +103,18 @@ fn unsealed_shrinkable_and_foreign_buffers_are_refused() {
         ("growable but shrinkable", shrink_only.as_fd(), size as u64),
         ("a regular file", file.as_fd(), 4096),
         ("a pipe", pipe_r.as_fd(), 4096),
-        (
-            "a size that does not match",
-            sealed.as_fd(),
-            size as u64 * 2,
-        ),
+        ("a size that does not match", sealed.as_fd(), size as u64 * 2),
         ("zero bytes", sealed.as_fd(), 0),
         ("read-only", read_only.as_fd(), size as u64),
     ];
     for (what, fd, claimed) in cases {
         let err = c.register_buffer(&fd, claimed).expect_err(what);
         assert_eq!(err.status(), Status::InvalidArgument, "{what}: {err}");
-        c.ping()
-            .unwrap_or_else(|e| panic!("session unusable after {what}: {e}"));
+        c.ping().unwrap_or_else(|e| panic!("session unusable after {what}: {e}"));
     }
     // A properly sealed memfd works, and the daemon can write into it.
     let h = c.register_buffer(&sealed, size as u64).unwrap();
-    c.submit(&[(
-        Job::Fill {
-            buffer: h,
-            offset: 100,
-            len: 10,
-            byte: 0xAB,
-        },
-        7,
-    )])
-    .unwrap();
+    c.submit(&[(Job::Fill { buffer: h, offset: 100, len: 10, byte: 0xAB }, 7)]).unwrap();
     assert!(c.wait(Some(Duration::from_secs(10))).unwrap());
     let mut done = Vec::new();
     c.reap(&mut done, 8).unwrap();
@@ -161,66 +134,15 @@ fn buffer_ranges_are_checked_without_overflow() {
     let fd = memfd::create_sealed_memfd("b", 4096).unwrap();
     let h = c.register_buffer(&fd, 4096).unwrap();
     let cases = [
-        (
-            Job::Fill {
-                buffer: h,
-                offset: 4096,
-                len: 1,
-                byte: 1,
-            },
-            Status::InvalidArgument,
-        ),
-        (
-            Job::Fill {
-                buffer: h,
-                offset: 4000,
-                len: 97,
-                byte: 1,
-            },
-            Status::InvalidArgument,
-        ),
-        (
-            Job::Fill {
-                buffer: h,
-                offset: u64::MAX - 1,
-                len: 5,
-                byte: 1,
-            },
-            Status::InvalidArgument,
-        ),
-        (
-            Job::Fill {
-                buffer: h + 100,
-                offset: 0,
-                len: 1,
-                byte: 1,
-            },
-            Status::NotFound,
-        ),
-        (
-            Job::Fill {
-                buffer: h,
-                offset: 4095,
-                len: 1,
-                byte: 1,
-            },
-            Status::Ok,
-        ),
-        (
-            Job::Fill {
-                buffer: h,
-                offset: 4096,
-                len: 0,
-                byte: 1,
-            },
-            Status::Ok,
-        ),
+        (Job::Fill { buffer: h, offset: 4096, len: 1, byte: 1 }, Status::InvalidArgument),
+        (Job::Fill { buffer: h, offset: 4000, len: 97, byte: 1 }, Status::InvalidArgument),
+        (Job::Fill { buffer: h, offset: u64::MAX - 1, len: 5, byte: 1 }, Status::InvalidArgument),
+        (Job::Fill { buffer: h + 100, offset: 0, len: 1, byte: 1 }, Status::NotFound),
+        (Job::Fill { buffer: h, offset: 4095, len: 1, byte: 1 }, Status::Ok),
+        (Job::Fill { buffer: h, offset: 4096, len: 0, byte: 1 }, Status::Ok),
     ];
-    let jobs: Vec<(Job, u64)> = cases
-        .iter()
-        .enumerate()
-        .map(|(i, (j, _))| (*j, i as u64))
-        .collect();
+    let jobs: Vec<(Job, u64)> =
+        cases.iter().enumerate().map(|(i, (j, _))| (*j, i as u64)).collect();
     assert_eq!(c.submit(&jobs).unwrap(), jobs.len());
     let mut done = Vec::new();
     while done.len() < jobs.len() {
@@ -228,17 +150,10 @@ fn buffer_ranges_are_checked_without_overflow() {
         c.reap(&mut done, 64).unwrap();
     }
     for d in &done {
-        assert_eq!(
-            d.status, cases[d.user_data as usize].1,
-            "case {}",
-            d.user_data
-        );
+        assert_eq!(d.status, cases[d.user_data as usize].1, "case {}", d.user_data);
     }
     c.unregister_buffer(h).unwrap();
-    assert_eq!(
-        c.unregister_buffer(h).unwrap_err().status(),
-        Status::NotFound
-    );
+    assert_eq!(c.unregister_buffer(h).unwrap_err().status(), Status::NotFound);
     d.assert_healthy();
 }
 
@@ -249,9 +164,7 @@ fn out_of_range_submission_index_disconnects() {
         let mut raw = RawClient::connect(&d.socket);
         let ring = raw.handshake();
         assert_eq!(ring.layout.sq_entries(), 8);
-        ring.mem
-            .atomic_u32(offsets::SQ_TAIL)
-            .store(bad_tail, Ordering::Release);
+        ring.mem.atomic_u32(offsets::SQ_TAIL).store(bad_tail, Ordering::Release);
         ring.kick();
         let (status, msg) = goodbye_status(&raw.drain_until_closed()).expect("goodbye");
         assert_eq!(status, Status::Protocol);
@@ -268,17 +181,8 @@ fn corrupted_completion_head_disconnects() {
     let mut raw = RawClient::connect(&d.socket);
     let mut ring = raw.handshake();
     // The client claims to have reaped completions the daemon never wrote.
-    ring.mem
-        .atomic_u32(offsets::CQ_HEAD)
-        .store(5, Ordering::Release);
-    ring.sq.push(
-        &ring.mem,
-        &Job::Nop {
-            delay: Duration::ZERO,
-        }
-        .to_sqe(1)
-        .to_words(),
-    );
+    ring.mem.atomic_u32(offsets::CQ_HEAD).store(5, Ordering::Release);
+    ring.sq.push(&ring.mem, &Job::Nop { delay: Duration::ZERO }.to_sqe(1).to_words());
     ring.sq.publish(&ring.mem);
     ring.kick();
     let (status, msg) = goodbye_status(&raw.drain_until_closed()).expect("goodbye");
@@ -294,46 +198,16 @@ fn garbage_entries_fail_one_by_one_and_a_stream_of_them_disconnects() {
     let mut ring = raw.handshake();
     // A few garbage entries, each answered with an error completion carrying its user_data.
     let garbage = [
-        Sqe {
-            opcode: 0,
-            user_data: 1,
-            ..Sqe::default()
-        },
-        Sqe {
-            opcode: 99,
-            user_data: 2,
-            ..Sqe::default()
-        },
-        Sqe {
-            opcode: 1,
-            flags: 0xFF,
-            user_data: 3,
-            ..Sqe::default()
-        },
-        Sqe {
-            opcode: 1,
-            args: [0, 0, 0, 0, 0, 42],
-            user_data: 4,
-            ..Sqe::default()
-        },
-        Sqe {
-            opcode: 2,
-            args: [0, 0, 0, 0, 0, 0],
-            user_data: 5,
-            ..Sqe::default()
-        },
+        Sqe { opcode: 0, user_data: 1, ..Sqe::default() },
+        Sqe { opcode: 99, user_data: 2, ..Sqe::default() },
+        Sqe { opcode: 1, flags: 0xFF, user_data: 3, ..Sqe::default() },
+        Sqe { opcode: 1, args: [0, 0, 0, 0, 0, 42], user_data: 4, ..Sqe::default() },
+        Sqe { opcode: 2, args: [0, 0, 0, 0, 0, 0], user_data: 5, ..Sqe::default() },
     ];
     for e in &garbage {
         ring.sq.push(&ring.mem, &e.to_words());
     }
-    ring.sq.push(
-        &ring.mem,
-        &Job::Nop {
-            delay: Duration::ZERO,
-        }
-        .to_sqe(6)
-        .to_words(),
-    );
+    ring.sq.push(&ring.mem, &Job::Nop { delay: Duration::ZERO }.to_sqe(6).to_words());
     ring.sq.publish(&ring.mem);
     ring.kick();
     let done = ring.collect(6, Duration::from_secs(10));
@@ -362,8 +236,7 @@ fn garbage_entries_fail_one_by_one_and_a_stream_of_them_disconnects() {
         ring.kick();
         let done = ring.collect(8, Duration::from_secs(10));
         assert!(
-            done.iter()
-                .all(|c| matches!(c.status, Status::Unsupported | Status::InvalidArgument)),
+            done.iter().all(|c| matches!(c.status, Status::Unsupported | Status::InvalidArgument)),
             "{done:?}"
         );
     }
@@ -379,26 +252,15 @@ fn floods_beyond_the_session_limits_get_errors() {
     let mut d = Daemon::start_with_policy(Some(policy));
     let mut c = d.client();
     // Jobs in flight: 4 are accepted, the rest fail at once.
-    let jobs: Vec<(Job, u64)> = (0..10)
-        .map(|i| {
-            (
-                Job::Nop {
-                    delay: Duration::from_millis(300),
-                },
-                i,
-            )
-        })
-        .collect();
+    let jobs: Vec<(Job, u64)> =
+        (0..10).map(|i| (Job::Nop { delay: Duration::from_millis(300) }, i)).collect();
     assert_eq!(c.submit(&jobs).unwrap(), 10);
     let mut done = Vec::new();
     while done.len() < 10 {
         assert!(c.wait(Some(Duration::from_secs(10))).unwrap());
         c.reap(&mut done, 64).unwrap();
     }
-    let limited = done
-        .iter()
-        .filter(|d| d.status == Status::LimitExceeded)
-        .count();
+    let limited = done.iter().filter(|d| d.status == Status::LimitExceeded).count();
     let ok = done.iter().filter(|d| d.status == Status::Ok).count();
     assert_eq!((ok, limited), (4, 6), "{done:?}");
     // Buffers: count and bytes.
@@ -406,15 +268,9 @@ fn floods_beyond_the_session_limits_get_errors() {
     let b = memfd::create_sealed_memfd("b", 16384).unwrap();
     let big = memfd::create_sealed_memfd("big", 65536).unwrap();
     let ha = c.register_buffer(&a, 16384).unwrap();
-    assert_eq!(
-        c.register_buffer(&big, 65536).unwrap_err().status(),
-        Status::LimitExceeded
-    );
+    assert_eq!(c.register_buffer(&big, 65536).unwrap_err().status(), Status::LimitExceeded);
     let _hb = c.register_buffer(&b, 16384).unwrap();
-    assert_eq!(
-        c.register_buffer(&a, 16384).unwrap_err().status(),
-        Status::LimitExceeded
-    );
+    assert_eq!(c.register_buffer(&a, 16384).unwrap_err().status(), Status::LimitExceeded);
     c.unregister_buffer(ha).unwrap();
     c.register_buffer(&a, 16384).unwrap();
     // Sessions per user: this test holds one, `d` checks need one more; the fourth is refused.
@@ -450,23 +306,13 @@ fn a_client_that_does_not_reap_is_held_back_not_overflowed() {
             continue;
         }
         for _ in 0..free.min((total - id) as u32) {
-            ring.sq.push(
-                &ring.mem,
-                &Job::Nop {
-                    delay: Duration::ZERO,
-                }
-                .to_sqe(id)
-                .to_words(),
-            );
+            ring.sq.push(&ring.mem, &Job::Nop { delay: Duration::ZERO }.to_sqe(id).to_words());
             id += 1;
         }
         ring.sq.publish(&ring.mem);
         ring.kick();
     }
-    assert_eq!(
-        id, total,
-        "the daemon took more entries than it had completion slots for"
-    );
+    assert_eq!(id, total, "the daemon took more entries than it had completion slots for");
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(ring.cq.available(&ring.mem).unwrap() as u64, cq);
     // Reap everything; the held-back submissions are then served, none lost or repeated.
@@ -499,16 +345,7 @@ fn a_client_that_never_reads_its_replies_is_dropped() {
     .unwrap();
     let mut sent = 0;
     for i in 0..20_000u32 {
-        if raw
-            .send(
-                &Request::Echo {
-                    payload: payload.clone(),
-                },
-                i + 2,
-                &[],
-            )
-            .is_err()
-        {
+        if raw.send(&Request::Echo { payload: payload.clone() }, i + 2, &[]).is_err() {
             break;
         }
         sent += 1;
@@ -516,10 +353,6 @@ fn a_client_that_never_reads_its_replies_is_dropped() {
     assert!(sent > 0);
     // Everything the daemon did send arrives, then the connection ends.
     let replies = raw.drain_until_closed();
-    assert!(
-        replies.len() < sent,
-        "the daemon buffered without bound: {} replies",
-        replies.len()
-    );
+    assert!(replies.len() < sent, "the daemon buffered without bound: {} replies", replies.len());
     d.assert_healthy();
 }

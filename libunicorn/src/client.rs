@@ -179,16 +179,9 @@ impl Client {
         let welcome = match reply {
             Reply::Welcome(w) => w,
             Reply::Error { status, message } | Reply::Goodbye { status, message } => {
-                return Err(Error::new(
-                    status,
-                    format!("unicornd refused the session: {message}"),
-                ))
+                return Err(Error::new(status, format!("unicornd refused the session: {message}")))
             }
-            other => {
-                return Err(Error::protocol(format!(
-                    "expected a welcome, got {other:?}"
-                )))
-            }
+            other => return Err(Error::protocol(format!("expected a welcome, got {other:?}"))),
         };
         let mut fds = got.fds.into_iter();
         let (Some(ring_fd), Some(submit_fd), Some(complete_fd)) =
@@ -309,12 +302,7 @@ impl Client {
 
     /// A round trip over the control socket: the daemon sends `payload` back.
     pub fn echo(&mut self, payload: &[u8]) -> Result<Vec<u8>> {
-        match self.request(
-            &Request::Echo {
-                payload: payload.to_vec(),
-            },
-            &[],
-        )? {
+        match self.request(&Request::Echo { payload: payload.to_vec() }, &[])? {
             Reply::Echo { payload } => Ok(payload),
             other => Err(Error::protocol(format!("expected an echo, got {other:?}"))),
         }
@@ -334,9 +322,7 @@ impl Client {
         let raw = fd.as_fd().as_raw_fd();
         match self.request(&Request::RegisterBuffer { size }, &[raw])? {
             Reply::BufferRegistered { handle, .. } => Ok(handle),
-            other => Err(Error::protocol(format!(
-                "expected a buffer handle, got {other:?}"
-            ))),
+            other => Err(Error::protocol(format!("expected a buffer handle, got {other:?}"))),
         }
     }
 
@@ -534,17 +520,8 @@ impl Client {
         let token = self.next_probe;
         self.next_probe = self.next_probe.wrapping_add(1).max(RESERVED_USER_DATA);
         let start = Instant::now();
-        if self.submit(&[(
-            Job::Nop {
-                delay: Duration::ZERO,
-            },
-            token,
-        )])? == 0
-        {
-            return Err(Error::new(
-                Status::WouldBlock,
-                "the submission ring is full",
-            ));
+        if self.submit(&[(Job::Nop { delay: Duration::ZERO }, token)])? == 0 {
+            return Err(Error::new(Status::WouldBlock, "the submission ring is full"));
         }
         let mut got = Vec::with_capacity(8);
         loop {
@@ -574,13 +551,8 @@ impl Client {
 }
 
 fn connect_socket(path: &Path) -> Result<OwnedFd> {
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .map_err(|e| Error::os("socket", e))?;
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| Error::os("socket", e))?;
     let addr = UnixAddr::new(path)
         .map_err(|e| Error::new(Status::InvalidArgument, format!("socket path: {e}")))?;
     loop {

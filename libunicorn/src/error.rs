@@ -15,15 +15,8 @@ impl Error {
     /// An error with `status` and `message`. `status` must not be [`Status::Ok`]; if it is, the
     /// error is recorded as [`Status::Internal`] so that no error ever reads as success.
     pub fn new(status: Status, message: impl Into<String>) -> Error {
-        let status = if status == Status::Ok {
-            Status::Internal
-        } else {
-            status
-        };
-        Error {
-            status,
-            message: message.into(),
-        }
+        let status = if status == Status::Ok { Status::Internal } else { status };
+        Error { status, message: message.into() }
     }
 
     /// An OS error with the call that failed.

@@ -141,12 +141,9 @@ unsafe fn opt_str(p: *const c_char, what: &str) -> Result<Option<String>, Error>
     }
     // SAFETY: the caller guarantees a valid NUL-terminated string.
     let s = unsafe { CStr::from_ptr(p) };
-    s.to_str().map(|s| Some(s.to_owned())).map_err(|_| {
-        Error::new(
-            Status::InvalidArgument,
-            format!("{what} is not valid UTF-8"),
-        )
-    })
+    s.to_str()
+        .map(|s| Some(s.to_owned()))
+        .map_err(|_| Error::new(Status::InvalidArgument, format!("{what} is not valid UTF-8")))
 }
 
 /// # Safety
@@ -158,10 +155,7 @@ unsafe fn client_ref<'a>(client: *const unicorn_client) -> Result<&'a unicorn_cl
 
 fn lock(c: &unicorn_client) -> Result<std::sync::MutexGuard<'_, Client>, Error> {
     c.inner.lock().map_err(|_| {
-        Error::new(
-            Status::Internal,
-            "this client is unusable after an earlier internal error",
-        )
+        Error::new(Status::Internal, "this client is unusable after an earlier internal error")
     })
 }
 
@@ -260,10 +254,7 @@ pub unsafe extern "C" fn unicorn_connect(
     guard(|| {
         // SAFETY: forwarded caller guarantee.
         let path = unsafe { opt_str(socket_path, "socket_path") }?;
-        let opts = ClientOptions {
-            socket: path.map(PathBuf::from),
-            ..ClientOptions::default()
-        };
+        let opts = ClientOptions { socket: path.map(PathBuf::from), ..ClientOptions::default() };
         // SAFETY: forwarded caller guarantee.
         unsafe { connect_into(&opts, out) }
     })
@@ -289,15 +280,12 @@ pub unsafe extern "C" fn unicorn_connect_opts(
             ));
         }
         let (prio, wait) = (o.priority, o.wait_mode);
-        let priority = u8::try_from(prio)
-            .ok()
-            .and_then(Priority::from_u8)
-            .ok_or_else(|| {
-                Error::new(
-                    Status::InvalidArgument,
-                    format!("priority {prio} is not a unicorn_priority"),
-                )
-            })?;
+        let priority = u8::try_from(prio).ok().and_then(Priority::from_u8).ok_or_else(|| {
+            Error::new(
+                Status::InvalidArgument,
+                format!("priority {prio} is not a unicorn_priority"),
+            )
+        })?;
         let wait = match wait {
             0 => WaitMode::Adaptive,
             1 => WaitMode::Sleep,
@@ -309,12 +297,8 @@ pub unsafe extern "C" fn unicorn_connect_opts(
                 ))
             }
         };
-        let mut copts = ClientOptions {
-            priority,
-            wait,
-            sq_entries: o.sq_entries,
-            ..ClientOptions::default()
-        };
+        let mut copts =
+            ClientOptions { priority, wait, sq_entries: o.sq_entries, ..ClientOptions::default() };
         // SAFETY: forwarded caller guarantee.
         if let Some(p) = unsafe { opt_str(o.socket_path, "socket_path") }? {
             copts.socket = Some(PathBuf::from(p));
@@ -335,9 +319,7 @@ unsafe fn connect_into(opts: &ClientOptions, out: *mut *mut unicorn_client) -> R
         return Err(null("out"));
     }
     let client = Client::connect(opts)?;
-    let boxed = Box::new(unicorn_client {
-        inner: Mutex::new(client),
-    });
+    let boxed = Box::new(unicorn_client { inner: Mutex::new(client) });
     // SAFETY: checked non-NULL; the caller guarantees it is writable.
     unsafe { out.write(Box::into_raw(boxed)) };
     Ok(())
@@ -432,17 +414,8 @@ pub unsafe extern "C" fn unicorn_submit_nops(
             // SAFETY: non-NULL, and the caller guarantees `count` readable elements.
             unsafe { std::slice::from_raw_parts(user_data, count) }
         };
-        let jobs: Vec<(Job, u64)> = data
-            .iter()
-            .map(|&u| {
-                (
-                    Job::Nop {
-                        delay: Duration::ZERO,
-                    },
-                    u,
-                )
-            })
-            .collect();
+        let jobs: Vec<(Job, u64)> =
+            data.iter().map(|&u| (Job::Nop { delay: Duration::ZERO }, u)).collect();
         let n = lock(c)?.submit(&jobs)?;
         // SAFETY: checked non-NULL; the caller guarantees it is writable.
         unsafe { submitted.write(n) };
@@ -509,10 +482,7 @@ pub unsafe extern "C" fn unicorn_wait(client: *mut unicorn_client, timeout_ms: i
         if g.wait(timeout)? {
             Ok(())
         } else {
-            Err(Error::new(
-                Status::Timeout,
-                format!("no completion within {timeout_ms} ms"),
-            ))
+            Err(Error::new(Status::Timeout, format!("no completion within {timeout_ms} ms")))
         }
     })
 }
@@ -553,10 +523,7 @@ mod tests {
             );
             unicorn_disconnect(std::ptr::null_mut());
             assert_eq!(unicorn_completion_fd(std::ptr::null()), -1);
-            assert_eq!(
-                unicorn_connect_options_init(std::ptr::null_mut()),
-                Status::InvalidArgument
-            );
+            assert_eq!(unicorn_connect_options_init(std::ptr::null_mut()), Status::InvalidArgument);
             let full = unicorn_last_error(std::ptr::null_mut(), 0);
             assert!(full > 5);
             let mut buf = [0x7f as c_char; 6];

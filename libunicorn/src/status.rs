@@ -76,9 +76,7 @@ impl Status {
 
     /// A short, static description (what `unicorn_status_str` returns).
     pub fn description(self) -> &'static str {
-        self.c_description()
-            .to_str()
-            .expect("descriptions are ASCII")
+        self.c_description().to_str().expect("descriptions are ASCII")
     }
 
     /// The description as a NUL-terminated string, for C.

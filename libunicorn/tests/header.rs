@@ -35,7 +35,5 @@ fn committed_header_is_current() {
 /// cbindgen names enum members `<ENUM>_<VARIANT>`; the status enum's members are spelled
 /// `UNICORN_OK` and `UNICORN_ERR_<VARIANT>` instead, the names C programs test against.
 fn status_names(header: &str) -> String {
-    header
-        .replace("UNICORN_STATUS_OK", "UNICORN_OK")
-        .replace("UNICORN_STATUS_", "UNICORN_ERR_")
+    header.replace("UNICORN_STATUS_OK", "UNICORN_OK").replace("UNICORN_STATUS_", "UNICORN_ERR_")
 }

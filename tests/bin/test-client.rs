@@ -26,10 +26,7 @@ fn main() {
     let mut client = Client::connect(&opts).unwrap_or_else(|e| fail(&format!("connect: {e}")));
     match args[1].as_str() {
         "nops" => {
-            let n: usize = args
-                .get(3)
-                .and_then(|s| s.parse().ok())
-                .unwrap_or_else(|| fail("N"));
+            let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or_else(|| fail("N"));
             nops(&mut client, n);
             println!("ok {n}");
         }
@@ -51,32 +48,18 @@ fn nops(client: &mut Client, n: usize) {
     while done < n {
         if next < n {
             let batch: Vec<(Job, u64)> = (next..n.min(next + 100))
-                .map(|i| {
-                    (
-                        Job::Nop {
-                            delay: Duration::ZERO,
-                        },
-                        i as u64,
-                    )
-                })
+                .map(|i| (Job::Nop { delay: Duration::ZERO }, i as u64))
                 .collect();
-            next += client
-                .submit(&batch)
-                .unwrap_or_else(|e| fail(&format!("submit: {e}")));
+            next += client.submit(&batch).unwrap_or_else(|e| fail(&format!("submit: {e}")));
         }
         got.clear();
-        let k = client
-            .reap(&mut got, usize::MAX)
-            .unwrap_or_else(|e| fail(&format!("reap: {e}")));
+        let k = client.reap(&mut got, usize::MAX).unwrap_or_else(|e| fail(&format!("reap: {e}")));
         if k == 0 {
             let ready = client
                 .wait(Some(Duration::from_secs(30)))
                 .unwrap_or_else(|e| fail(&format!("wait: {e}")));
             if !ready {
-                fail(&format!(
-                    "no completion within 30 s with {} in flight",
-                    client.in_flight()
-                ));
+                fail(&format!("no completion within 30 s with {} in flight", client.in_flight()));
             }
         }
         for c in &got {
@@ -85,10 +68,7 @@ fn nops(client: &mut Client, n: usize) {
             }
             let i = usize::try_from(c.user_data).ok().filter(|i| *i < n);
             let Some(i) = i else {
-                fail(&format!(
-                    "completion for a job never submitted: {}",
-                    c.user_data
-                ))
+                fail(&format!("completion for a job never submitted: {}", c.user_data))
             };
             if seen[i] {
                 fail(&format!("NOP {i} completed twice"));
@@ -98,10 +78,7 @@ fn nops(client: &mut Client, n: usize) {
         }
     }
     if client.in_flight() != 0 {
-        fail(&format!(
-            "{} jobs still in flight after all completed",
-            client.in_flight()
-        ));
+        fail(&format!("{} jobs still in flight after all completed", client.in_flight()));
     }
 }
 
@@ -109,28 +86,14 @@ fn hold(client: &mut Client) {
     use unicorn::sys::memfd;
     let fd = memfd::create_sealed_memfd("hold", 1 << 16)
         .unwrap_or_else(|e| fail(&format!("memfd: {e}")));
-    client
-        .register_buffer(&fd, 1 << 16)
-        .unwrap_or_else(|e| fail(&format!("register: {e}")));
-    let jobs: Vec<(Job, u64)> = (0..16)
-        .map(|i| {
-            (
-                Job::Nop {
-                    delay: Duration::from_secs(10),
-                },
-                i,
-            )
-        })
-        .collect();
-    client
-        .submit(&jobs)
-        .unwrap_or_else(|e| fail(&format!("submit: {e}")));
+    client.register_buffer(&fd, 1 << 16).unwrap_or_else(|e| fail(&format!("register: {e}")));
+    let jobs: Vec<(Job, u64)> =
+        (0..16).map(|i| (Job::Nop { delay: Duration::from_secs(10) }, i)).collect();
+    client.submit(&jobs).unwrap_or_else(|e| fail(&format!("submit: {e}")));
     println!("ready {}", client.welcome().session_id);
     std::io::stdout().flush().ok();
     loop {
-        client
-            .ping()
-            .unwrap_or_else(|e| fail(&format!("ping: {e}")));
+        client.ping().unwrap_or_else(|e| fail(&format!("ping: {e}")));
         std::thread::sleep(Duration::from_millis(1));
     }
 }

@@ -41,10 +41,7 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// The repository's root directory.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ is in the repo")
-        .to_owned()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repo").to_owned()
 }
 
 /// A fresh private directory, removed on drop.
@@ -106,17 +103,9 @@ impl Daemon {
             cmd.arg("--config").arg(path);
         }
         let log_file = std::fs::File::create(&log).expect("log file");
-        cmd.env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
+        cmd.env("RUST_LOG", "debug").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log_file);
         let child = cmd.spawn().expect("spawn unicornd");
-        let mut d = Daemon {
-            child: Some(child),
-            dir,
-            socket,
-            log,
-        };
+        let mut d = Daemon { child: Some(child), dir, socket, log };
         d.wait_ready();
         d
     }
@@ -124,11 +113,7 @@ impl Daemon {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("unicornd exited early with {status}:\n{}", self.log());
             }
             if Client::connect(&self.options()).is_ok() {
@@ -165,9 +150,7 @@ impl Daemon {
 
     /// Whether the daemon process is still alive.
     pub fn alive(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 
     /// Sends `sig` and waits for the daemon to exit.
@@ -229,21 +212,13 @@ pub struct RawRing {
 impl RawClient {
     pub fn connect(path: &Path) -> RawClient {
         use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .expect("socket");
+        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+            .expect("socket");
         connect(fd.as_raw_fd(), &UnixAddr::new(path).expect("addr")).expect("connect");
         let tv = nix::sys::time::TimeVal::new(10, 0);
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .expect("timeout");
-        RawClient {
-            ctrl: fd,
-            buf: vec![0; unicorn::protocol::messages::MAX_REPLY_BYTES],
-        }
+        RawClient { ctrl: fd, buf: vec![0; unicorn::protocol::messages::MAX_REPLY_BYTES] }
     }
 
     pub fn send_bytes(&self, bytes: &[u8], fds: &[RawFd]) -> unicorn::Result<()> {
@@ -288,23 +263,14 @@ impl RawClient {
 
     /// Completes the handshake and maps the rings.
     pub fn handshake(&mut self) -> RawRing {
-        self.send(&Request::Hello(self.hello()), 1, &[])
-            .expect("send hello");
+        self.send(&Request::Hello(self.hello()), 1, &[]).expect("send hello");
         let (reply, fds) = self.recv().expect("welcome");
-        let Reply::Welcome(w) = reply else {
-            panic!("expected a welcome, got {reply:?}")
-        };
+        let Reply::Welcome(w) = reply else { panic!("expected a welcome, got {reply:?}") };
         assert_eq!(fds.len(), 3);
         let layout = RingLayout::new(w.sq_entries).expect("layout");
         let mem = SharedMemory::map(&fds[0], layout.size()).expect("map ring");
         layout.check_header(&mem).expect("header");
-        RawRing {
-            sq: layout.sq_producer(),
-            cq: layout.cq_consumer(),
-            layout,
-            mem,
-            fds,
-        }
+        RawRing { sq: layout.sq_producer(), cq: layout.cq_consumer(), layout, mem, fds }
     }
 }
 
@@ -319,20 +285,13 @@ impl RawRing {
         let deadline = Instant::now() + timeout;
         let mut out = Vec::new();
         while out.len() < n {
-            let avail = self
-                .cq
-                .available(&self.mem)
-                .expect("daemon-written cq tail");
+            let avail = self.cq.available(&self.mem).expect("daemon-written cq tail");
             for _ in 0..avail {
                 out.push(unicorn::Completion::from_words(&self.cq.pop(&self.mem)));
             }
             self.cq.release(&self.mem);
             if avail == 0 {
-                assert!(
-                    Instant::now() < deadline,
-                    "only {} of {n} completions arrived",
-                    out.len()
-                );
+                assert!(Instant::now() < deadline, "only {} of {n} completions arrived", out.len());
                 std::thread::sleep(Duration::from_millis(1));
             }
         }
@@ -342,25 +301,11 @@ impl RawRing {
 
 /// Runs a command to completion and returns (status, stdout, stderr).
 pub fn run(cmd: &mut Command) -> (ExitStatus, String, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let mut out = String::new();
     let mut err = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut out)
-        .expect("read stdout");
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err)
-        .expect("read stderr");
+    child.stdout.take().expect("stdout").read_to_string(&mut out).expect("read stdout");
+    child.stderr.take().expect("stderr").read_to_string(&mut err).expect("read stderr");
     (child.wait().expect("wait"), out, err)
 }
 

@@ -21,15 +21,11 @@ fn cpu() -> Device {
     let model = cpuinfo
         .lines()
         .find_map(|l| {
-            l.strip_prefix("model name")
-                .and_then(|r| r.split_once(':'))
-                .map(|(_, v)| v.trim())
+            l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, v)| v.trim())
         })
         .unwrap_or(std::env::consts::ARCH)
         .to_owned();
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut features = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {
@@ -47,11 +43,7 @@ fn cpu() -> Device {
             features.push("avx512vnni");
         }
     }
-    let features = if features.is_empty() {
-        "scalar".to_owned()
-    } else {
-        features.join(" ")
-    };
+    let features = if features.is_empty() { "scalar".to_owned() } else { features.join(" ") };
     Device {
         kind: DeviceKind::Cpu,
         name: model,
@@ -111,8 +103,6 @@ mod tests {
         assert_eq!(d[0].kind, DeviceKind::Cpu);
         assert!(d[0].in_use);
         assert!(d[0].detail.contains("hardware threads"));
-        assert!(d[1..]
-            .iter()
-            .all(|x| x.kind != DeviceKind::Cpu && !x.in_use));
+        assert!(d[1..].iter().all(|x| x.kind != DeviceKind::Cpu && !x.in_use));
     }
 }

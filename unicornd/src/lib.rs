@@ -76,11 +76,7 @@ fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         (None, false) => policy::Policy::default(),
     };
     // A user daemon serves its own user only, whatever the policy file says about access.
-    let policy = if system_mode {
-        policy
-    } else {
-        policy.only_user(uid)
-    };
+    let policy = if system_mode { policy } else { policy.only_user(uid) };
     let socket_group = if system_mode {
         let name = args.socket_group.as_deref().unwrap_or("unicorn");
         match nix::unistd::Group::from_name(name) {
@@ -98,12 +94,7 @@ fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
-    let config = server::Config {
-        socket,
-        system_mode,
-        policy,
-        socket_group,
-    };
+    let config = server::Config { socket, system_mode, policy, socket_group };
     let mut server = server::Server::new(config)?;
     server.run()?;
     Ok(())

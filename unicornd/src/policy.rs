@@ -15,10 +15,7 @@ pub const DEFAULT_POLICY_PATH: &str = "/etc/unicorn/unicornd.toml";
 #[derive(Debug, Error)]
 pub enum PolicyError {
     #[error("cannot read policy file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("policy file {path}: {message}")]
     Parse { path: String, message: String },
 }
@@ -90,10 +87,7 @@ pub struct DaemonSettings {
 
 impl Default for DaemonSettings {
     fn default() -> Self {
-        DaemonSettings {
-            max_sessions: 512,
-            handshake_timeout_s: 5,
-        }
+        DaemonSettings { max_sessions: 512, handshake_timeout_s: 5 }
     }
 }
 
@@ -180,17 +174,9 @@ impl Policy {
                 log::info!("no policy file at {shown}; using the defaults");
                 return Ok(Policy::default());
             }
-            Err(source) => {
-                return Err(PolicyError::Read {
-                    path: shown,
-                    source,
-                })
-            }
+            Err(source) => return Err(PolicyError::Read { path: shown, source }),
         };
-        Policy::parse(&text).map_err(|message| PolicyError::Parse {
-            path: shown,
-            message,
-        })
+        Policy::parse(&text).map_err(|message| PolicyError::Parse { path: shown, message })
     }
 
     /// Parses and checks a policy.
@@ -247,18 +233,8 @@ impl Policy {
             return Err("daemon.max_sessions must be at least 1".into());
         }
         Ok(Policy {
-            uids: file
-                .access
-                .users
-                .iter()
-                .map(uid_of)
-                .collect::<Result<_, _>>()?,
-            gids: file
-                .access
-                .groups
-                .iter()
-                .map(gid_of)
-                .collect::<Result<_, _>>()?,
+            uids: file.access.users.iter().map(uid_of).collect::<Result<_, _>>()?,
+            gids: file.access.groups.iter().map(gid_of).collect::<Result<_, _>>()?,
             allow_root: file.access.allow_root.unwrap_or(true),
             daemon: file.daemon,
             base,
@@ -277,11 +253,7 @@ impl Policy {
     /// Whether a peer may open a session, and why not.
     pub fn admits(&self, creds: &unicorn::sys::peer::PeerCredentials) -> Result<(), String> {
         if creds.uid == 0 {
-            return if self.allow_root {
-                Ok(())
-            } else {
-                Err("root is not admitted".into())
-            };
+            return if self.allow_root { Ok(()) } else { Err("root is not admitted".into()) };
         }
         if self.uids.is_empty() && self.gids.is_empty() {
             return Ok(());
@@ -289,19 +261,12 @@ impl Policy {
         if self.uids.contains(&creds.uid) || self.gids.iter().any(|g| creds.in_group(*g)) {
             return Ok(());
         }
-        Err(format!(
-            "uid {} is not among the users or groups the policy admits",
-            creds.uid
-        ))
+        Err(format!("uid {} is not among the users or groups the policy admits", creds.uid))
     }
 
     /// The limits of a session of `uid`.
     pub fn for_user(&self, uid: u32) -> &Resolved {
-        self.overrides
-            .iter()
-            .find(|(u, _)| *u == uid)
-            .map(|(_, r)| r)
-            .unwrap_or(&self.base)
+        self.overrides.iter().find(|(u, _)| *u == uid).map(|(_, r)| r).unwrap_or(&self.base)
     }
 }
 
@@ -338,12 +303,7 @@ mod tests {
     use unicorn::sys::peer::PeerCredentials;
 
     fn creds(uid: u32, gid: u32, groups: &[u32]) -> PeerCredentials {
-        PeerCredentials {
-            pid: 1,
-            uid,
-            gid,
-            groups: groups.to_vec(),
-        }
+        PeerCredentials { pid: 1, uid, gid, groups: groups.to_vec() }
     }
 
     #[test]

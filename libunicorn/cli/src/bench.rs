@@ -28,11 +28,7 @@ struct Row {
 
 impl Row {
     fn new(name: &'static str) -> Row {
-        Row {
-            name,
-            p50: Vec::new(),
-            p99: Vec::new(),
-        }
+        Row { name, p50: Vec::new(), p99: Vec::new() }
     }
 
     fn add(&mut self, mut samples: Vec<Duration>) {
@@ -43,12 +39,7 @@ impl Row {
 }
 
 fn spin_opts(base: &ClientOptions, wait: WaitMode, sq_entries: u32) -> ClientOptions {
-    ClientOptions {
-        wait,
-        sq_entries,
-        name: format!("{}-bench", base.name),
-        ..base.clone()
-    }
+    ClientOptions { wait, sq_entries, name: format!("{}-bench", base.name), ..base.clone() }
 }
 
 pub fn run(base: &ClientOptions, spawn: bool, args: RingBenchArgs) -> Result<()> {
@@ -88,19 +79,12 @@ pub fn run(base: &ClientOptions, spawn: bool, args: RingBenchArgs) -> Result<()>
                 }
             }
         }
-        throughput.push(jobs_per_second(
-            &mut spinny,
-            args.batch,
-            args.throughput_jobs,
-        )?);
+        throughput.push(jobs_per_second(&mut spinny, args.batch, args.throughput_jobs)?);
         eprint!(".");
     }
     eprintln!();
 
-    println!(
-        "{:<54} {:>10} {:>10}",
-        "round trip (median of rounds)", "p50", "p99"
-    );
+    println!("{:<54} {:>10} {:>10}", "round trip (median of rounds)", "p50", "p99");
     for row in [&ring_sleep, &ring_spin, &socket] {
         println!(
             "{:<54} {:>10} {:>10}",
@@ -117,12 +101,8 @@ pub fn run(base: &ClientOptions, spawn: bool, args: RingBenchArgs) -> Result<()>
         ratio(&ring_sleep),
         ratio(&ring_spin)
     );
-    let tput = median(
-        &throughput
-            .iter()
-            .map(|t| Duration::from_secs_f64(1.0 / t))
-            .collect::<Vec<_>>(),
-    );
+    let tput =
+        median(&throughput.iter().map(|t| Duration::from_secs_f64(1.0 / t)).collect::<Vec<_>>());
     println!(
         "ring throughput, batches of {}: {:.2} M NOPs/s (median of {} rounds; min {:.2}, max {:.2})",
         args.batch,
@@ -143,9 +123,7 @@ fn pings(c: &mut Client, n: usize) -> Result<Vec<Duration>> {
     for _ in 0..n / 10 {
         c.ping().map_err(|e| anyhow!("{e}"))?;
     }
-    (0..n)
-        .map(|_| c.ping().map_err(|e| anyhow!("{e}")))
-        .collect()
+    (0..n).map(|_| c.ping().map_err(|e| anyhow!("{e}"))).collect()
 }
 
 fn echoes(c: &mut Client, payload: &[u8], n: usize) -> Result<Vec<Duration>> {
@@ -166,16 +144,8 @@ fn echoes(c: &mut Client, payload: &[u8], n: usize) -> Result<Vec<Duration>> {
 
 /// Pushes `total` NOPs in batches, reaping as they complete; returns NOPs per second.
 fn jobs_per_second(c: &mut Client, batch: usize, total: usize) -> Result<f64> {
-    let jobs: Vec<(Job, u64)> = (0..batch as u64)
-        .map(|i| {
-            (
-                Job::Nop {
-                    delay: Duration::ZERO,
-                },
-                i,
-            )
-        })
-        .collect();
+    let jobs: Vec<(Job, u64)> =
+        (0..batch as u64).map(|i| (Job::Nop { delay: Duration::ZERO }, i)).collect();
     let mut done = Vec::with_capacity(batch * 2);
     let mut submitted = 0;
     let mut completed = 0;
@@ -187,13 +157,9 @@ fn jobs_per_second(c: &mut Client, batch: usize, total: usize) -> Result<f64> {
         }
         done.clear();
         if c.reap(&mut done, usize::MAX).map_err(|e| anyhow!("{e}"))? == 0 {
-            c.wait(Some(Duration::from_secs(10)))
-                .map_err(|e| anyhow!("{e}"))?;
+            c.wait(Some(Duration::from_secs(10))).map_err(|e| anyhow!("{e}"))?;
         }
-        if let Some(bad) = done
-            .iter()
-            .find(|d: &&Completion| d.status != unicorn::Status::Ok)
-        {
+        if let Some(bad) = done.iter().find(|d: &&Completion| d.status != unicorn::Status::Ok) {
             return Err(anyhow!("a NOP failed: {bad:?}"));
         }
         completed += done.len();

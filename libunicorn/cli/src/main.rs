@@ -122,10 +122,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Ping { count, mode } => {
-            let opts = ClientOptions {
-                wait: mode.wait(),
-                ..opts
-            };
+            let opts = ClientOptions { wait: mode.wait(), ..opts };
             let mut client = spawn::connect(&opts, spawn)?;
             let mut rtts = Vec::with_capacity(count as usize);
             for _ in 0..count {
@@ -148,15 +145,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Bench {
-            what:
-                BenchWhat::Rings {
-                    rounds,
-                    samples,
-                    batch,
-                    jobs,
-                },
-        } => bench::run(
+        Command::Bench { what: BenchWhat::Rings { rounds, samples, batch, jobs } } => bench::run(
             &opts,
             spawn,
             bench::RingBenchArgs {
@@ -202,11 +191,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
         "ID", "PID", "UID", "NAME", "PRIORITY", "UP", "JOBS", "FAILED", "IN FLIGHT", "BUFFERS"
     );
     for s in &st.sessions {
-        let me = if s.id == own_session {
-            " (this command)"
-        } else {
-            ""
-        };
+        let me = if s.id == own_session { " (this command)" } else { "" };
         println!(
             "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8}{me}",
             s.id,

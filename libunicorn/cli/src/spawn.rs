@@ -25,16 +25,10 @@ pub fn connect(opts: &ClientOptions, spawn: bool) -> Result<Client> {
         }
         Err(e) => return Err(anyhow!("{e}")),
     }
-    let socket = opts
-        .socket
-        .clone()
-        .unwrap_or_else(unicorn::user_socket_path);
+    let socket = opts.socket.clone().unwrap_or_else(unicorn::user_socket_path);
     start_user_daemon(&socket)?;
     let deadline = Instant::now() + START_TIMEOUT;
-    let opts = ClientOptions {
-        socket: Some(socket.clone()),
-        ..opts.clone()
-    };
+    let opts = ClientOptions { socket: Some(socket.clone()), ..opts.clone() };
     loop {
         match Client::connect(&opts) {
             Ok(c) => return Ok(c),
@@ -96,7 +90,6 @@ fn start_user_daemon(socket: &Path) -> Result<()> {
         .process_group(0);
     // The daemon outlives this command: a session of its own keeps it out of our terminal's
     // job control and signals. It is reaped by init when it exits.
-    cmd.spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
+    cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
     Ok(())
 }

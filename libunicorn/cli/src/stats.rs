@@ -69,11 +69,7 @@ mod tests {
         assert_eq!(percentile(&v, 0.0), Duration::from_micros(1));
         assert_eq!(percentile(&[], 50.0), Duration::ZERO);
         assert_eq!(
-            median(&[
-                Duration::from_secs(3),
-                Duration::from_secs(1),
-                Duration::from_secs(2)
-            ]),
+            median(&[Duration::from_secs(3), Duration::from_secs(1), Duration::from_secs(2)]),
             Duration::from_secs(2)
         );
     }

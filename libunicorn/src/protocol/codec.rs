@@ -20,9 +20,7 @@ pub struct Writer {
 
 impl Writer {
     pub fn new() -> Writer {
-        Writer {
-            buf: Vec::with_capacity(128),
-        }
+        Writer { buf: Vec::with_capacity(128) }
     }
 
     pub fn u8(&mut self, v: u8) -> &mut Self {
@@ -154,9 +152,7 @@ impl<'a> Reader<'a> {
     pub fn str(&mut self, what: &str, max: usize) -> Result<String, Error> {
         let len = usize::from(self.u16(what)?);
         if len > max {
-            return Err(Error::protocol(format!(
-                "{what}: {len} bytes, at most {max} allowed"
-            )));
+            return Err(Error::protocol(format!("{what}: {len} bytes, at most {max} allowed")));
         }
         let bytes = self.take(len, what)?;
         std::str::from_utf8(bytes)
@@ -169,9 +165,7 @@ impl<'a> Reader<'a> {
         let len = self.u32(what)?;
         let len = usize::try_from(len).unwrap_or(usize::MAX);
         if len > max {
-            return Err(Error::protocol(format!(
-                "{what}: {len} bytes, at most {max} allowed"
-            )));
+            return Err(Error::protocol(format!("{what}: {len} bytes, at most {max} allowed")));
         }
         Ok(self.take(len, what)?.to_vec())
     }
@@ -187,9 +181,7 @@ impl<'a> Reader<'a> {
         let n = usize::from(self.u16(what)?);
         let left = self.buf.len() - self.pos;
         if n.saturating_mul(min_item_bytes.max(1)) > left {
-            return Err(Error::protocol(format!(
-                "{what}: {n} entries cannot fit in {left} bytes"
-            )));
+            return Err(Error::protocol(format!("{what}: {n} entries cannot fit in {left} bytes")));
         }
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
@@ -202,9 +194,7 @@ impl<'a> Reader<'a> {
     pub fn finish(&self, what: &str) -> Result<(), Error> {
         let left = self.buf.len() - self.pos;
         if left != 0 {
-            return Err(Error::protocol(format!(
-                "{what}: {left} unexpected trailing bytes"
-            )));
+            return Err(Error::protocol(format!("{what}: {left} unexpected trailing bytes")));
         }
         Ok(())
     }
@@ -217,13 +207,7 @@ mod tests {
     #[test]
     fn fields_round_trip() {
         let mut w = Writer::new();
-        w.u8(7)
-            .u16(0xBEEF)
-            .u32(0xDEAD_BEEF)
-            .u64(u64::MAX)
-            .bool(true)
-            .str("héllo")
-            .bytes(&[1, 2]);
+        w.u8(7).u16(0xBEEF).u32(0xDEAD_BEEF).u64(u64::MAX).bool(true).str("héllo").bytes(&[1, 2]);
         w.list(&[10u32, 20], |w, v| {
             w.u32(*v);
         });

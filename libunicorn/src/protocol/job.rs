@@ -57,18 +57,9 @@ impl Opcode {
 /// A job, decoded and validated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Job {
-    Nop {
-        delay: Duration,
-    },
-    Fail {
-        status: Status,
-    },
-    Fill {
-        buffer: u32,
-        offset: u64,
-        len: u64,
-        byte: u8,
-    },
+    Nop { delay: Duration },
+    Fail { status: Status },
+    Fill { buffer: u32, offset: u64, len: u64, byte: u8 },
 }
 
 /// A raw submission entry, in fields.
@@ -107,10 +98,7 @@ impl Sqe {
 impl Job {
     /// The entry for this job.
     pub fn to_sqe(&self, user_data: u64) -> Sqe {
-        let mut sqe = Sqe {
-            user_data,
-            ..Sqe::default()
-        };
+        let mut sqe = Sqe { user_data, ..Sqe::default() };
         match *self {
             Job::Nop { delay } => {
                 sqe.opcode = Opcode::Nop as u8;
@@ -120,12 +108,7 @@ impl Job {
                 sqe.opcode = Opcode::Fail as u8;
                 sqe.args[0] = u64::from(status.as_u32());
             }
-            Job::Fill {
-                buffer,
-                offset,
-                len,
-                byte,
-            } => {
+            Job::Fill { buffer, offset, len, byte } => {
                 sqe.opcode = Opcode::Fill as u8;
                 sqe.handle = buffer;
                 sqe.args[..3].copy_from_slice(&[offset, len, u64::from(byte)]);
@@ -144,10 +127,7 @@ impl Job {
             ));
         }
         let Some(op) = Opcode::from_u8(sqe.opcode) else {
-            return Err(Error::new(
-                Status::Unsupported,
-                format!("unknown opcode {}", sqe.opcode),
-            ));
+            return Err(Error::new(Status::Unsupported, format!("unknown opcode {}", sqe.opcode)));
         };
         let (used_args, takes_handle) = match op {
             Opcode::Nop | Opcode::Fail => (1, false),
@@ -169,10 +149,7 @@ impl Job {
             }
             Opcode::Fail => match u32::try_from(sqe.args[0]).ok().and_then(Status::from_u32) {
                 Some(status) if status != Status::Ok => Ok(Job::Fail { status }),
-                _ => bad(format!(
-                    "FAIL status {} is not an error status",
-                    sqe.args[0]
-                )),
+                _ => bad(format!("FAIL status {} is not an error status", sqe.args[0])),
             },
             Opcode::Fill => {
                 let [offset, len, byte, ..] = sqe.args;
@@ -182,12 +159,7 @@ impl Job {
                 let Ok(byte) = u8::try_from(byte) else {
                     return bad(format!("FILL byte {byte} is not a byte"));
                 };
-                Ok(Job::Fill {
-                    buffer: sqe.handle,
-                    offset,
-                    len,
-                    byte,
-                })
+                Ok(Job::Fill { buffer: sqe.handle, offset, len, byte })
             }
         }
     }
@@ -206,23 +178,11 @@ pub struct Completion {
 
 impl Completion {
     pub fn ok(user_data: u64, result: u64) -> Completion {
-        Completion {
-            user_data,
-            status: Status::Ok,
-            flags: 0,
-            result,
-            extra: 0,
-        }
+        Completion { user_data, status: Status::Ok, flags: 0, result, extra: 0 }
     }
 
     pub fn error(user_data: u64, status: Status) -> Completion {
-        Completion {
-            user_data,
-            status,
-            flags: 0,
-            result: 0,
-            extra: 0,
-        }
+        Completion { user_data, status, flags: 0, result: 0, extra: 0 }
     }
 
     pub fn to_words(&self) -> CqeWords {
@@ -254,21 +214,10 @@ mod tests {
     #[test]
     fn jobs_round_trip() {
         for job in [
-            Job::Nop {
-                delay: Duration::ZERO,
-            },
-            Job::Nop {
-                delay: Duration::from_micros(5),
-            },
-            Job::Fail {
-                status: Status::LimitExceeded,
-            },
-            Job::Fill {
-                buffer: 3,
-                offset: 8,
-                len: 100,
-                byte: 0xAB,
-            },
+            Job::Nop { delay: Duration::ZERO },
+            Job::Nop { delay: Duration::from_micros(5) },
+            Job::Fail { status: Status::LimitExceeded },
+            Job::Fill { buffer: 3, offset: 8, len: 100, byte: 0xAB },
         ] {
             let sqe = job.to_sqe(77);
             let back = Sqe::from_words(&sqe.to_words());
@@ -279,53 +228,25 @@ mod tests {
 
     #[test]
     fn garbage_entries_are_refused() {
-        let nop = Job::Nop {
-            delay: Duration::ZERO,
-        }
-        .to_sqe(1);
+        let nop = Job::Nop { delay: Duration::ZERO }.to_sqe(1);
         let cases = [
             (Sqe { opcode: 0, ..nop }, Status::Unsupported),
             (Sqe { opcode: 200, ..nop }, Status::Unsupported),
             (Sqe { flags: 1, ..nop }, Status::InvalidArgument),
             (Sqe { reserved: 1, ..nop }, Status::InvalidArgument),
             (Sqe { handle: 3, ..nop }, Status::InvalidArgument),
+            (Sqe { args: [0, 0, 0, 0, 0, 1], ..nop }, Status::InvalidArgument),
+            (Sqe { args: [u64::MAX, 0, 0, 0, 0, 0], ..nop }, Status::InvalidArgument),
             (
-                Sqe {
-                    args: [0, 0, 0, 0, 0, 1],
-                    ..nop
-                },
+                Sqe { opcode: Opcode::Fail as u8, args: [0, 0, 0, 0, 0, 0], ..nop },
                 Status::InvalidArgument,
             ),
             (
-                Sqe {
-                    args: [u64::MAX, 0, 0, 0, 0, 0],
-                    ..nop
-                },
+                Sqe { opcode: Opcode::Fail as u8, args: [1 << 40, 0, 0, 0, 0, 0], ..nop },
                 Status::InvalidArgument,
             ),
             (
-                Sqe {
-                    opcode: Opcode::Fail as u8,
-                    args: [0, 0, 0, 0, 0, 0],
-                    ..nop
-                },
-                Status::InvalidArgument,
-            ),
-            (
-                Sqe {
-                    opcode: Opcode::Fail as u8,
-                    args: [1 << 40, 0, 0, 0, 0, 0],
-                    ..nop
-                },
-                Status::InvalidArgument,
-            ),
-            (
-                Sqe {
-                    opcode: Opcode::Fill as u8,
-                    handle: 1,
-                    args: [0, 1, 256, 0, 0, 0],
-                    ..nop
-                },
+                Sqe { opcode: Opcode::Fill as u8, handle: 1, args: [0, 1, 256, 0, 0, 0], ..nop },
                 Status::InvalidArgument,
             ),
             (
@@ -338,12 +259,7 @@ mod tests {
                 Status::InvalidArgument,
             ),
             (
-                Sqe {
-                    opcode: Opcode::Fill as u8,
-                    handle: 1,
-                    args: [0, 1, 1, 1, 0, 0],
-                    ..nop
-                },
+                Sqe { opcode: Opcode::Fill as u8, handle: 1, args: [0, 1, 1, 1, 0, 0], ..nop },
                 Status::InvalidArgument,
             ),
         ];
@@ -354,13 +270,7 @@ mod tests {
 
     #[test]
     fn completions_round_trip() {
-        let c = Completion {
-            user_data: 5,
-            status: Status::Timeout,
-            flags: 3,
-            result: 9,
-            extra: 1,
-        };
+        let c = Completion { user_data: 5, status: Status::Timeout, flags: 3, result: 9, extra: 1 };
         assert_eq!(Completion::from_words(&c.to_words()), c);
         let unknown = [1, 999, 0, 0];
         assert_eq!(Completion::from_words(&unknown).status, Status::Internal);

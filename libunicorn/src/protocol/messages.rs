@@ -39,12 +39,8 @@ pub enum Priority {
 }
 
 impl Priority {
-    pub const ALL: [Priority; 4] = [
-        Priority::Realtime,
-        Priority::Interactive,
-        Priority::Normal,
-        Priority::Background,
-    ];
+    pub const ALL: [Priority; 4] =
+        [Priority::Realtime, Priority::Interactive, Priority::Normal, Priority::Background];
 
     pub fn from_u8(v: u8) -> Option<Priority> {
         Priority::ALL.get(usize::from(v)).copied()
@@ -86,9 +82,7 @@ pub enum DeviceKind {
 
 impl DeviceKind {
     pub fn from_u8(v: u8) -> Option<DeviceKind> {
-        [DeviceKind::Cpu, DeviceKind::Gpu, DeviceKind::Npu]
-            .get(usize::from(v))
-            .copied()
+        [DeviceKind::Cpu, DeviceKind::Gpu, DeviceKind::Npu].get(usize::from(v)).copied()
     }
 
     pub fn name(self) -> &'static str {
@@ -246,9 +240,7 @@ fn read_header<'a>(bytes: &'a [u8]) -> Result<(u16, u32, Reader<'a>), Error> {
     let kind = r.u16("message kind")?;
     let flags = r.u16("message flags")?;
     if flags != 0 {
-        return Err(Error::protocol(format!(
-            "message flags {flags:#x}: none are defined"
-        )));
+        return Err(Error::protocol(format!("message flags {flags:#x}: none are defined")));
     }
     let id = r.u32("request id")?;
     Ok((kind, id, r))
@@ -315,16 +307,10 @@ impl Request {
                     client_name,
                 })
             }
-            kind::ECHO => Request::Echo {
-                payload: r.bytes("echo payload", MAX_ECHO_BYTES)?,
-            },
+            kind::ECHO => Request::Echo { payload: r.bytes("echo payload", MAX_ECHO_BYTES)? },
             kind::STATUS => Request::Status,
-            kind::REGISTER_BUFFER => Request::RegisterBuffer {
-                size: r.u64("buffer size")?,
-            },
-            kind::UNREGISTER_BUFFER => Request::UnregisterBuffer {
-                handle: r.u32("handle")?,
-            },
+            kind::REGISTER_BUFFER => Request::RegisterBuffer { size: r.u64("buffer size")? },
+            kind::UNREGISTER_BUFFER => Request::UnregisterBuffer { handle: r.u32("handle")? },
             other => return Err(Error::protocol(format!("unknown request kind {other:#x}"))),
         };
         r.finish("request")?;
@@ -333,10 +319,7 @@ impl Request {
 }
 
 fn write_device(w: &mut Writer, d: &Device) {
-    w.u8(d.kind as u8)
-        .str(&d.name)
-        .bool(d.in_use)
-        .str(&d.detail);
+    w.u8(d.kind as u8).str(&d.name).bool(d.in_use).str(&d.detail);
 }
 
 fn read_device(r: &mut Reader<'_>) -> Result<Device, Error> {
@@ -465,9 +448,7 @@ impl Reply {
                 },
                 devices: r.list("devices", 6, read_device)?,
             }),
-            kind::ECHO_REPLY => Reply::Echo {
-                payload: r.bytes("echo payload", MAX_REPLY_BYTES)?,
-            },
+            kind::ECHO_REPLY => Reply::Echo { payload: r.bytes("echo payload", MAX_REPLY_BYTES)? },
             kind::STATUS_REPLY => Reply::Status(DaemonStatus {
                 version: r.str("version", 256)?,
                 pid: r.u32("pid")?,
@@ -494,10 +475,9 @@ impl Reply {
                 })?,
                 devices: r.list("devices", 6, read_device)?,
             }),
-            kind::BUFFER_REGISTERED => Reply::BufferRegistered {
-                handle: r.u32("handle")?,
-                size: r.u64("size")?,
-            },
+            kind::BUFFER_REGISTERED => {
+                Reply::BufferRegistered { handle: r.u32("handle")?, size: r.u64("size")? }
+            }
             kind::DONE => Reply::Done,
             other => return Err(Error::protocol(format!("unknown reply kind {other:#x}"))),
         };
@@ -510,12 +490,7 @@ mod tests {
     use super::*;
 
     fn device() -> Device {
-        Device {
-            kind: DeviceKind::Cpu,
-            name: "x86-64".into(),
-            in_use: true,
-            detail: "avx2".into(),
-        }
+        Device { kind: DeviceKind::Cpu, name: "x86-64".into(), in_use: true, detail: "avx2".into() }
     }
 
     #[test]
@@ -529,9 +504,7 @@ mod tests {
                 daemon_spin_us: 50,
                 client_name: "test".into(),
             }),
-            Request::Echo {
-                payload: vec![1, 2, 3],
-            },
+            Request::Echo { payload: vec![1, 2, 3] },
             Request::Status,
             Request::RegisterBuffer { size: 4096 },
             Request::UnregisterBuffer { handle: 7 },
@@ -539,16 +512,10 @@ mod tests {
         for (i, req) in reqs.iter().enumerate() {
             let bytes = req.encode(i as u32 + 1);
             assert!(bytes.len() <= MAX_REQUEST_BYTES);
-            assert_eq!(
-                Request::decode(&bytes).unwrap(),
-                (i as u32 + 1, req.clone())
-            );
+            assert_eq!(Request::decode(&bytes).unwrap(), (i as u32 + 1, req.clone()));
             // Every strict prefix is an error, and so is any trailing byte.
             for cut in 0..bytes.len() {
-                assert!(
-                    Request::decode(&bytes[..cut]).is_err(),
-                    "prefix {cut} of {req:?}"
-                );
+                assert!(Request::decode(&bytes[..cut]).is_err(), "prefix {cut} of {req:?}");
             }
             let mut longer = bytes.clone();
             longer.push(0);
@@ -559,14 +526,8 @@ mod tests {
     #[test]
     fn replies_round_trip() {
         let replies = [
-            Reply::Error {
-                status: Status::LimitExceeded,
-                message: "too many".into(),
-            },
-            Reply::Goodbye {
-                status: Status::Protocol,
-                message: "bye".into(),
-            },
+            Reply::Error { status: Status::LimitExceeded, message: "too many".into() },
+            Reply::Goodbye { status: Status::Protocol, message: "bye".into() },
             Reply::Welcome(Welcome {
                 session_id: 9,
                 abi_major: 1,
@@ -584,9 +545,7 @@ mod tests {
                 },
                 devices: vec![device()],
             }),
-            Reply::Echo {
-                payload: vec![9; 64],
-            },
+            Reply::Echo { payload: vec![9; 64] },
             Reply::Status(DaemonStatus {
                 version: "0.1.0".into(),
                 pid: 42,
@@ -611,10 +570,7 @@ mod tests {
                 }],
                 devices: vec![device()],
             }),
-            Reply::BufferRegistered {
-                handle: 3,
-                size: 8192,
-            },
+            Reply::BufferRegistered { handle: 3, size: 8192 },
             Reply::Done,
         ];
         for reply in replies {
@@ -646,18 +602,11 @@ mod tests {
         hello[12] = 9;
         assert!(Request::decode(&hello).is_err());
         // An unknown error status still decodes as an error.
-        let mut err = Reply::Error {
-            status: Status::Io,
-            message: String::new(),
-        }
-        .encode(1);
+        let mut err = Reply::Error { status: Status::Io, message: String::new() }.encode(1);
         err[8..12].copy_from_slice(&999u32.to_le_bytes());
         assert!(matches!(
             Reply::decode(&err).unwrap().1,
-            Reply::Error {
-                status: Status::Internal,
-                ..
-            }
+            Reply::Error { status: Status::Internal, .. }
         ));
     }
 }

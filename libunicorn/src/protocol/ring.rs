@@ -70,23 +70,13 @@ pub const CQ_WAITING: u32 = 1;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingError {
     /// The other side's counter is more than a queue length away from ours.
-    CorruptIndex {
-        queue: &'static str,
-        ours: u32,
-        theirs: u32,
-        entries: u32,
-    },
+    CorruptIndex { queue: &'static str, ours: u32, theirs: u32, entries: u32 },
 }
 
 impl From<RingError> for Error {
     fn from(e: RingError) -> Error {
         match e {
-            RingError::CorruptIndex {
-                queue,
-                ours,
-                theirs,
-                entries,
-            } => Error::protocol(format!(
+            RingError::CorruptIndex { queue, ours, theirs, entries } => Error::protocol(format!(
                 "{queue} ring index out of range: ours {ours}, theirs {theirs}, {entries} entries"
             )),
         }
@@ -110,20 +100,14 @@ impl RingLayout {
                 format!("ring size {sq_entries}: must be a power of two in 2..={MAX_SQ_ENTRIES}"),
             ));
         }
-        Ok(RingLayout {
-            sq_entries,
-            cq_entries: sq_entries * 2,
-        })
+        Ok(RingLayout { sq_entries, cq_entries: sq_entries * 2 })
     }
 
     /// The layout for a requested size: 0 picks `default`, other values round up to a power of
     /// two; the result is capped at `max`.
     pub fn negotiate(requested: u32, default: u32, max: u32) -> Result<RingLayout, Error> {
         let want = if requested == 0 { default } else { requested };
-        let want = want
-            .checked_next_power_of_two()
-            .unwrap_or(u32::MAX)
-            .min(max.max(2));
+        let want = want.checked_next_power_of_two().unwrap_or(u32::MAX).min(max.max(2));
         RingLayout::new(want.clamp(2, MAX_SQ_ENTRIES))
     }
 
@@ -147,14 +131,10 @@ impl RingLayout {
 
     /// Writes the header into a fresh ring (daemon side).
     pub fn write_header(&self, mem: &SharedMemory) {
-        mem.atomic_u32(HEADER_OFF)
-            .store(RING_MAGIC, Ordering::Relaxed);
-        mem.atomic_u32(HEADER_OFF + 4)
-            .store(RING_VERSION, Ordering::Relaxed);
-        mem.atomic_u32(HEADER_OFF + 8)
-            .store(self.sq_entries, Ordering::Relaxed);
-        mem.atomic_u32(HEADER_OFF + 12)
-            .store(self.cq_entries, Ordering::Release);
+        mem.atomic_u32(HEADER_OFF).store(RING_MAGIC, Ordering::Relaxed);
+        mem.atomic_u32(HEADER_OFF + 4).store(RING_VERSION, Ordering::Relaxed);
+        mem.atomic_u32(HEADER_OFF + 8).store(self.sq_entries, Ordering::Relaxed);
+        mem.atomic_u32(HEADER_OFF + 12).store(self.cq_entries, Ordering::Release);
     }
 
     /// Checks that a mapped ring carries this layout's header (client side).
@@ -168,9 +148,7 @@ impl RingLayout {
         }
         let words = [0, 4, 8, 12].map(|o| mem.atomic_u32(HEADER_OFF + o).load(Ordering::Acquire));
         if words != [RING_MAGIC, RING_VERSION, self.sq_entries, self.cq_entries] {
-            return Err(Error::protocol(format!(
-                "ring header {words:x?} does not match {self:?}"
-            )));
+            return Err(Error::protocol(format!("ring header {words:x?} does not match {self:?}")));
         }
         Ok(())
     }
@@ -264,11 +242,7 @@ pub struct Producer<W> {
 
 impl<W: EntryWords> Producer<W> {
     fn new(q: Queue) -> Self {
-        Producer {
-            q,
-            tail: 0,
-            _w: PhantomData,
-        }
+        Producer { q, tail: 0, _w: PhantomData }
     }
 
     /// Free slots, from the consumer's published head (checked).
@@ -287,8 +261,7 @@ impl<W: EntryWords> Producer<W> {
 
     /// Makes every pushed entry visible to the consumer.
     pub fn publish(&self, mem: &SharedMemory) {
-        mem.atomic_u32(self.q.tail)
-            .store(self.tail, Ordering::Release);
+        mem.atomic_u32(self.q.tail).store(self.tail, Ordering::Release);
     }
 
     /// True when the consumer flagged (in `flags_off`) that it sleeps and needs the doorbell.
@@ -328,11 +301,7 @@ pub struct Consumer<W> {
 
 impl<W: EntryWords> Consumer<W> {
     fn new(q: Queue) -> Self {
-        Consumer {
-            q,
-            head: 0,
-            _w: PhantomData,
-        }
+        Consumer { q, head: 0, _w: PhantomData }
     }
 
     /// Entries ready to read, from the producer's published tail (checked).
@@ -352,8 +321,7 @@ impl<W: EntryWords> Consumer<W> {
 
     /// Hands every popped slot back to the producer.
     pub fn release(&self, mem: &SharedMemory) {
-        mem.atomic_u32(self.q.head)
-            .store(self.head, Ordering::Release);
+        mem.atomic_u32(self.q.head).store(self.head, Ordering::Release);
     }
 
     /// Sets or clears this consumer's "sleeping" flag. Setting it is followed by a `SeqCst`
@@ -404,27 +372,13 @@ mod tests {
     fn layout_sizes() {
         let l = RingLayout::new(256).unwrap();
         assert_eq!(l.cq_entries(), 512);
-        assert_eq!(
-            l.size(),
-            (512 + 256 * 64 + 512 * 32usize).div_ceil(4096) * 4096
-        );
+        assert_eq!(l.size(), (512 + 256 * 64 + 512 * 32usize).div_ceil(4096) * 4096);
         for bad in [0, 1, 3, 100, MAX_SQ_ENTRIES * 2] {
             assert!(RingLayout::new(bad).is_err(), "{bad}");
         }
-        assert_eq!(
-            RingLayout::negotiate(0, 256, 1024).unwrap().sq_entries(),
-            256
-        );
-        assert_eq!(
-            RingLayout::negotiate(100, 256, 1024).unwrap().sq_entries(),
-            128
-        );
-        assert_eq!(
-            RingLayout::negotiate(u32::MAX, 256, 1024)
-                .unwrap()
-                .sq_entries(),
-            1024
-        );
+        assert_eq!(RingLayout::negotiate(0, 256, 1024).unwrap().sq_entries(), 256);
+        assert_eq!(RingLayout::negotiate(100, 256, 1024).unwrap().sq_entries(), 128);
+        assert_eq!(RingLayout::negotiate(u32::MAX, 256, 1024).unwrap().sq_entries(), 1024);
         assert_eq!(RingLayout::negotiate(1, 256, 1024).unwrap().sq_entries(), 2);
     }
 
@@ -501,13 +455,9 @@ mod tests {
         let p = l.sq_producer();
         // A client that claims more entries than the ring holds.
         mem.atomic_u32(SQ_TAIL_OFF).store(9, Ordering::Release);
-        assert!(matches!(
-            c.available(&mem),
-            Err(RingError::CorruptIndex { .. })
-        ));
+        assert!(matches!(c.available(&mem), Err(RingError::CorruptIndex { .. })));
         // ... or moves its tail backwards.
-        mem.atomic_u32(SQ_TAIL_OFF)
-            .store(u32::MAX, Ordering::Release);
+        mem.atomic_u32(SQ_TAIL_OFF).store(u32::MAX, Ordering::Release);
         assert!(c.available(&mem).is_err());
         // A legal tail works again.
         mem.atomic_u32(SQ_TAIL_OFF).store(8, Ordering::Release);

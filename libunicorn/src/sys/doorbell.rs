@@ -53,10 +53,7 @@ impl SubmitDoorbell {
     /// Resets the doorbell without ever blocking (daemon side).
     pub fn drain(&self) -> Result<(), Error> {
         let mut value = [0u8; 8];
-        let iov = libc::iovec {
-            iov_base: value.as_mut_ptr().cast(),
-            iov_len: value.len(),
-        };
+        let iov = libc::iovec { iov_base: value.as_mut_ptr().cast(), iov_len: value.len() };
         loop {
             // SAFETY: `iov` describes the live 8-byte buffer `value`, which outlives the call;
             // the kernel writes at most 8 bytes into it.
@@ -100,10 +97,7 @@ impl CompletionDoorbell {
         // cannot send at all.
         shutdown(daemon.as_raw_fd(), Shutdown::Read).map_err(|e| Error::os("shutdown", e))?;
         shutdown(client.as_raw_fd(), Shutdown::Write).map_err(|e| Error::os("shutdown", e))?;
-        Ok((
-            CompletionDoorbell { fd: daemon },
-            CompletionDoorbell { fd: client },
-        ))
+        Ok((CompletionDoorbell { fd: daemon }, CompletionDoorbell { fd: client }))
     }
 
     pub fn from_fd(fd: OwnedFd) -> CompletionDoorbell {
@@ -113,11 +107,7 @@ impl CompletionDoorbell {
     /// Rings (daemon side). Never blocks: a full queue already means "rung", and a client that
     /// closed its end is noticed on the control socket, not here.
     pub fn ring(&self) {
-        let _ = send(
-            self.fd.as_raw_fd(),
-            &[1],
-            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
-        );
+        let _ = send(self.fd.as_raw_fd(), &[1], MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL);
     }
 
     /// Resets the doorbell (client side).
@@ -157,11 +147,7 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: Option<Duration>) -> Result<bo
         Some(t) => {
             let ms = t.as_millis().min(i32::MAX as u128 - 1) as u32;
             // Round up, so a short timeout does not become a busy poll.
-            let ms = if Duration::from_millis(u64::from(ms)) < t {
-                ms + 1
-            } else {
-                ms
-            };
+            let ms = if Duration::from_millis(u64::from(ms)) < t { ms + 1 } else { ms };
             PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
         }
     };
@@ -189,11 +175,8 @@ mod tests {
         assert!(!wait_readable(bell.as_fd(), Some(Duration::ZERO)).unwrap());
         // A hostile client clears O_NONBLOCK on the shared file description: draining an empty
         // doorbell must still return at once.
-        nix::fcntl::fcntl(
-            &bell.fd,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
-        )
-        .unwrap();
+        nix::fcntl::fcntl(&bell.fd, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()))
+            .unwrap();
         bell.drain().unwrap();
     }
 

@@ -39,23 +39,14 @@ pub fn send_packet(
         match sendmsg::<()>(sock.as_fd().as_raw_fd(), &iov, cmsgs, flags, None) {
             Ok(n) if n == bytes.len() => return Ok(()),
             Ok(n) => {
-                return Err(Error::os(
-                    "sendmsg",
-                    format!("sent {n} of {} bytes", bytes.len()),
-                ))
+                return Err(Error::os("sendmsg", format!("sent {n} of {} bytes", bytes.len())))
             }
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => {
-                return Err(Error::new(
-                    Status::WouldBlock,
-                    "peer's socket buffer is full",
-                ))
+                return Err(Error::new(Status::WouldBlock, "peer's socket buffer is full"))
             }
             Err(Errno::EPIPE | Errno::ECONNRESET | Errno::ENOTCONN) => {
-                return Err(Error::new(
-                    Status::Disconnected,
-                    "the peer closed the connection",
-                ))
+                return Err(Error::new(Status::Disconnected, "the peer closed the connection"))
             }
             Err(e) => return Err(Error::os("sendmsg", e)),
         }
@@ -83,10 +74,7 @@ pub fn recv_packet(
         match recvmsg::<()>(raw, &mut iov, Some(&mut cmsg_space), flags) {
             Ok(msg) => {
                 let mut fds = Vec::new();
-                for cmsg in msg
-                    .cmsgs()
-                    .map_err(|e| Error::os("recvmsg control data", e))?
-                {
+                for cmsg in msg.cmsgs().map_err(|e| Error::os("recvmsg control data", e))? {
                     if let ControlMessageOwned::ScmRights(received) = cmsg {
                         fds.extend(received);
                     }
@@ -96,10 +84,7 @@ pub fn recv_packet(
             Err(Errno::EINTR) => continue,
             Err(Errno::EAGAIN) => return Err(Error::new(Status::WouldBlock, "no packet ready")),
             Err(Errno::ECONNRESET | Errno::ENOTCONN) => {
-                return Err(Error::new(
-                    Status::Disconnected,
-                    "the peer closed the connection",
-                ))
+                return Err(Error::new(Status::Disconnected, "the peer closed the connection"))
             }
             Err(e) => return Err(Error::os("recvmsg", e)),
         }
@@ -111,21 +96,13 @@ pub fn recv_packet(
         .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
         .collect();
     if msg_flags.contains(MsgFlags::MSG_TRUNC) {
-        return Err(Error::protocol(format!(
-            "packet longer than {} bytes",
-            buf.len()
-        )));
+        return Err(Error::protocol(format!("packet longer than {} bytes", buf.len())));
     }
     if msg_flags.contains(MsgFlags::MSG_CTRUNC) || fds.len() > max_fds {
-        return Err(Error::protocol(format!(
-            "packet carries more than {max_fds} descriptors"
-        )));
+        return Err(Error::protocol(format!("packet carries more than {max_fds} descriptors")));
     }
     if len == 0 {
-        return Err(Error::new(
-            Status::Disconnected,
-            "the peer closed the connection",
-        ));
+        return Err(Error::new(Status::Disconnected, "the peer closed the connection"));
     }
     Ok(Received { len, fds })
 }

@@ -19,28 +19,18 @@ pub const REQUIRED_SEALS: SealFlag = SealFlag::F_SEAL_SHRINK.union(SealFlag::F_S
 /// sealing.
 pub fn create_sealed_memfd(name: &str, size: usize) -> Result<OwnedFd, Error> {
     let fd = create_memfd(name, size)?;
-    fcntl(
-        &fd,
-        FcntlArg::F_ADD_SEALS(REQUIRED_SEALS | SealFlag::F_SEAL_SEAL),
-    )
-    .map_err(|e| Error::os("sealing memfd", e))?;
+    fcntl(&fd, FcntlArg::F_ADD_SEALS(REQUIRED_SEALS | SealFlag::F_SEAL_SEAL))
+        .map_err(|e| Error::os("sealing memfd", e))?;
     Ok(fd)
 }
 
 /// A new memfd of `size` bytes that still allows sealing (the caller seals it).
 pub fn create_memfd(name: &str, size: usize) -> Result<OwnedFd, Error> {
     let name = format!("unicorn:{name}");
-    let fd = memfd_create(
-        name.as_str(),
-        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
-    )
-    .map_err(|e| Error::os("memfd_create", e))?;
-    let len = i64::try_from(size).map_err(|_| {
-        Error::new(
-            Status::InvalidArgument,
-            format!("memfd size {size} too large"),
-        )
-    })?;
+    let fd = memfd_create(name.as_str(), MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        .map_err(|e| Error::os("memfd_create", e))?;
+    let len = i64::try_from(size)
+        .map_err(|_| Error::new(Status::InvalidArgument, format!("memfd size {size} too large")))?;
     ftruncate(&fd, len).map_err(|e| Error::os("ftruncate memfd", e))?;
     Ok(fd)
 }
@@ -94,24 +84,15 @@ mod tests {
         require_size_seals(&fd).unwrap();
         assert!(ftruncate(&fd, 4096).is_err());
         assert!(ftruncate(&fd, 16384).is_err());
-        assert!(
-            add_seals(&fd, SealFlag::F_SEAL_WRITE).is_err(),
-            "F_SEAL_SEAL blocks more seals"
-        );
+        assert!(add_seals(&fd, SealFlag::F_SEAL_WRITE).is_err(), "F_SEAL_SEAL blocks more seals");
     }
 
     #[test]
     fn unsealed_and_non_memfds_are_refused() {
         let fd = create_memfd("t", 4096).unwrap();
-        assert_eq!(
-            require_size_seals(&fd).unwrap_err().status(),
-            Status::InvalidArgument
-        );
+        assert_eq!(require_size_seals(&fd).unwrap_err().status(), Status::InvalidArgument);
         add_seals(&fd, SealFlag::F_SEAL_SHRINK).unwrap();
-        assert!(
-            require_size_seals(&fd).is_err(),
-            "shrink alone is not enough"
-        );
+        assert!(require_size_seals(&fd).is_err(), "shrink alone is not enough");
         add_seals(&fd, SealFlag::F_SEAL_GROW).unwrap();
         require_size_seals(&fd).unwrap();
         let file = std::fs::File::open("/proc/self/exe").unwrap();

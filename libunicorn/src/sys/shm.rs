@@ -26,9 +26,7 @@ impl SharedMemory {
         let fd = fd.as_fd();
         let size = super::memfd::file_size(&fd)?;
         if (size as u128) < len as u128 || len == 0 {
-            return Err(Error::protocol(format!(
-                "cannot map {len} bytes of a {size}-byte memfd"
-            )));
+            return Err(Error::protocol(format!("cannot map {len} bytes of a {size}-byte memfd")));
         }
         let map = MmapOptions::new()
             .len(len)
@@ -50,11 +48,7 @@ impl SharedMemory {
     /// so a failure here is a bug, not bad input.
     fn check(&self, offset: usize, size: usize, align: usize) {
         let end = offset.checked_add(size).expect("offset overflow");
-        assert!(
-            end <= self.map.len(),
-            "offset {offset}+{size} outside {} bytes",
-            self.map.len()
-        );
+        assert!(end <= self.map.len(), "offset {offset}+{size} outside {} bytes", self.map.len());
         assert!(offset % align == 0, "offset {offset} not {align}-aligned");
     }
 
@@ -115,8 +109,7 @@ impl SharedMemory {
     /// them with a release store of a counter after).
     pub fn store_u64s(&self, offset: usize, words: &[u64]) {
         for (i, w) in words.iter().enumerate() {
-            self.atomic_u64(offset + i * 8)
-                .store(w.to_le(), Ordering::Relaxed);
+            self.atomic_u64(offset + i * 8).store(w.to_le(), Ordering::Relaxed);
         }
     }
 }

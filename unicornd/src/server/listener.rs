@@ -68,63 +68,44 @@ impl Listener {
         let bound = bind(fd.as_raw_fd(), &addr);
         umask(old);
         bound.map_err(|e| err("bind", &e))?;
-        let listener = Listener {
-            fd,
-            path: path.to_owned(),
-            owns_file: true,
-        };
+        let listener = Listener { fd, path: path.to_owned(), owns_file: true };
         if let Some(gid) = group {
             nix::unistd::chown(path, None, Some(nix::unistd::Gid::from_raw(gid)))
                 .map_err(|e| err("chown", &e))?;
         }
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
             .map_err(|e| err("chmod", &e))?;
-        listen(
-            &listener.fd,
-            Backlog::new(128).expect("128 is a valid backlog"),
-        )
-        .map_err(|e| err("listen", &e))?;
+        listen(&listener.fd, Backlog::new(128).expect("128 is a valid backlog"))
+            .map_err(|e| err("listen", &e))?;
         Ok(listener)
     }
 
     /// The socket systemd passed with socket activation (`LISTEN_PID`/`LISTEN_FDS`), if any.
     pub fn from_systemd(path: &Path) -> Result<Option<Listener>, ServerError> {
-        let ours = std::env::var("LISTEN_PID")
-            .ok()
-            .and_then(|p| p.parse::<u32>().ok())
+        let ours = std::env::var("LISTEN_PID").ok().and_then(|p| p.parse::<u32>().ok())
             == Some(std::process::id());
-        let count = std::env::var("LISTEN_FDS")
-            .ok()
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0);
+        let count =
+            std::env::var("LISTEN_FDS").ok().and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
         if !ours || count == 0 {
             return Ok(None);
         }
         // SAFETY: systemd's protocol hands this process descriptor 3 (checked through
         // LISTEN_PID above) and nothing else in the process owns it; it is wrapped once.
         let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-        let bad = |m: String| ServerError::Socket {
-            path: "systemd socket".into(),
-            message: m,
-        };
+        let bad = |m: String| ServerError::Socket { path: "systemd socket".into(), message: m };
         let ty = getsockopt(&fd, sockopt::SockType).map_err(|e| bad(format!("SO_TYPE: {e}")))?;
         let listening =
             getsockopt(&fd, sockopt::AcceptConn).map_err(|e| bad(format!("SO_ACCEPTCONN: {e}")))?;
         if ty != SockType::SeqPacket || !listening {
-            return Err(bad(
-                "descriptor 3 is not a listening SOCK_SEQPACKET socket".into()
-            ));
+            return Err(bad("descriptor 3 is not a listening SOCK_SEQPACKET socket".into()));
         }
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFL)
             .map_err(|e| bad(format!("F_GETFL: {e}")))?;
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFL(flags))
             .map_err(|e| bad(format!("F_SETFL: {e}")))?;
-        nix::fcntl::fcntl(
-            &fd,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-        )
-        .map_err(|e| bad(format!("F_SETFD: {e}")))?;
+        nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+            .map_err(|e| bad(format!("F_SETFD: {e}")))?;
         // SAFETY: no other thread runs yet (this is daemon start-up), so nothing reads the
         // environment concurrently.
         unsafe {
@@ -132,11 +113,7 @@ impl Listener {
             std::env::remove_var("LISTEN_FDS");
             std::env::remove_var("LISTEN_FDNAMES");
         }
-        Ok(Some(Listener {
-            fd,
-            path: path.to_owned(),
-            owns_file: false,
-        }))
+        Ok(Some(Listener { fd, path: path.to_owned(), owns_file: false }))
     }
 
     pub fn path(&self) -> &Path {
@@ -146,10 +123,7 @@ impl Listener {
     /// Accepts one pending connection, if any.
     pub fn accept(&self) -> Result<Option<OwnedFd>, Errno> {
         loop {
-            match accept4(
-                self.fd.as_raw_fd(),
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            ) {
+            match accept4(self.fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK) {
                 // SAFETY: accept4 just created this descriptor; nothing else owns it.
                 Ok(fd) => return Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) })),
                 Err(Errno::EINTR) => continue,
@@ -212,12 +186,8 @@ fn prepare_dir(dir: &Path, dir_mode: u32) -> std::io::Result<()> {
 
 /// Whether a daemon accepts connections at `path` right now.
 fn daemon_answers(path: &Path) -> bool {
-    let Ok(fd) = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    ) else {
+    let Ok(fd) = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+    else {
         return false;
     };
     let Ok(addr) = UnixAddr::new(path) else {

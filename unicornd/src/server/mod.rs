@@ -140,11 +140,7 @@ impl Server {
         mask.thread_block().map_err(os("blocking signals"))?;
         let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
             .map_err(os("signalfd"))?;
-        let (mode, dir_mode) = if config.system_mode {
-            (0o660, 0o755)
-        } else {
-            (0o600, 0o700)
-        };
+        let (mode, dir_mode) = if config.system_mode { (0o660, 0o755) } else { (0o600, 0o700) };
         let listener = match Listener::from_systemd(&config.socket)? {
             Some(l) => {
                 log::info!("using the socket passed by systemd");
@@ -154,16 +150,10 @@ impl Server {
         };
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).map_err(os("epoll_create"))?;
         epoll
-            .add(
-                listener.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER),
-            )
+            .add(listener.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_LISTENER))
             .map_err(os("epoll_ctl"))?;
         epoll
-            .add(
-                signals.as_fd(),
-                EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNAL),
-            )
+            .add(signals.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNAL))
             .map_err(os("epoll_ctl"))?;
         let devices = crate::devices::discover();
         for d in &devices {
@@ -202,11 +192,7 @@ impl Server {
         log::info!(
             "unicornd {VERSION} listening on {} ({} mode, ABI {ABI_MAJOR}.{ABI_MINOR})",
             self.listener.path().display(),
-            if self.config.system_mode {
-                "system"
-            } else {
-                "user"
-            }
+            if self.config.system_mode { "system" } else { "user" }
         );
         let mut events = vec![EpollEvent::empty(); 64];
         let mut spin_until = Instant::now();
@@ -235,12 +221,7 @@ impl Server {
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
-                Err(e) => {
-                    return Err(ServerError::Os {
-                        what: "epoll_wait",
-                        source: e,
-                    })
-                }
+                Err(e) => return Err(ServerError::Os { what: "epoll_wait", source: e }),
             };
             if !spinning {
                 self.end_sleep();
@@ -271,11 +252,7 @@ impl Server {
                     for (due, d) in round.deferred {
                         self.timer_seq += 1;
                         let kind = TimerKind::Deferred(d);
-                        self.timers.push(Reverse(Timer {
-                            due,
-                            seq: self.timer_seq,
-                            kind,
-                        }));
+                        self.timers.push(Reverse(Timer { due, seq: self.timer_seq, kind }));
                     }
                 }
                 Err(e) => broken.push((s.id, e)),
@@ -301,10 +278,8 @@ impl Server {
                     }
                 }
                 TimerKind::Deferred(d) => {
-                    let Some(active) = self
-                        .sessions
-                        .get_mut(&d.session)
-                        .and_then(|s| s.active.as_mut())
+                    let Some(active) =
+                        self.sessions.get_mut(&d.session).and_then(|s| s.active.as_mut())
                     else {
                         continue; // the session is gone, and its job with it
                     };
@@ -395,9 +370,8 @@ impl Server {
             };
             let id = self.next_session;
             self.next_session += 1;
-            if let Err(e) = self
-                .epoll
-                .add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, token(id, false)))
+            if let Err(e) =
+                self.epoll.add(&fd, EpollEvent::new(EpollFlags::EPOLLIN, token(id, false)))
             {
                 log::warn!("epoll_ctl for a new connection: {e}");
                 continue;
@@ -412,16 +386,7 @@ impl Server {
                 seq: self.timer_seq,
                 kind: TimerKind::Handshake(id),
             }));
-            self.sessions.insert(
-                id,
-                Session {
-                    id,
-                    ctrl: fd,
-                    creds,
-                    accepted: now,
-                    active: None,
-                },
-            );
+            self.sessions.insert(id, Session { id, ctrl: fd, creds, accepted: now, active: None });
         }
     }
 
@@ -475,10 +440,7 @@ impl Server {
             (Request::Status, true) => Reply::Status(self.status()),
             (Request::RegisterBuffer { size }, true) => {
                 let a = self.active_mut(id)?;
-                let fd = fds
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| Error::protocol("no descriptor"))?;
+                let fd = fds.into_iter().next().ok_or_else(|| Error::protocol("no descriptor"))?;
                 match a.register_buffer(fd, size) {
                     Ok((handle, size)) => Reply::BufferRegistered { handle, size },
                     Err(e) => error_reply(e),
@@ -540,25 +502,16 @@ impl Server {
         if let Err(m) = policy.admits(&creds) {
             return refuse(self, Status::PermissionDenied, m);
         }
-        let active_sessions = self
-            .sessions
-            .values()
-            .filter(|s| s.active.is_some())
-            .count();
+        let active_sessions = self.sessions.values().filter(|s| s.active.is_some()).count();
         if active_sessions >= policy.daemon.max_sessions as usize {
-            let m = format!(
-                "the daemon serves its maximum of {} sessions",
-                policy.daemon.max_sessions
-            );
+            let m =
+                format!("the daemon serves its maximum of {} sessions", policy.daemon.max_sessions);
             return refuse(self, Status::LimitExceeded, m);
         }
         let limits = policy.for_user(creds.uid).clone();
         let mine = self.sessions_per_uid.get(&creds.uid).copied().unwrap_or(0);
         if mine >= limits.max_sessions_per_user {
-            let m = format!(
-                "uid {} already has {mine} sessions, the most allowed",
-                creds.uid
-            );
+            let m = format!("uid {} already has {mine} sessions, the most allowed", creds.uid);
             return refuse(self, Status::LimitExceeded, m);
         }
         let layout =
@@ -586,16 +539,10 @@ impl Server {
             devices: self.devices.clone(),
         };
         self.epoll
-            .add(
-                &active.submit_bell,
-                EpollEvent::new(EpollFlags::EPOLLIN, token(id, true)),
-            )
+            .add(&active.submit_bell, EpollEvent::new(EpollFlags::EPOLLIN, token(id, true)))
             .map_err(|e| Error::os("epoll_ctl", e))?;
-        let raw = [
-            fds.ring.as_raw_fd(),
-            fds.submit_bell.as_raw_fd(),
-            fds.complete_bell.as_raw_fd(),
-        ];
+        let raw =
+            [fds.ring.as_raw_fd(), fds.submit_bell.as_raw_fd(), fds.complete_bell.as_raw_fd()];
         if let Some(s) = self.sessions.get_mut(&id) {
             s.active = Some(active);
         }
@@ -660,10 +607,7 @@ impl Server {
             s.creds.uid,
             why.message()
         );
-        let bye = Reply::Goodbye {
-            status: why.status(),
-            message: why.message().to_owned(),
-        };
+        let bye = Reply::Goodbye { status: why.status(), message: why.message().to_owned() };
         let _ = fdpass::send_packet(&s.ctrl, &bye.encode(0), &[], true);
         self.counters.sessions_disconnected += 1;
         self.close(id, "disconnected");
@@ -710,8 +654,5 @@ impl Server {
 }
 
 fn error_reply(e: Error) -> Reply {
-    Reply::Error {
-        status: e.status(),
-        message: e.message().to_owned(),
-    }
+    Reply::Error { status: e.status(), message: e.message().to_owned() }
 }

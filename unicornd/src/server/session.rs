@@ -205,22 +205,12 @@ impl Active {
                     return;
                 }
                 self.in_flight += 1;
-                round.deferred.push((
-                    now + delay,
-                    Deferred {
-                        session,
-                        user_data,
-                        status: Status::Ok,
-                    },
-                ));
+                round
+                    .deferred
+                    .push((now + delay, Deferred { session, user_data, status: Status::Ok }));
             }
             Job::Fail { status } => self.complete(Completion::error(user_data, status), round),
-            Job::Fill {
-                buffer,
-                offset,
-                len,
-                byte,
-            } => {
+            Job::Fill { buffer, offset, len, byte } => {
                 let status = match self.buffers.get(&buffer) {
                     None => Status::NotFound,
                     Some(b) => match b.mem.range(offset, len) {
@@ -232,13 +222,7 @@ impl Active {
                     },
                 };
                 self.complete(
-                    Completion {
-                        user_data,
-                        status,
-                        flags: 0,
-                        result: 0,
-                        extra: 0,
-                    },
+                    Completion { user_data, status, flags: 0, result: 0, extra: 0 },
                     round,
                 )
             }
@@ -261,18 +245,11 @@ impl Active {
         // The slot was reserved when the job was accepted; it can only be gone if the client
         // rewrote its completion head.
         if self.cq.free(&self.mem)? == 0 {
-            return Err(Error::protocol(
-                "completion ring full although a slot was reserved",
-            ));
+            return Err(Error::protocol("completion ring full although a slot was reserved"));
         }
         let mut round = RoundResult::default();
-        let c = Completion {
-            user_data: d.user_data,
-            status: d.status,
-            flags: 0,
-            result: 0,
-            extra: 0,
-        };
+        let c =
+            Completion { user_data: d.user_data, status: d.status, flags: 0, result: 0, extra: 0 };
         self.complete(c, &mut round);
         self.publish();
         Ok(())
@@ -310,10 +287,7 @@ impl Active {
                 format!("buffer is {actual} bytes, the request said {size} (and 0 is not allowed)"),
             ));
         }
-        let total = self
-            .buffer_bytes
-            .checked_add(size)
-            .filter(|t| *t <= limits.max_buffer_bytes);
+        let total = self.buffer_bytes.checked_add(size).filter(|t| *t <= limits.max_buffer_bytes);
         let Some(total) = total else {
             return Err(Error::new(
                 Status::LimitExceeded,
@@ -333,10 +307,7 @@ impl Active {
         })?;
         let handle = self.next_buffer;
         self.next_buffer = self.next_buffer.checked_add(1).ok_or_else(|| {
-            Error::new(
-                Status::LimitExceeded,
-                "this session used up its buffer handles",
-            )
+            Error::new(Status::LimitExceeded, "this session used up its buffer handles")
         })?;
         self.buffers.insert(handle, Buffer { mem, size });
         self.buffer_bytes = total;
@@ -355,7 +326,5 @@ impl Active {
 /// A second descriptor for the client's side of the submission doorbell.
 fn submit_bell_dup(bell: &SubmitDoorbell) -> Result<OwnedFd, Error> {
     use std::os::fd::AsFd;
-    bell.as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| Error::os("dup", e))
+    bell.as_fd().try_clone_to_owned().map_err(|e| Error::os("dup", e))
 }
