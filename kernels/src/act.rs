@@ -1,0 +1,331 @@
+//! Activations quantized for the integer dot products.
+//!
+//! ggml multiplies Q4_0/Q5_0/Q8_0 weights with activations in Q8_0 and Q4_1/Q5_1 weights with
+//! activations in Q8_1. The two agree on `d` and `qs` (`d = amax/127`, `q = roundf(x/d)`); Q8_1
+//! adds `s = d * sum(qs)`. [`QuantizedActs`] holds both at once, laid out for SIMD: the quants of
+//! a token contiguous, and `d` and `s` as f32 arrays holding exactly the f16 values the block
+//! formats would store. [`QuantizedActs::q8_0_blocks`] and [`QuantizedActs::q8_1_blocks`] give
+//! the GGUF blocks back, equal to `quantize_row_q8_0`/`quantize_row_q8_1`.
+//!
+//! This is ggml's *reference* activation quantizer. ggml's AVX2 build quantizes activations
+//! differently (`id = 127/amax` and round-half-to-even), so its dot products can differ from ours
+//! in the last bits; both are valid roundings of the same definition.
+
+use std::sync::Mutex;
+
+use crate::cpu::Isa;
+use crate::error::check_len;
+use crate::formats::{f16_le_from, round_f16, BlockQ8_0, BlockQ8_1, QK};
+use crate::pool::ThreadPool;
+use crate::KernelError;
+
+/// A batch of activation rows quantized to Q8_0/Q8_1 values (see the module docs).
+#[derive(Clone, Debug, Default)]
+pub struct QuantizedActs {
+    n_tokens: usize,
+    cols: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+/// One quantized token row: `cols` quants and one `d` and `s` per block of 32.
+#[derive(Clone, Copy, Debug)]
+pub struct ActRow<'a> {
+    /// The quants.
+    pub qs: &'a [i8],
+    /// Per-block scale, an f16 value widened to f32.
+    pub d: &'a [f32],
+    /// Per-block `d * sum(qs)` (with the unrounded `d`), an f16 value widened to f32.
+    pub s: &'a [f32],
+}
+
+impl QuantizedActs {
+    /// An empty buffer; [`QuantizedActs::quantize`] sizes it.
+    pub fn new() -> QuantizedActs {
+        QuantizedActs::default()
+    }
+
+    /// Tokens held.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// Values per token.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Quantizes `x` (`n_tokens` rows of `cols`, row-major), reusing this buffer's memory.
+    /// Uses the pool when there are several tokens.
+    ///
+    /// Errors when `cols` is not a multiple of 32 or `x.len() != n_tokens * cols`.
+    pub fn quantize(
+        &mut self,
+        pool: &ThreadPool,
+        x: &[f32],
+        n_tokens: usize,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        self.quantize_on(Isa::current(), pool, x, n_tokens, cols)
+    }
+
+    /// [`QuantizedActs::quantize`] on a given instruction set.
+    pub fn quantize_on(
+        &mut self,
+        isa: Isa,
+        pool: &ThreadPool,
+        x: &[f32],
+        n_tokens: usize,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        if !cols.is_multiple_of(QK) {
+            return Err(KernelError::NotBlockMultiple { ty: crate::GgmlType::Q8_0, n: cols });
+        }
+        check_len("activations", n_tokens * cols, x.len())?;
+        let nb = cols / QK;
+        self.n_tokens = n_tokens;
+        self.cols = cols;
+        self.qs.resize(n_tokens * cols, 0);
+        self.d.resize(n_tokens * nb, 0.0);
+        self.s.resize(n_tokens * nb, 0.0);
+        if n_tokens == 0 || cols == 0 {
+            return Ok(());
+        }
+        // Enough work per task to be worth a wake-up: about 16 Ki values.
+        let per_task = (16384 / cols).max(1);
+        let n_tasks = n_tokens.div_ceil(per_task);
+        if n_tasks <= 1 || pool.n_threads() == 1 {
+            quantize_blocks(isa, x, &mut self.qs, &mut self.d, &mut self.s);
+            return Ok(());
+        }
+        let parts: Vec<Mutex<Part<'_>>> = x
+            .chunks(per_task * cols)
+            .zip(self.qs.chunks_mut(per_task * cols))
+            .zip(self.d.chunks_mut(per_task * nb))
+            .zip(self.s.chunks_mut(per_task * nb))
+            .map(|(((x, q), d), s)| Mutex::new((x, q, d, s)))
+            .collect();
+        pool.run(parts.len(), |i| {
+            let mut g = parts[i].lock().unwrap_or_else(|e| e.into_inner());
+            let (x, q, d, s) = &mut *g;
+            quantize_blocks(isa, x, q, d, s);
+        });
+        Ok(())
+    }
+
+    /// Token `t`'s row.
+    ///
+    /// # Panics
+    ///
+    /// When `t >= n_tokens`.
+    pub fn row(&self, t: usize) -> ActRow<'_> {
+        assert!(t < self.n_tokens, "token {t} of {}", self.n_tokens);
+        let nb = self.cols / QK;
+        ActRow {
+            qs: &self.qs[t * self.cols..(t + 1) * self.cols],
+            d: &self.d[t * nb..(t + 1) * nb],
+            s: &self.s[t * nb..(t + 1) * nb],
+        }
+    }
+
+    /// Token `t` as GGUF Q8_0 blocks.
+    pub fn q8_0_blocks(&self, t: usize) -> Vec<BlockQ8_0> {
+        let r = self.row(t);
+        r.qs.chunks_exact(QK)
+            .zip(r.d)
+            .map(|(q, &d)| BlockQ8_0 { d: f16_le_from(d), qs: q.try_into().expect("block of 32") })
+            .collect()
+    }
+
+    /// Token `t` as GGUF Q8_1 blocks.
+    pub fn q8_1_blocks(&self, t: usize) -> Vec<BlockQ8_1> {
+        let r = self.row(t);
+        r.qs.chunks_exact(QK)
+            .zip(r.d.iter().zip(r.s))
+            .map(|(q, (&d, &s))| BlockQ8_1 {
+                d: f16_le_from(d),
+                s: f16_le_from(s),
+                qs: q.try_into().expect("block of 32"),
+            })
+            .collect()
+    }
+}
+
+/// One task's share: input values, and the quants, scales and sums they produce.
+type Part<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [f32]);
+
+fn quantize_blocks(isa: Isa, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
+        unsafe { avx2::quantize_blocks(x, qs, d, s) };
+        return;
+    }
+    let _ = isa;
+    quantize_blocks_scalar(x, qs, d, s);
+}
+
+/// The reference: `quantize_row_q8_1_ref` written into the split layout.
+pub(crate) fn quantize_blocks_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for (((xb, qb), db), sb) in
+        x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).zip(d.iter_mut()).zip(s.iter_mut())
+    {
+        let mut amax = 0.0f32;
+        for &v in xb {
+            let a = v.abs();
+            amax = if amax > a { amax } else { a };
+        }
+        let dd = amax / 127.0;
+        let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in qb.iter_mut().zip(xb) {
+            *q = (v * id).round() as i8;
+            sum += i32::from(*q);
+        }
+        *db = round_f16(dd);
+        *sb = round_f16(sum as f32 * dd);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use crate::formats::{round_f16, QK};
+    use crate::simd::{load_f32x8, store_i8x32};
+
+    /// Bit-identical to `quantize_blocks_scalar` for finite input.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+        let one = _mm256_set1_ps(1.0);
+        let half = _mm256_set1_ps(0.5);
+        for (((xb, qb), db), sb) in x
+            .as_chunks::<QK>()
+            .0
+            .iter()
+            .zip(qs.as_chunks_mut::<QK>().0)
+            .zip(d.iter_mut())
+            .zip(s.iter_mut())
+        {
+            let v = [
+                load_f32x8(xb[0..8].try_into().unwrap()),
+                load_f32x8(xb[8..16].try_into().unwrap()),
+                load_f32x8(xb[16..24].try_into().unwrap()),
+                load_f32x8(xb[24..32].try_into().unwrap()),
+            ];
+            let m01 = _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask));
+            let m23 = _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask));
+            let m = _mm256_max_ps(m01, m23);
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+            let amax = _mm_cvtss_f32(m1);
+            let dd = amax / 127.0;
+            let id = _mm256_set1_ps(if dd != 0.0 { 1.0 / dd } else { 0.0 });
+            let mut q = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                let y = _mm256_mul_ps(v[k], id);
+                // roundf: truncate, then step away from zero when the dropped part is >= 1/2.
+                let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+                let frac = _mm256_and_ps(_mm256_sub_ps(y, t), abs_mask);
+                let up = _mm256_cmp_ps::<_CMP_GE_OQ>(frac, half);
+                let step = _mm256_or_ps(_mm256_and_ps(y, sign_mask), one);
+                let r = _mm256_add_ps(t, _mm256_and_ps(up, step));
+                q[k] = _mm256_cvttps_epi32(r);
+            }
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
+            let isum = _mm_cvtsi128_si32(s1);
+            // packs works within 128-bit lanes; the permute restores element order.
+            let p01 = _mm256_packs_epi32(q[0], q[1]);
+            let p23 = _mm256_packs_epi32(q[2], q[3]);
+            let p = _mm256_packs_epi16(p01, p23);
+            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            store_i8x32(qb, p);
+            *db = round_f16(dd);
+            *sb = round_f16(isum as f32 * dd);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::formats::{quantize_row_q8_0, quantize_row_q8_1};
+    use proptest::prelude::*;
+
+    fn values() -> impl Strategy<Value = Vec<f32>> {
+        (1usize..6).prop_flat_map(|nb| {
+            prop::collection::vec(
+                prop_oneof![
+                    -100.0f32..100.0,
+                    -1e-3f32..1e-3,
+                    // Integers and halves make roundf's ties common.
+                    (-254i32..254).prop_map(|i| i as f32 * 0.5),
+                    Just(0.0f32),
+                ],
+                nb * 32,
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_isa_matches_the_gguf_blocks(x in values()) {
+            let pool = ThreadPool::new(1);
+            let nb = x.len() / 32;
+            let mut want0 = vec![BlockQ8_0::default(); nb];
+            let mut want1 = vec![BlockQ8_1::default(); nb];
+            quantize_row_q8_0(&x, &mut want0);
+            quantize_row_q8_1(&x, &mut want1);
+            for isa in Isa::all_supported() {
+                let mut a = QuantizedActs::new();
+                a.quantize_on(isa, &pool, &x, 1, x.len()).unwrap();
+                prop_assert_eq!(&a.q8_0_blocks(0), &want0, "{:?}", isa);
+                prop_assert_eq!(&a.q8_1_blocks(0), &want1, "{:?}", isa);
+            }
+        }
+    }
+
+    #[test]
+    fn ties_round_away_from_zero_on_every_isa() {
+        // amax 127 -> d = 1 and id = 1, so x*id is exactly the tie.
+        let mut x = vec![0.0f32; 32];
+        x[0] = 127.0;
+        x[1] = 0.5;
+        x[2] = -0.5;
+        x[3] = 1.5;
+        x[4] = -2.5;
+        let pool = ThreadPool::new(1);
+        for isa in Isa::all_supported() {
+            let mut a = QuantizedActs::new();
+            a.quantize_on(isa, &pool, &x, 1, 32).unwrap();
+            assert_eq!(&a.row(0).qs[..5], &[127, 1, -1, 2, -3], "{isa:?}");
+            assert_eq!(a.row(0).s[0], 127.0 + 1.0 - 1.0 + 2.0 - 3.0);
+        }
+    }
+
+    #[test]
+    fn batch_split_across_pool_matches_serial() {
+        let pool = ThreadPool::new(3);
+        let cols = 64;
+        let n = 700; // several tasks of 256 tokens
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
+        let mut par = QuantizedActs::new();
+        par.quantize(&pool, &x, n, cols).unwrap();
+        let mut ser = QuantizedActs::new();
+        ser.quantize(&ThreadPool::new(1), &x, n, cols).unwrap();
+        for t in [0, 255, 256, 699] {
+            assert_eq!(par.q8_1_blocks(t), ser.q8_1_blocks(t));
+        }
+        assert!(matches!(
+            par.quantize(&pool, &x[..33], 1, 33),
+            Err(KernelError::NotBlockMultiple { .. })
+        ));
+    }
+}

@@ -1,0 +1,426 @@
+//! Matrix products of a GGUF weight matrix with a batch of activations, split across the pool.
+//!
+//! A weight matrix is `rows x cols` row-major, as GGUF stores it (`ne0 = cols` contiguous), and
+//! `out = x W^T`: for each token `t` and row `r`, `out[t * rows + r] = dot(W[r], x[t])`.
+//!
+//! Quantized weights take activations quantized once per call ([`QuantizedActs`]); callers that
+//! multiply the same input by several matrices (Q, K and V; gate and up) can quantize once
+//! themselves and call [`matmul_quantized`]. Rows are split across the pool in chunks; inside a
+//! chunk the kernels work on tiles of rows x tokens so each weight block is read and decoded
+//! once per 4 tokens; for batches, blocks of 64 rows by 64 tokens keep both the rows' weights
+//! and the tokens' quants in L2 while they meet.
+
+use std::cell::RefCell;
+use std::marker::PhantomData;
+
+use crate::act::{ActRow, QuantizedActs};
+use crate::cpu::Isa;
+use crate::dot::{f_rows, q_rows, uses_quantized_acts};
+use crate::error::check_len;
+use crate::formats::dequantize_row;
+use crate::pool::ThreadPool;
+use crate::{GgmlType, KernelError};
+
+/// Tokens whose activations a block of rows works through at once.
+const TOKEN_BLOCK: usize = 64;
+
+/// Rows worked through all tokens before moving on, for batches: their weights stay in L2
+/// while every token block passes over them (a multiple of the 4-row tiles).
+const ROW_BLOCK: usize = 64;
+
+/// The (rows, tokens) blocks a task's rows are computed in: the whole range for one token;
+/// `ROW_BLOCK` rows by `TOKEN_BLOCK` tokens, rows outermost, for batches.
+fn blocks(
+    rows: std::ops::Range<usize>,
+    n_tokens: usize,
+) -> impl Iterator<Item = (std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let rb = if n_tokens <= 1 { rows.len().max(1) } else { ROW_BLOCK };
+    let end = rows.end;
+    rows.step_by(rb).flat_map(move |r0| {
+        (0..n_tokens)
+            .step_by(TOKEN_BLOCK)
+            .map(move |t0| (r0..(r0 + rb).min(end), t0..(t0 + TOKEN_BLOCK).min(n_tokens)))
+    })
+}
+
+/// A weight matrix in GGUF layout, borrowed from the mapped file.
+#[derive(Clone, Copy, Debug)]
+pub struct WeightView<'a> {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &'a [u8],
+}
+
+impl<'a> WeightView<'a> {
+    /// Checks that `data` is exactly `rows` rows of `cols` elements of `ty`.
+    ///
+    /// Errors when `cols` is not a whole number of blocks, the size overflows, or the length is
+    /// wrong. Any type is accepted here; products reject types without kernels.
+    pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
+        let rb = ty.row_bytes(cols as u64).ok_or(KernelError::NotBlockMultiple { ty, n: cols })?;
+        let total =
+            (rb as usize).checked_mul(rows).ok_or(KernelError::NotBlockMultiple { ty, n: cols })?;
+        check_len("weight data", total, data.len())?;
+        Ok(WeightView { ty, rows, cols, data })
+    }
+
+    /// The element type.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Columns (input features; the contiguous dimension).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.data.len().checked_div(self.rows).unwrap_or(0)
+    }
+
+    /// Row `r`'s bytes.
+    ///
+    /// # Panics
+    ///
+    /// When `r >= rows`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Dequantizes row `r` into `out` (`cols` values): the token embedding lookup.
+    ///
+    /// Errors when `out.len() != cols` or the type has no dequantization.
+    ///
+    /// # Panics
+    ///
+    /// When `r >= rows`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        check_len("output row", self.cols, out.len())?;
+        dequantize_row(self.ty, self.row(r), out)
+    }
+}
+
+/// `out[t * rows + r] = dot(W[r], x[t])` for `n_tokens` rows of `x` (`n_tokens x cols`).
+///
+/// Errors (and leaves `out` unspecified) when the weight type has no kernel or a length is wrong.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &WeightView<'_>,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_on(Isa::current(), pool, w, x, n_tokens, out)
+}
+
+thread_local! {
+    static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::new());
+}
+
+/// [`matmul`] on a given instruction set.
+pub fn matmul_on(
+    isa: Isa,
+    pool: &ThreadPool,
+    w: &WeightView<'_>,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    check_len("activations", n_tokens * w.cols, x.len())?;
+    check_len("output", n_tokens * w.rows, out.len())?;
+    match uses_quantized_acts(w.ty) {
+        Some(true) => ACTS.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut acts) => {
+                acts.quantize_on(isa, pool, x, n_tokens, w.cols)?;
+                matmul_quantized_on(isa, pool, w, &acts, out)
+            }
+            // Re-entered from inside a task: use a fresh buffer.
+            Err(_) => {
+                let mut acts = QuantizedActs::new();
+                acts.quantize_on(isa, pool, x, n_tokens, w.cols)?;
+                matmul_quantized_on(isa, pool, w, &acts, out)
+            }
+        }),
+        Some(false) => {
+            let xs: Vec<&[f32]> =
+                if w.cols == 0 { vec![&[]; n_tokens] } else { x.chunks_exact(w.cols).collect() };
+            let row_bytes = w.row_bytes();
+            let data = w.data;
+            let ty = w.ty;
+            parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
+                for (rs, ts) in blocks(rows, n_tokens) {
+                    let tb = ts.start;
+                    f_rows(isa, ty, data, row_bytes, &xs[ts], rs, &mut |r, t, v| {
+                        sink.write(r, tb + t, v)
+                    })?;
+                }
+                Ok(())
+            })
+        }
+        None => Err(KernelError::Unsupported { ty: w.ty, op: "matmul" }),
+    }
+}
+
+/// [`matmul`] with activations already quantized (for weights of a quantized type).
+pub fn matmul_quantized(
+    pool: &ThreadPool,
+    w: &WeightView<'_>,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    matmul_quantized_on(Isa::current(), pool, w, acts, out)
+}
+
+/// [`matmul_quantized`] on a given instruction set.
+pub fn matmul_quantized_on(
+    isa: Isa,
+    pool: &ThreadPool,
+    w: &WeightView<'_>,
+    acts: &QuantizedActs,
+    out: &mut [f32],
+) -> Result<(), KernelError> {
+    if uses_quantized_acts(w.ty) != Some(true) {
+        return Err(KernelError::Unsupported { ty: w.ty, op: "matmul with quantized activations" });
+    }
+    check_len("activation columns", w.cols, acts.cols())?;
+    let n_tokens = acts.n_tokens();
+    check_len("output", n_tokens * w.rows, out.len())?;
+    let rows_of: Vec<ActRow<'_>> = (0..n_tokens).map(|t| acts.row(t)).collect();
+    let row_bytes = w.row_bytes();
+    let data = w.data;
+    let ty = w.ty;
+    parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
+        for (rs, ts) in blocks(rows, n_tokens) {
+            let tb = ts.start;
+            q_rows(isa, ty, data, row_bytes, &rows_of[ts], rs, &mut |r, t, v| {
+                sink.write(r, tb + t, v)
+            })?;
+        }
+        Ok(())
+    })
+}
+
+/// Where tasks write their outputs: `out[t * rows + r]`, each task owning whole rows.
+struct Sink<'a> {
+    ptr: *mut f32,
+    rows: usize,
+    len: usize,
+    owned: std::ops::Range<usize>,
+    _out: PhantomData<&'a mut [f32]>,
+}
+
+impl Sink<'_> {
+    #[inline]
+    fn write(&self, r: usize, t: usize, v: f32) {
+        let i = t * self.rows + r;
+        assert!(self.owned.contains(&r) && i < self.len, "write outside the task's rows");
+        // SAFETY: `ptr` is valid for `len` f32 writes for the borrow `'a` of `out`; `i < len`.
+        // Each task gets a `Sink` with a disjoint `owned` row range and only writes rows in it,
+        // so no two threads write the same element, and `out` is not read until all tasks end.
+        unsafe { self.ptr.add(i).write(v) }
+    }
+}
+
+struct OutPtr(*mut f32);
+// SAFETY: the pointer is only used through `Sink::write`, whose row ownership makes writes from
+// several threads disjoint.
+unsafe impl Sync for OutPtr {}
+
+/// A task's work: compute rows `rows` for every token into the sink.
+type RowsWork<'a> =
+    dyn Fn(std::ops::Range<usize>, &Sink<'_>) -> Result<(), KernelError> + Sync + 'a;
+
+/// Runs `work(rows, sink)` over chunks of `0..rows` in the pool; returns the first error.
+fn parallel_rows(
+    pool: &ThreadPool,
+    rows: usize,
+    n_tokens: usize,
+    out: &mut [f32],
+    work: &RowsWork<'_>,
+) -> Result<(), KernelError> {
+    if rows == 0 || n_tokens == 0 {
+        return Ok(());
+    }
+    let len = out.len();
+    let base = OutPtr(out.as_mut_ptr());
+    let threads = pool.n_threads();
+    // Several chunks per thread for balance, in multiples of 4 rows for the row tiles, but
+    // with at least ~32 row-tokens each: below a microsecond of work a chunk costs more in
+    // hand-out than it gains in balance.
+    let min_rows = 32usize.div_ceil(n_tokens).next_multiple_of(4);
+    let chunk = if threads == 1 {
+        rows
+    } else {
+        rows.div_ceil(threads * 8).next_multiple_of(4).max(min_rows)
+    };
+    let n_chunks = rows.div_ceil(chunk);
+    let err = std::sync::Mutex::new(None);
+    let base = &base;
+    pool.run(n_chunks, |i| {
+        let r = i * chunk..((i + 1) * chunk).min(rows);
+        let sink = Sink { ptr: base.0, rows, len, owned: r.clone(), _out: PhantomData };
+        if let Err(e) = work(r, &sink) {
+            err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+        }
+    });
+    match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dot;
+    use crate::formats::quantize_row;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn weights(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<f32>, Vec<u8>) {
+        let mut s = seed;
+        let f: Vec<f32> = (0..rows * cols).map(|_| lcg(&mut s)).collect();
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let mut b = vec![0u8; rows * rb];
+        for (src, dst) in f.chunks(cols).zip(b.chunks_mut(rb)) {
+            quantize_row(ty, src, dst).unwrap();
+        }
+        (f, b)
+    }
+
+    #[test]
+    fn matmul_matches_per_row_reference_dots() {
+        let pool = ThreadPool::new(3);
+        let (rows, cols) = (37, 96);
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_0,
+            GgmlType::Q5_1,
+            GgmlType::Q8_0,
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
+            let (_, wb) = weights(ty, rows, cols, 1);
+            let w = WeightView::new(ty, rows, cols, &wb).unwrap();
+            for n_tokens in [1, 3, 4, 9, 70] {
+                let mut s = 99;
+                let x: Vec<f32> = (0..n_tokens * cols).map(|_| lcg(&mut s) * 3.0).collect();
+                let mut want = vec![0.0; n_tokens * rows];
+                let mut bound = vec![0.0; n_tokens * rows];
+                let mut acts = QuantizedActs::new();
+                acts.quantize(&pool, &x, n_tokens, cols).unwrap();
+                let mut wrow = vec![0.0; cols];
+                for t in 0..n_tokens {
+                    let xt = &x[t * cols..][..cols];
+                    for r in 0..rows {
+                        let i = t * rows + r;
+                        // The documented bound: 2 (n + 8) eps sum|terms|.
+                        if uses_quantized_acts(ty).unwrap() {
+                            want[i] =
+                                dot::vec_dot_q(Isa::scalar(), ty, w.row(r), acts.row(t)).unwrap();
+                            let terms = dot::scalar::abs_terms(ty, w.row(r), &acts.row(t)).unwrap();
+                            bound[i] = 2.0 * (cols / 32 + 8) as f32 * f32::EPSILON * terms;
+                        } else {
+                            want[i] = dot::vec_dot_f(Isa::scalar(), ty, w.row(r), xt).unwrap();
+                            w.dequantize_row(r, &mut wrow).unwrap();
+                            let terms: f32 = wrow.iter().zip(xt).map(|(a, b)| (a * b).abs()).sum();
+                            bound[i] = 2.0 * (cols + 8) as f32 * f32::EPSILON * terms;
+                        }
+                    }
+                }
+                for isa in Isa::all_supported() {
+                    let mut out = vec![f32::NAN; n_tokens * rows];
+                    matmul_on(isa, &pool, &w, &x, n_tokens, &mut out).unwrap();
+                    for (i, (g, e)) in out.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - e).abs() <= bound[i],
+                            "{ty} {isa:?} n={n_tokens} [{i}] {g} vs {e}"
+                        );
+                        if isa == Isa::scalar() {
+                            assert_eq!(g.to_bits(), e.to_bits(), "scalar path is the reference");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_product_approximates_the_float_product() {
+        // End to end: Q8_0 weights times Q8_0 activations is close to the exact product.
+        let pool = ThreadPool::new(2);
+        let (rows, cols) = (8, 256);
+        let (wf, wb) = weights(GgmlType::Q8_0, rows, cols, 5);
+        let mut s = 7;
+        let x: Vec<f32> = (0..cols).map(|_| lcg(&mut s)).collect();
+        let w = WeightView::new(GgmlType::Q8_0, rows, cols, &wb).unwrap();
+        let mut out = vec![0.0; rows];
+        matmul(&pool, &w, &x, 1, &mut out).unwrap();
+        for r in 0..rows {
+            let exact: f32 = wf[r * cols..][..cols].iter().zip(&x).map(|(a, b)| a * b).sum();
+            assert!((out[r] - exact).abs() < 0.05, "{} vs {exact}", out[r]);
+        }
+    }
+
+    #[test]
+    fn shapes_are_validated() {
+        let pool = ThreadPool::new(1);
+        assert!(WeightView::new(GgmlType::Q4_1, 2, 64, &[0; 79]).is_err());
+        assert!(WeightView::new(GgmlType::Q4_1, 2, 48, &[0; 60]).is_err());
+        let data = vec![0u8; 80];
+        let w = WeightView::new(GgmlType::Q4_1, 2, 64, &data).unwrap();
+        assert_eq!(w.row_bytes(), 40);
+        let mut out = vec![0.0; 2];
+        assert!(matches!(
+            matmul(&pool, &w, &[0.0; 63], 1, &mut out),
+            Err(KernelError::Length { what: "activations", .. })
+        ));
+        assert!(matches!(
+            matmul(&pool, &w, &[0.0; 64], 1, &mut out[..1]),
+            Err(KernelError::Length { what: "output", .. })
+        ));
+        let k = vec![0u8; 144];
+        let wk = WeightView::new(GgmlType::Q4K, 1, 256, &k).unwrap();
+        assert!(matches!(
+            matmul(&pool, &wk, &[0.0; 256], 1, &mut out[..1]),
+            Err(KernelError::Unsupported { .. })
+        ));
+    }
+
+    #[test]
+    fn embedding_row_lookup() {
+        let (rows, cols) = (5, 64);
+        let (_, wb) = weights(GgmlType::Q8_0, rows, cols, 3);
+        let w = WeightView::new(GgmlType::Q8_0, rows, cols, &wb).unwrap();
+        let mut row = vec![0.0; cols];
+        w.dequantize_row(3, &mut row).unwrap();
+        let mut want = vec![0.0; cols];
+        crate::formats::dequantize_row(GgmlType::Q8_0, &wb[3 * 68..4 * 68], &mut want).unwrap();
+        assert_eq!(row, want);
+        assert!(w.dequantize_row(0, &mut row[..10]).is_err());
+    }
+}
