@@ -2,6 +2,8 @@
 //!
 //! - [`gguf`]: the GGUF model file reader (hostile-input safe).
 //! - [`tokenizer`]: tokenizers built from GGUF metadata (byte-level BPE now, SentencePiece next).
+//! - [`sampling`]: choosing the next token from logits.
 
 pub mod gguf;
+pub mod sampling;
 pub mod tokenizer;
