@@ -1,0 +1,14 @@
+//! `llama`: Llama 2/3, SmolLM2, Mistral-style models. The plain block: RMSNorm, grouped-query
+//! attention with RoPE on adjacent pairs (GGUF stores Q and K permuted for that layout), a
+//! SwiGLU feed-forward, and the token embedding as output projection when `output.weight` is
+//! absent.
+
+use unicorn_kernels::ops::RopeMode;
+
+use super::transformer::{Spec, Transformer};
+use super::{HParams, ModelError};
+use crate::gguf::GgufFile;
+
+pub(crate) fn load(gguf: &GgufFile, hp: &HParams) -> Result<Transformer, ModelError> {
+    Transformer::load(gguf, hp, Spec { rope_mode: RopeMode::Norm })
+}

@@ -1,0 +1,133 @@
+//! Models: a GGUF file turned into a network that can run, with its tokenizer.
+//!
+//! The layer that describes architectures is small on purpose: [`transformer`] is the one
+//! decoder block and forward pass; each architecture is a file that reads its hyper-parameters
+//! and says how its block differs (a [`transformer::Spec`]). Adding an architecture means adding
+//! such a file and a line in [`Model::load`]; `docs/architecture.md` walks through it.
+
+mod error;
+mod hparams;
+mod kv;
+mod llama;
+mod transformer;
+mod weights;
+
+pub use error::ModelError;
+pub use hparams::HParams;
+pub use kv::{KvState, KvType};
+pub use transformer::{Logits, Seq};
+
+use unicorn_kernels::ThreadPool;
+
+use crate::gguf::GgufFile;
+use crate::tokenizer::Tokenizer;
+
+/// Architectures this engine runs.
+pub const SUPPORTED_ARCHITECTURES: &str = "llama";
+
+/// A loaded model: the file, its tokenizer, and the network over the file's bytes.
+#[derive(Debug)]
+pub struct Model {
+    gguf: GgufFile,
+    hp: HParams,
+    tokenizer: Tokenizer,
+    net: transformer::Transformer,
+    name: String,
+    file_type: String,
+    n_params: u64,
+    chat_template: String,
+}
+
+impl Model {
+    /// Checks the file's architecture, hyper-parameters and tensors, and builds the model.
+    pub fn load(gguf: GgufFile) -> Result<Model, ModelError> {
+        let arch = gguf.architecture()?.to_owned();
+        let tokenizer = Tokenizer::from_gguf(&gguf)?;
+        let hp = HParams::read(&gguf, &arch, tokenizer.n_vocab())?;
+        let net = match arch.as_str() {
+            "llama" => llama::load(&gguf, &hp)?,
+            other => {
+                return Err(ModelError::UnsupportedArch(other.to_owned(), SUPPORTED_ARCHITECTURES))
+            }
+        };
+        let md = gguf.metadata();
+        let name = md.opt_str("general.name")?.unwrap_or("").to_owned();
+        let chat_template = md.opt_str("tokenizer.chat_template")?.unwrap_or("").to_owned();
+        let file_type = file_type_name(md.opt_uint("general.file_type")?);
+        let n_params = gguf.tensor_infos().iter().map(|t| t.n_elements()).sum();
+        Ok(Model { gguf, hp, tokenizer, net, name, file_type, n_params, chat_template })
+    }
+
+    pub fn hparams(&self) -> &HParams {
+        &self.hp
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// `general.name`, or the empty string.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The file type (`general.file_type`), e.g. `Q4_1`.
+    pub fn file_type(&self) -> &str {
+        &self.file_type
+    }
+
+    pub fn n_params(&self) -> u64 {
+        self.n_params
+    }
+
+    /// `tokenizer.chat_template`, or the empty string.
+    pub fn chat_template(&self) -> &str {
+        &self.chat_template
+    }
+
+    /// Bytes of the model file.
+    pub fn file_bytes(&self) -> u64 {
+        self.gguf.len()
+    }
+
+    /// A fresh context state of `n_ctx` positions.
+    pub fn new_state(&self, n_ctx: usize, ty: KvType) -> Result<KvState, ModelError> {
+        KvState::new(&self.hp, n_ctx, ty)
+    }
+
+    /// Runs a batch of sequences (see [`transformer::Transformer::forward`]).
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        seqs: &mut [Seq<'_>],
+        logits: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        self.net.forward(self.gguf.bytes(), pool, seqs, logits)
+    }
+}
+
+/// The name of a `general.file_type` value (llama.cpp's `llama_ftype`).
+fn file_type_name(ft: Option<u64>) -> String {
+    let name = match ft {
+        None => return "unknown".into(),
+        Some(0) => "F32",
+        Some(1) => "F16",
+        Some(2) => "Q4_0",
+        Some(3) => "Q4_1",
+        Some(7) => "Q8_0",
+        Some(8) => "Q5_0",
+        Some(9) => "Q5_1",
+        Some(10) => "Q2_K",
+        Some(11) => "Q3_K_S",
+        Some(12) => "Q3_K_M",
+        Some(13) => "Q3_K_L",
+        Some(14) => "Q4_K_S",
+        Some(15) => "Q4_K_M",
+        Some(16) => "Q5_K_S",
+        Some(17) => "Q5_K_M",
+        Some(18) => "Q6_K",
+        Some(32) => "BF16",
+        Some(n) => return format!("file type {n}"),
+    };
+    name.into()
+}

@@ -1,0 +1,231 @@
+//! The decoder-only transformer that the architectures describe, and its forward pass.
+//!
+//! One forward pass runs a batch of sequences together: the activations of all their tokens
+//! form one matrix, so each weight matrix is read once per pass whatever the number of
+//! sequences (continuous batching); only attention, which reads each sequence's own KV cache,
+//! runs per sequence.
+
+use unicorn_kernels::attention::{attention, AttnParams};
+use unicorn_kernels::ops::{add_assign, rms_norm, swiglu, Rope, RopeMode};
+use unicorn_kernels::{matmul, ThreadPool};
+
+use super::weights::{vector, Matrix};
+use super::{HParams, KvState, ModelError};
+use crate::gguf::GgufFile;
+
+/// How an architecture's block differs from the plain llama block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct Spec {
+    /// Which pairs of each head RoPE rotates.
+    pub rope_mode: RopeMode,
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wo: Matrix,
+    ffn_norm: Vec<f32>,
+    w_gate: Matrix,
+    w_up: Matrix,
+    w_down: Matrix,
+}
+
+/// Weights and shape of a transformer. The matrices point into the model file's bytes, which
+/// the caller passes to every call (the file outlives the transformer in [`super::Model`]).
+#[derive(Debug)]
+pub(crate) struct Transformer {
+    hp: HParams,
+    spec: Spec,
+    tok_embd: Matrix,
+    output_norm: Vec<f32>,
+    /// The output projection; `token_embd` itself when the file has no `output.weight`.
+    output: Matrix,
+    layers: Vec<Layer>,
+}
+
+/// Which logits a sequence wants from a pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    None,
+    /// The last token's.
+    Last,
+    /// Every token's.
+    All,
+}
+
+/// One sequence of a batch: its state, its new tokens, and the logits it wants.
+#[derive(Debug)]
+pub struct Seq<'a> {
+    pub kv: &'a mut KvState,
+    pub tokens: &'a [u32],
+    pub logits: Logits,
+}
+
+impl Transformer {
+    /// Loads the standard tensors (`token_embd`, `blk.N.attn_*`, `blk.N.ffn_*`, `output_norm`,
+    /// `output`) with the shapes `hp` implies.
+    pub fn load(gguf: &GgufFile, hp: &HParams, spec: Spec) -> Result<Transformer, ModelError> {
+        let (d, ff, qd, kvd) = (hp.n_embd, hp.n_ff, hp.q_dim(), hp.kv_dim());
+        let tok_embd = Matrix::load(gguf, "token_embd.weight", hp.n_vocab, d)?;
+        let output = match gguf.get_tensor("output.weight") {
+            Some(_) => Matrix::load(gguf, "output.weight", hp.n_vocab, d)?,
+            None => tok_embd.clone(),
+        };
+        let layers = (0..hp.n_layer)
+            .map(|i| {
+                let n = |s: &str| format!("blk.{i}.{s}.weight");
+                Ok(Layer {
+                    attn_norm: vector(gguf, &n("attn_norm"), d)?,
+                    wq: Matrix::load(gguf, &n("attn_q"), qd, d)?,
+                    wk: Matrix::load(gguf, &n("attn_k"), kvd, d)?,
+                    wv: Matrix::load(gguf, &n("attn_v"), kvd, d)?,
+                    wo: Matrix::load(gguf, &n("attn_output"), d, qd)?,
+                    ffn_norm: vector(gguf, &n("ffn_norm"), d)?,
+                    w_gate: Matrix::load(gguf, &n("ffn_gate"), ff, d)?,
+                    w_up: Matrix::load(gguf, &n("ffn_up"), ff, d)?,
+                    w_down: Matrix::load(gguf, &n("ffn_down"), d, ff)?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(Transformer {
+            hp: hp.clone(),
+            spec,
+            tok_embd,
+            output_norm: vector(gguf, "output_norm.weight", d)?,
+            output,
+            layers,
+        })
+    }
+
+    /// Runs `seqs` through the network: appends their tokens to their KV caches and writes the
+    /// logits they asked for into `out` (`n_vocab` values per logits row, sequence by sequence,
+    /// token order within each). Everything is validated before any state changes.
+    pub fn forward(
+        &self,
+        bytes: &[u8],
+        pool: &ThreadPool,
+        seqs: &mut [Seq<'_>],
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        let hp = &self.hp;
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::EmptySequence);
+            }
+            if let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= hp.n_vocab) {
+                return Err(ModelError::TokenOutOfRange { token: t, n_vocab: hp.n_vocab });
+            }
+            let (n_ctx, n_past) = (s.kv.n_ctx(), s.kv.n_past());
+            if n_past + s.tokens.len() > n_ctx {
+                return Err(ModelError::ContextFull { n_ctx, n_past, n_new: s.tokens.len() });
+            }
+        }
+        let (d, hd, qd, kvd, ff) = (hp.n_embd, hp.head_dim, hp.q_dim(), hp.kv_dim(), hp.n_ff);
+        let n: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        // Position of every token, and where each sequence's rows start.
+        let mut pos = Vec::with_capacity(n);
+        let mut starts = Vec::with_capacity(seqs.len());
+        for s in seqs.iter() {
+            starts.push(pos.len());
+            pos.extend(s.kv.n_past()..s.kv.n_past() + s.tokens.len());
+        }
+
+        let mut x = vec![0.0f32; n * d];
+        for (row, &t) in x.chunks_exact_mut(d).zip(seqs.iter().flat_map(|s| s.tokens.iter())) {
+            self.tok_embd.row(bytes, t as usize, row)?;
+        }
+        let rope = Rope {
+            mode: self.spec.rope_mode,
+            n_dims: hp.rope_dims,
+            freq_base: hp.rope_base,
+            freq_scale: hp.rope_scale,
+        };
+        // One (cos, sin) table per token, shared by every layer.
+        let mut rope_tab = vec![0.0f32; n * hp.rope_dims];
+        for (tab, &p) in rope_tab.chunks_exact_mut(hp.rope_dims.max(1)).zip(&pos) {
+            rope.cache(p, tab);
+        }
+
+        let mut h = vec![0.0f32; n * d];
+        let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
+        let mut attn = vec![0.0f32; n * qd];
+        let mut o = vec![0.0f32; n * d];
+        let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
+        let attn_scale = 1.0 / (hd as f32).sqrt();
+
+        for (li, l) in self.layers.iter().enumerate() {
+            rms_norm(&x, &mut h, d, Some(&l.attn_norm), hp.rms_eps);
+            matmul(pool, &l.wq.view(bytes)?, &h, n, &mut q)?;
+            matmul(pool, &l.wk.view(bytes)?, &h, n, &mut k)?;
+            matmul(pool, &l.wv.view(bytes)?, &h, n, &mut v)?;
+            for t in 0..n {
+                let tab = &rope_tab[t * hp.rope_dims..][..hp.rope_dims];
+                if hp.rope_dims > 0 {
+                    rope.apply(tab, &mut q[t * qd..][..qd], hd);
+                    rope.apply(tab, &mut k[t * kvd..][..kvd], hd);
+                }
+            }
+            for (s, &t0) in seqs.iter_mut().zip(&starts) {
+                for i in 0..s.tokens.len() {
+                    let t = t0 + i;
+                    s.kv.store(li, pos[t], &k[t * kvd..][..kvd], &v[t * kvd..][..kvd]);
+                }
+            }
+            for (s, &t0) in seqs.iter().zip(&starts) {
+                let m = s.tokens.len();
+                let params = AttnParams {
+                    n_head: hp.n_head,
+                    scale: attn_scale,
+                    pos0: pos[t0],
+                    kv_len: pos[t0] + m,
+                    causal: true,
+                    window: None,
+                    softcap: None,
+                };
+                let cache = s.kv.layer(li);
+                let (qs, outs) = (&q[t0 * qd..][..m * qd], &mut attn[t0 * qd..][..m * qd]);
+                attention(pool, qs, m, &cache, &params, outs)?;
+            }
+            matmul(pool, &l.wo.view(bytes)?, &attn, n, &mut o)?;
+            add_assign(&mut x, &o);
+
+            rms_norm(&x, &mut h, d, Some(&l.ffn_norm), hp.rms_eps);
+            matmul(pool, &l.w_gate.view(bytes)?, &h, n, &mut gate)?;
+            matmul(pool, &l.w_up.view(bytes)?, &h, n, &mut up)?;
+            // swiglu(gate, up) into gate's storage would alias; `up` takes the result.
+            let act = up.clone();
+            swiglu(&gate, &act, &mut up);
+            matmul(pool, &l.w_down.view(bytes)?, &up, n, &mut o)?;
+            add_assign(&mut x, &o);
+        }
+
+        // Logits only for the rows that want them.
+        let mut rows = Vec::new();
+        for (s, &t0) in seqs.iter().zip(&starts) {
+            match s.logits {
+                Logits::None => {}
+                Logits::Last => rows.push(t0 + s.tokens.len() - 1),
+                Logits::All => rows.extend(t0..t0 + s.tokens.len()),
+            }
+        }
+        for s in seqs.iter_mut() {
+            s.kv.push_tokens(s.tokens);
+        }
+        out.clear();
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut sel = Vec::with_capacity(rows.len() * d);
+        for &r in &rows {
+            sel.extend_from_slice(&x[r * d..][..d]);
+        }
+        let mut normed = vec![0.0f32; sel.len()];
+        rms_norm(&sel, &mut normed, d, Some(&self.output_norm), hp.rms_eps);
+        out.resize(rows.len() * hp.n_vocab, 0.0);
+        matmul(pool, &self.output.view(bytes)?, &normed, rows.len(), out)?;
+        Ok(())
+    }
+}

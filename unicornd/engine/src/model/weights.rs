@@ -1,0 +1,70 @@
+//! Weights as the model file holds them, checked against the shapes the architecture expects.
+
+use std::ops::Range;
+
+use unicorn_kernels::formats::dequantize_row;
+use unicorn_kernels::{GgmlType, KernelError, WeightView};
+
+use super::ModelError;
+use crate::gguf::GgufFile;
+
+/// A weight matrix: `rows` outputs of `cols` inputs, stored row-major in the file (ggml
+/// dims `[cols, rows]`).
+#[derive(Clone, Debug)]
+pub(crate) struct Matrix {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    range: Range<usize>,
+}
+
+fn bad(name: &str, message: String) -> ModelError {
+    ModelError::BadTensor { name: name.to_owned(), message }
+}
+
+impl Matrix {
+    /// The tensor `name`, which must be `rows x cols`.
+    pub fn load(
+        gguf: &GgufFile,
+        name: &str,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Matrix, ModelError> {
+        let t = gguf.tensor(name)?;
+        if t.dims != [cols as u64, rows as u64] {
+            return Err(bad(name, format!("shape {:?}, expected [{cols}, {rows}]", t.dims)));
+        }
+        let base = gguf.bytes().as_ptr() as usize;
+        let start = t.data.as_ptr() as usize - base;
+        let m = Matrix { ty: t.ty, rows, cols, range: start..start + t.data.len() };
+        // Checks the byte length and that the type has a matrix product.
+        m.view(gguf.bytes()).map_err(|e| bad(name, e.to_string()))?;
+        if unicorn_kernels::dot::uses_quantized_acts(t.ty).is_none() {
+            return Err(bad(name, format!("type {} has no matrix product on the CPU", t.ty)));
+        }
+        Ok(m)
+    }
+
+    pub fn view<'a>(&self, bytes: &'a [u8]) -> Result<WeightView<'a>, KernelError> {
+        WeightView::new(self.ty, self.rows, self.cols, &bytes[self.range.clone()])
+    }
+
+    /// Dequantizes row `r` (an embedding lookup).
+    pub fn row(&self, bytes: &[u8], r: usize, out: &mut [f32]) -> Result<(), KernelError> {
+        self.view(bytes)?.dequantize_row(r, out)
+    }
+}
+
+/// The vector `name` (a norm weight), of exactly `len` values, as f32.
+pub(crate) fn vector(gguf: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+    let t = gguf.tensor(name)?;
+    if t.dims != [len as u64] {
+        return Err(bad(name, format!("shape {:?}, expected [{len}]", t.dims)));
+    }
+    let mut out = vec![0.0; len];
+    dequantize_row(t.ty, t.data, &mut out).map_err(|e| bad(name, e.to_string()))?;
+    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+        return Err(bad(name, format!("value {i} is not finite")));
+    }
+    Ok(out)
+}
