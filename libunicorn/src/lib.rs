@@ -22,9 +22,10 @@ mod status;
 pub mod sys;
 
 pub use client::{
-    socket_candidates, user_runtime_dir, user_socket_path, Client, ClientOptions, WaitMode,
-    RESERVED_USER_DATA, SOCKET_ENV, SYSTEM_SOCKET,
+    socket_candidates, user_runtime_dir, user_socket_path, Client, ClientOptions, ContextParams,
+    DecodeOutput, LogitsWanted, Model, ModelContext, WaitMode, RESERVED_USER_DATA, SOCKET_ENV,
+    SYSTEM_SOCKET,
 };
 pub use error::{Error, Result};
-pub use protocol::{Completion, Job, Priority};
+pub use protocol::{Completion, Job, Priority, SamplerParams};
 pub use status::Status;

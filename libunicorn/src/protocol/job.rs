@@ -27,6 +27,23 @@ use crate::status::Status;
 pub const MAX_NOP_DELAY: Duration = Duration::from_secs(10);
 /// Most bytes one `FILL` may write (it runs inline in the daemon's loop).
 pub const MAX_FILL_BYTES: u64 = 1 << 20;
+/// Most tokens one `DECODE` may carry (the context size limits it further).
+pub const MAX_DECODE_TOKENS: u32 = 1 << 16;
+
+/// Flags of a `DECODE` job (the high half of argument 0).
+pub mod decode_flags {
+    /// Write the logits of the last input token into the logits buffer (`n_vocab` f32s).
+    pub const LOGITS: u32 = 1;
+    /// Write the logits of every input token (`n_tokens x n_vocab` f32s, token-major).
+    pub const LOGITS_ALL: u32 = 2;
+    /// Sample the next token with the context's sampler; it is the completion's result.
+    pub const SAMPLE: u32 = 4;
+    /// The tokens are in argument 1 itself (one or two), not in a buffer.
+    pub const INLINE: u32 = 8;
+    /// First forget the context's tokens from position argument 5 on (to reuse a prefix).
+    pub const REWIND: u32 = 16;
+    pub const ALL: u32 = LOGITS | LOGITS_ALL | SAMPLE | INLINE | REWIND;
+}
 
 /// Job kinds, as numbered on the ring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +58,13 @@ pub enum Opcode {
     /// `offset`, `length` (at most [`MAX_FILL_BYTES`]), `byte`. The simplest job that touches
     /// client memory, for tests of buffer validation.
     Fill = 3,
+    /// Runs the model on tokens of a context: handle = context; argument 0 = `n_tokens |
+    /// flags << 32` ([`decode_flags`]); 1 = the tokens (`INLINE`: `t0 | t1 << 32`) or the
+    /// input buffer's handle; 2 = the byte offset of the `u32` tokens in it; 3 = the logits
+    /// buffer's handle (0 for none); 4 = the byte offset of the logits in it; 5 = the position
+    /// to rewind to (`REWIND`). Completion: result = the sampled token (`SAMPLE`), extra = the
+    /// context's position afterwards.
+    Decode = 4,
 }
 
 impl Opcode {
@@ -49,6 +73,7 @@ impl Opcode {
             1 => Some(Opcode::Nop),
             2 => Some(Opcode::Fail),
             3 => Some(Opcode::Fill),
+            4 => Some(Opcode::Decode),
             _ => None,
         }
     }
@@ -60,6 +85,47 @@ pub enum Job {
     Nop { delay: Duration },
     Fail { status: Status },
     Fill { buffer: u32, offset: u64, len: u64, byte: u8 },
+    Decode(Decode),
+}
+
+/// Where a `DECODE` job's tokens are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenInput {
+    /// One or two tokens carried in the entry.
+    Inline { tokens: [u32; 2], n: u32 },
+    /// `n` little-endian `u32` tokens at `offset` in a registered buffer.
+    Buffer { buffer: u32, offset: u64, n: u32 },
+}
+
+impl TokenInput {
+    pub fn len(&self) -> u32 {
+        match *self {
+            TokenInput::Inline { n, .. } | TokenInput::Buffer { n, .. } => n,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Where a `DECODE` job writes logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogitsOut {
+    pub buffer: u32,
+    pub offset: u64,
+    /// Every input token's logits, not only the last one's.
+    pub all: bool,
+}
+
+/// A `DECODE` job, validated field by field (the daemon checks handles and ranges).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decode {
+    pub ctx: u32,
+    pub input: TokenInput,
+    pub logits: Option<LogitsOut>,
+    pub sample: bool,
+    pub rewind_to: Option<u32>,
 }
 
 /// A raw submission entry, in fields.
@@ -113,6 +179,36 @@ impl Job {
                 sqe.handle = buffer;
                 sqe.args[..3].copy_from_slice(&[offset, len, u64::from(byte)]);
             }
+            Job::Decode(d) => {
+                use decode_flags::*;
+                sqe.opcode = Opcode::Decode as u8;
+                sqe.handle = d.ctx;
+                let mut flags = 0;
+                match d.input {
+                    TokenInput::Inline { n: 0, .. } => {}
+                    TokenInput::Inline { tokens, .. } => {
+                        flags |= INLINE;
+                        sqe.args[1] = u64::from(tokens[0]) | u64::from(tokens[1]) << 32;
+                    }
+                    TokenInput::Buffer { buffer, offset, .. } => {
+                        sqe.args[1] = u64::from(buffer);
+                        sqe.args[2] = offset;
+                    }
+                }
+                if let Some(l) = d.logits {
+                    flags |= if l.all { LOGITS_ALL } else { LOGITS };
+                    sqe.args[3] = u64::from(l.buffer);
+                    sqe.args[4] = l.offset;
+                }
+                if d.sample {
+                    flags |= SAMPLE;
+                }
+                if let Some(p) = d.rewind_to {
+                    flags |= REWIND;
+                    sqe.args[5] = u64::from(p);
+                }
+                sqe.args[0] = u64::from(d.input.len()) | u64::from(flags) << 32;
+            }
         }
         sqe
     }
@@ -132,6 +228,7 @@ impl Job {
         let (used_args, takes_handle) = match op {
             Opcode::Nop | Opcode::Fail => (1, false),
             Opcode::Fill => (3, true),
+            Opcode::Decode => (6, true),
         };
         if !takes_handle && sqe.handle != 0 {
             return bad(format!("{op:?} takes no handle, got {}", sqe.handle));
@@ -161,8 +258,77 @@ impl Job {
                 };
                 Ok(Job::Fill { buffer: sqe.handle, offset, len, byte })
             }
+            Opcode::Decode => decode_from_args(sqe.handle, &sqe.args).map(Job::Decode),
         }
     }
+}
+
+fn decode_from_args(ctx: u32, a: &[u64; 6]) -> Result<Decode, Error> {
+    use decode_flags::*;
+    let bad = |msg: String| Err(Error::new(Status::InvalidArgument, msg));
+    let n = a[0] as u32;
+    let flags = (a[0] >> 32) as u32;
+    if flags & !ALL != 0 {
+        return bad(format!("DECODE flags {flags:#x}: unknown bits"));
+    }
+    if n > MAX_DECODE_TOKENS {
+        return bad(format!("DECODE of {n} tokens: at most {MAX_DECODE_TOKENS} allowed"));
+    }
+    // Without tokens a DECODE only rewinds, samples, or reads the last logits again.
+    if n == 0 && (flags & (SAMPLE | REWIND | LOGITS) == 0 || flags & (INLINE | LOGITS_ALL) != 0) {
+        return bad(
+            "a DECODE without tokens must SAMPLE, REWIND or ask for LOGITS, and nothing else"
+                .into(),
+        );
+    }
+    let input = if n == 0 {
+        if a[1] != 0 || a[2] != 0 {
+            return bad("a DECODE without tokens takes no input".into());
+        }
+        TokenInput::Inline { tokens: [0, 0], n: 0 }
+    } else if flags & INLINE != 0 {
+        if n > 2 || a[2] != 0 {
+            return bad("inline DECODE carries one or two tokens and no offset".into());
+        }
+        TokenInput::Inline { tokens: [a[1] as u32, (a[1] >> 32) as u32], n }
+    } else {
+        let Ok(buffer) = u32::try_from(a[1]) else {
+            return bad(format!("input buffer handle {} out of range", a[1]));
+        };
+        if buffer == 0 || !a[2].is_multiple_of(4) {
+            return bad("DECODE input needs a buffer handle and a 4-aligned offset".into());
+        }
+        TokenInput::Buffer { buffer, offset: a[2], n }
+    };
+    let logits = match flags & (LOGITS | LOGITS_ALL) {
+        0 => {
+            if a[3] != 0 || a[4] != 0 {
+                return bad("a logits buffer without a LOGITS flag".into());
+            }
+            None
+        }
+        f if f == LOGITS || f == LOGITS_ALL => {
+            let Ok(buffer) = u32::try_from(a[3]) else {
+                return bad(format!("logits buffer handle {} out of range", a[3]));
+            };
+            if buffer == 0 || !a[4].is_multiple_of(4) {
+                return bad("DECODE logits need a buffer handle and a 4-aligned offset".into());
+            }
+            Some(LogitsOut { buffer, offset: a[4], all: f == LOGITS_ALL })
+        }
+        _ => return bad("LOGITS and LOGITS_ALL exclude each other".into()),
+    };
+    let rewind_to = if flags & REWIND != 0 {
+        let Ok(p) = u32::try_from(a[5]) else {
+            return bad(format!("rewind position {} out of range", a[5]));
+        };
+        Some(p)
+    } else if a[5] != 0 {
+        return bad("argument 5 must be 0 without REWIND".into());
+    } else {
+        None
+    };
+    Ok(Decode { ctx, input, logits, sample: flags & SAMPLE != 0, rewind_to })
 }
 
 /// A completion as read from the ring.
@@ -218,6 +384,27 @@ mod tests {
             Job::Nop { delay: Duration::from_micros(5) },
             Job::Fail { status: Status::LimitExceeded },
             Job::Fill { buffer: 3, offset: 8, len: 100, byte: 0xAB },
+            Job::Decode(Decode {
+                ctx: 2,
+                input: TokenInput::Inline { tokens: [0, 0], n: 0 },
+                logits: None,
+                sample: true,
+                rewind_to: None,
+            }),
+            Job::Decode(Decode {
+                ctx: 2,
+                input: TokenInput::Inline { tokens: [17, 0], n: 1 },
+                logits: None,
+                sample: true,
+                rewind_to: None,
+            }),
+            Job::Decode(Decode {
+                ctx: 2,
+                input: TokenInput::Buffer { buffer: 5, offset: 64, n: 300 },
+                logits: Some(LogitsOut { buffer: 6, offset: 0, all: true }),
+                sample: false,
+                rewind_to: Some(12),
+            }),
         ] {
             let sqe = job.to_sqe(77);
             let back = Sqe::from_words(&sqe.to_words());
@@ -260,6 +447,45 @@ mod tests {
             ),
             (
                 Sqe { opcode: Opcode::Fill as u8, handle: 1, args: [0, 1, 1, 1, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            // DECODE: no tokens, too many inline, unknown flags, both logits kinds, a
+            // misaligned offset, a logits buffer without the flag, a rewind argument without
+            // the flag.
+            (
+                Sqe { opcode: 4, handle: 1, args: [0, 0, 0, 0, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [8 << 32 | 4 << 32, 0, 0, 0, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [4 << 32, 7, 0, 0, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [3 | 8 << 32, 0, 0, 0, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [1 | 64 << 32, 2, 0, 0, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [1 | 3 << 32, 2, 0, 3, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [1, 2, 2, 0, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [1, 2, 0, 3, 0, 0], ..nop },
+                Status::InvalidArgument,
+            ),
+            (
+                Sqe { opcode: 4, handle: 1, args: [1, 2, 0, 0, 0, 9], ..nop },
                 Status::InvalidArgument,
             ),
         ];

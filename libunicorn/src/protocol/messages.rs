@@ -11,14 +11,18 @@
 //! bytes are an error); clients ignore trailing bytes in replies, so a newer daemon may append
 //! fields that an older client does not know.
 
-use super::codec::{Reader, Writer};
+use super::codec::{self, Reader, Writer};
 use crate::error::Error;
 use crate::status::Status;
 
-/// Longest request the daemon accepts, in bytes (header included).
-pub const MAX_REQUEST_BYTES: usize = 4096;
-/// Longest reply a client must be ready to receive, in bytes.
-pub const MAX_REPLY_BYTES: usize = 256 * 1024;
+/// Longest request the daemon accepts, in bytes (header included): room for a tokenize
+/// request of [`MAX_TOKENIZE_BYTES`].
+pub const MAX_REQUEST_BYTES: usize = MAX_TOKENIZE_BYTES + 64;
+/// Longest text one tokenize request may carry.
+pub const MAX_TOKENIZE_BYTES: usize = 128 * 1024;
+/// Longest reply a client must be ready to receive, in bytes (a tokenize reply holds at most
+/// one token per byte of text, four bytes each).
+pub const MAX_REPLY_BYTES: usize = 4 * MAX_TOKENIZE_BYTES + 4096;
 /// Longest client name, in bytes.
 pub const MAX_CLIENT_NAME: usize = 64;
 /// Longest echo payload, in bytes.
@@ -69,6 +73,12 @@ pub struct Limits {
     pub max_buffers: u32,
     /// Bytes of registered buffers, all together.
     pub max_buffer_bytes: u64,
+    /// Models loaded by this session.
+    pub max_models: u32,
+    /// Contexts at once.
+    pub max_contexts: u32,
+    /// KV-cache tokens of all contexts together.
+    pub max_kv_tokens: u32,
 }
 
 /// What kind of compute device a [`Device`] is.
@@ -150,6 +160,12 @@ pub struct SessionInfo {
     pub jobs_in_flight: u32,
     pub buffers: u32,
     pub buffer_bytes: u64,
+    pub models: u32,
+    pub contexts: u32,
+    /// KV-cache tokens of this session's contexts.
+    pub kv_tokens: u64,
+    /// Tokens decoded for this session.
+    pub tokens_decoded: u64,
 }
 
 /// The daemon's state as `unicorn status` shows it.
@@ -168,6 +184,102 @@ pub struct DaemonStatus {
     pub sessions_disconnected: u64,
     pub sessions: Vec<SessionInfo>,
     pub devices: Vec<Device>,
+    pub models: Vec<ModelStatus>,
+    /// Threads of the CPU compute pool.
+    pub threads: u32,
+}
+
+/// How the daemon samples the next token of a context (see `unicorn_sampler_params` in C).
+/// Floats travel as their IEEE-754 bits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SamplerParams {
+    /// 0 means greedy (argmax).
+    pub temperature: f32,
+    /// 0 keeps every candidate.
+    pub top_k: u32,
+    /// 1.0 keeps every candidate.
+    pub top_p: f32,
+    /// 0.0 keeps every candidate.
+    pub min_p: f32,
+    /// 1.0 means no penalty.
+    pub repeat_penalty: f32,
+    /// How many recent tokens the penalty looks at; 0 disables it.
+    pub repeat_last_n: u32,
+    pub seed: u64,
+}
+
+impl SamplerParams {
+    /// llama.cpp's default sampling: temperature 0.8, top-k 40, top-p 0.95, min-p 0.05.
+    pub const DEFAULT: SamplerParams = SamplerParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+        repeat_penalty: 1.0,
+        repeat_last_n: 64,
+        seed: 0,
+    };
+
+    /// Greedy decoding: always the most likely token.
+    pub const GREEDY: SamplerParams = SamplerParams {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        repeat_penalty: 1.0,
+        repeat_last_n: 0,
+        seed: 0,
+    };
+}
+
+impl Eq for SamplerParams {}
+
+/// What a model is, as the daemon loaded it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The session's handle for the model.
+    pub handle: u32,
+    /// `general.architecture`, e.g. `llama`.
+    pub arch: String,
+    /// `general.name`, or the empty string.
+    pub name: String,
+    /// The dominant weight type, e.g. `Q4_1`.
+    pub file_type: String,
+    pub n_vocab: u32,
+    pub n_ctx_train: u32,
+    pub n_embd: u32,
+    pub n_layer: u32,
+    pub n_head: u32,
+    pub n_head_kv: u32,
+    pub n_params: u64,
+    /// Bytes of the model file.
+    pub size_bytes: u64,
+    /// Beginning- and end-of-sequence tokens; `u32::MAX` when the model has none.
+    pub bos: u32,
+    pub eos: u32,
+    /// Whether prompts should start with BOS.
+    pub add_bos: bool,
+    /// Content digest (BLAKE3, hex) that identifies the model across files.
+    pub digest: String,
+    /// True when another session had already loaded this model and this one shares it.
+    pub shared: bool,
+    /// The model's chat template (`tokenizer.chat_template`), or the empty string.
+    pub chat_template: String,
+}
+
+/// A loaded model as `unicorn status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelStatus {
+    pub name: String,
+    pub arch: String,
+    pub file_type: String,
+    pub size_bytes: u64,
+    pub digest: String,
+    /// Sessions holding it.
+    pub users: u32,
+    pub contexts: u32,
+    /// `mapped` (the file itself) or `copied` (a private copy the daemon validated).
+    pub storage: String,
 }
 
 /// Client to daemon.
@@ -186,6 +298,32 @@ pub enum Request {
     },
     UnregisterBuffer {
         handle: u32,
+    },
+    /// Load the GGUF file passed with this message (opened by the client).
+    LoadModel,
+    FreeModel {
+        model: u32,
+    },
+    /// A context (KV cache, position, sampler) of `n_ctx` tokens on a model; 0 takes the
+    /// smaller of the model's training context and 4096.
+    CreateContext {
+        model: u32,
+        n_ctx: u32,
+        kv_f32: bool,
+        sampler: SamplerParams,
+    },
+    FreeContext {
+        ctx: u32,
+    },
+    SetSampler {
+        ctx: u32,
+        sampler: SamplerParams,
+    },
+    Tokenize {
+        model: u32,
+        add_special: bool,
+        parse_special: bool,
+        text: String,
     },
 }
 
@@ -211,6 +349,15 @@ pub enum Reply {
         status: Status,
         message: String,
     },
+    /// The model is loaded; its vocabulary comes with it as a sealed memfd (see `vocab`).
+    ModelLoaded(ModelInfo),
+    ContextCreated {
+        ctx: u32,
+        n_ctx: u32,
+    },
+    Tokens {
+        ids: Vec<u32>,
+    },
 }
 
 mod kind {
@@ -219,6 +366,12 @@ mod kind {
     pub const STATUS: u16 = 0x03;
     pub const REGISTER_BUFFER: u16 = 0x04;
     pub const UNREGISTER_BUFFER: u16 = 0x05;
+    pub const LOAD_MODEL: u16 = 0x06;
+    pub const FREE_MODEL: u16 = 0x07;
+    pub const CREATE_CONTEXT: u16 = 0x08;
+    pub const FREE_CONTEXT: u16 = 0x09;
+    pub const SET_SAMPLER: u16 = 0x0A;
+    pub const TOKENIZE: u16 = 0x0B;
 
     pub const ERROR: u16 = 0x80;
     pub const WELCOME: u16 = 0x81;
@@ -227,6 +380,45 @@ mod kind {
     pub const BUFFER_REGISTERED: u16 = 0x84;
     pub const DONE: u16 = 0x85;
     pub const GOODBYE: u16 = 0x86;
+    pub const MODEL_LOADED: u16 = 0x87;
+    pub const CONTEXT_CREATED: u16 = 0x88;
+    pub const TOKENS: u16 = 0x89;
+}
+
+fn write_sampler(w: &mut Writer, p: &SamplerParams) {
+    w.u32(p.temperature.to_bits())
+        .u32(p.top_k)
+        .u32(p.top_p.to_bits())
+        .u32(p.min_p.to_bits())
+        .u32(p.repeat_penalty.to_bits())
+        .u32(p.repeat_last_n)
+        .u64(p.seed);
+}
+
+fn read_sampler(r: &mut Reader<'_>) -> Result<SamplerParams, Error> {
+    Ok(SamplerParams {
+        temperature: f32::from_bits(r.u32("temperature")?),
+        top_k: r.u32("top_k")?,
+        top_p: f32::from_bits(r.u32("top_p")?),
+        min_p: f32::from_bits(r.u32("min_p")?),
+        repeat_penalty: f32::from_bits(r.u32("repeat_penalty")?),
+        repeat_last_n: r.u32("repeat_last_n")?,
+        seed: r.u64("seed")?,
+    })
+}
+
+/// Token ids travel as a blob of little-endian `u32`s (lists of `u16` count are too short).
+fn write_ids(w: &mut Writer, ids: &[u32]) {
+    let bytes: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
+    w.bytes(&bytes);
+}
+
+fn read_ids(r: &mut Reader<'_>, max: usize) -> Result<Vec<u32>, Error> {
+    let bytes = r.bytes("token ids", max * 4)?;
+    if bytes.len() % 4 != 0 {
+        return Err(Error::protocol("token id blob is not a whole number of u32s"));
+    }
+    Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
 }
 
 fn header(kind: u16, request_id: u32) -> Writer {
@@ -250,7 +442,7 @@ impl Request {
     /// How many descriptors must accompany this request.
     pub fn fd_count(&self) -> usize {
         match self {
-            Request::RegisterBuffer { .. } => 1,
+            Request::RegisterBuffer { .. } | Request::LoadModel => 1,
             _ => 0,
         }
     }
@@ -279,6 +471,30 @@ impl Request {
             Request::UnregisterBuffer { handle } => {
                 w = header(kind::UNREGISTER_BUFFER, request_id);
                 w.u32(*handle);
+            }
+            Request::LoadModel => w = header(kind::LOAD_MODEL, request_id),
+            Request::FreeModel { model } => {
+                w = header(kind::FREE_MODEL, request_id);
+                w.u32(*model);
+            }
+            Request::CreateContext { model, n_ctx, kv_f32, sampler } => {
+                w = header(kind::CREATE_CONTEXT, request_id);
+                w.u32(*model).u32(*n_ctx).bool(*kv_f32);
+                write_sampler(&mut w, sampler);
+            }
+            Request::FreeContext { ctx } => {
+                w = header(kind::FREE_CONTEXT, request_id);
+                w.u32(*ctx);
+            }
+            Request::SetSampler { ctx, sampler } => {
+                w = header(kind::SET_SAMPLER, request_id);
+                w.u32(*ctx);
+                write_sampler(&mut w, sampler);
+            }
+            Request::Tokenize { model, add_special, parse_special, text } => {
+                w = header(kind::TOKENIZE, request_id);
+                w.u32(*model).bool(*add_special).bool(*parse_special);
+                w.bytes(codec::truncate_str(text, MAX_TOKENIZE_BYTES).as_bytes());
             }
         }
         w.into_bytes()
@@ -311,6 +527,27 @@ impl Request {
             kind::STATUS => Request::Status,
             kind::REGISTER_BUFFER => Request::RegisterBuffer { size: r.u64("buffer size")? },
             kind::UNREGISTER_BUFFER => Request::UnregisterBuffer { handle: r.u32("handle")? },
+            kind::LOAD_MODEL => Request::LoadModel,
+            kind::FREE_MODEL => Request::FreeModel { model: r.u32("model")? },
+            kind::CREATE_CONTEXT => Request::CreateContext {
+                model: r.u32("model")?,
+                n_ctx: r.u32("n_ctx")?,
+                kv_f32: r.bool("kv_f32")?,
+                sampler: read_sampler(&mut r)?,
+            },
+            kind::FREE_CONTEXT => Request::FreeContext { ctx: r.u32("ctx")? },
+            kind::SET_SAMPLER => {
+                Request::SetSampler { ctx: r.u32("ctx")?, sampler: read_sampler(&mut r)? }
+            }
+            kind::TOKENIZE => {
+                let model = r.u32("model")?;
+                let add_special = r.bool("add_special")?;
+                let parse_special = r.bool("parse_special")?;
+                let bytes = r.bytes("text", MAX_TOKENIZE_BYTES)?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::protocol("text to tokenize is not valid UTF-8"))?;
+                Request::Tokenize { model, add_special, parse_special, text }
+            }
             other => return Err(Error::protocol(format!("unknown request kind {other:#x}"))),
         };
         r.finish("request")?;
@@ -349,6 +586,7 @@ impl Reply {
     pub fn fd_count(&self) -> usize {
         match self {
             Reply::Welcome(_) => 3,
+            Reply::ModelLoaded(_) => 1,
             _ => 0,
         }
     }
@@ -378,6 +616,9 @@ impl Reply {
                     .u32(m.limits.max_jobs_in_flight)
                     .u32(m.limits.max_buffers)
                     .u64(m.limits.max_buffer_bytes)
+                    .u32(m.limits.max_models)
+                    .u32(m.limits.max_contexts)
+                    .u32(m.limits.max_kv_tokens)
                     .list(&m.devices, write_device);
             }
             Reply::Echo { payload } => {
@@ -405,15 +646,59 @@ impl Reply {
                             .u64(x.jobs_failed)
                             .u32(x.jobs_in_flight)
                             .u32(x.buffers)
-                            .u64(x.buffer_bytes);
+                            .u64(x.buffer_bytes)
+                            .u32(x.models)
+                            .u32(x.contexts)
+                            .u64(x.kv_tokens)
+                            .u64(x.tokens_decoded);
                     })
-                    .list(&s.devices, write_device);
+                    .list(&s.devices, write_device)
+                    .list(&s.models, |w, m| {
+                        w.str(&m.name)
+                            .str(&m.arch)
+                            .str(&m.file_type)
+                            .u64(m.size_bytes)
+                            .str(&m.digest)
+                            .u32(m.users)
+                            .u32(m.contexts)
+                            .str(&m.storage);
+                    })
+                    .u32(s.threads);
             }
             Reply::BufferRegistered { handle, size } => {
                 w = header(kind::BUFFER_REGISTERED, request_id);
                 w.u32(*handle).u64(*size);
             }
             Reply::Done => w = header(kind::DONE, request_id),
+            Reply::ModelLoaded(m) => {
+                w = header(kind::MODEL_LOADED, request_id);
+                w.u32(m.handle)
+                    .str(&m.arch)
+                    .str(&m.name)
+                    .str(&m.file_type)
+                    .u32(m.n_vocab)
+                    .u32(m.n_ctx_train)
+                    .u32(m.n_embd)
+                    .u32(m.n_layer)
+                    .u32(m.n_head)
+                    .u32(m.n_head_kv)
+                    .u64(m.n_params)
+                    .u64(m.size_bytes)
+                    .u32(m.bos)
+                    .u32(m.eos)
+                    .bool(m.add_bos)
+                    .str(&m.digest)
+                    .bool(m.shared)
+                    .str(&m.chat_template);
+            }
+            Reply::ContextCreated { ctx, n_ctx } => {
+                w = header(kind::CONTEXT_CREATED, request_id);
+                w.u32(*ctx).u32(*n_ctx);
+            }
+            Reply::Tokens { ids } => {
+                w = header(kind::TOKENS, request_id);
+                write_ids(&mut w, ids);
+            }
         }
         w.into_bytes()
     }
@@ -445,6 +730,9 @@ impl Reply {
                     max_jobs_in_flight: r.u32("max_jobs_in_flight")?,
                     max_buffers: r.u32("max_buffers")?,
                     max_buffer_bytes: r.u64("max_buffer_bytes")?,
+                    max_models: r.u32("max_models")?,
+                    max_contexts: r.u32("max_contexts")?,
+                    max_kv_tokens: r.u32("max_kv_tokens")?,
                 },
                 devices: r.list("devices", 6, read_device)?,
             }),
@@ -458,7 +746,7 @@ impl Reply {
                 sessions_served: r.u64("sessions served")?,
                 jobs_completed: r.u64("jobs completed")?,
                 sessions_disconnected: r.u64("sessions disconnected")?,
-                sessions: r.list("sessions", 55, |r| {
+                sessions: r.list("sessions", 79, |r| {
                     Ok(SessionInfo {
                         id: r.u64("session id")?,
                         pid: r.u32("pid")?,
@@ -471,14 +759,58 @@ impl Reply {
                         jobs_in_flight: r.u32("jobs in flight")?,
                         buffers: r.u32("buffers")?,
                         buffer_bytes: r.u64("buffer bytes")?,
+                        models: r.u32("models")?,
+                        contexts: r.u32("contexts")?,
+                        kv_tokens: r.u64("kv tokens")?,
+                        tokens_decoded: r.u64("tokens decoded")?,
                     })
                 })?,
                 devices: r.list("devices", 6, read_device)?,
+                models: r.list("models", 34, |r| {
+                    Ok(ModelStatus {
+                        name: r.str("model name", usize::from(u16::MAX))?,
+                        arch: r.str("arch", 256)?,
+                        file_type: r.str("file type", 256)?,
+                        size_bytes: r.u64("size")?,
+                        digest: r.str("digest", 256)?,
+                        users: r.u32("users")?,
+                        contexts: r.u32("contexts")?,
+                        storage: r.str("storage", 64)?,
+                    })
+                })?,
+                threads: r.u32("threads")?,
             }),
             kind::BUFFER_REGISTERED => {
                 Reply::BufferRegistered { handle: r.u32("handle")?, size: r.u64("size")? }
             }
             kind::DONE => Reply::Done,
+            kind::MODEL_LOADED => {
+                let long = usize::from(u16::MAX);
+                Reply::ModelLoaded(ModelInfo {
+                    handle: r.u32("model")?,
+                    arch: r.str("arch", 256)?,
+                    name: r.str("name", long)?,
+                    file_type: r.str("file type", 256)?,
+                    n_vocab: r.u32("n_vocab")?,
+                    n_ctx_train: r.u32("n_ctx_train")?,
+                    n_embd: r.u32("n_embd")?,
+                    n_layer: r.u32("n_layer")?,
+                    n_head: r.u32("n_head")?,
+                    n_head_kv: r.u32("n_head_kv")?,
+                    n_params: r.u64("n_params")?,
+                    size_bytes: r.u64("size")?,
+                    bos: r.u32("bos")?,
+                    eos: r.u32("eos")?,
+                    add_bos: r.bool("add_bos")?,
+                    digest: r.str("digest", 256)?,
+                    shared: r.bool("shared")?,
+                    chat_template: r.str("chat template", long)?,
+                })
+            }
+            kind::CONTEXT_CREATED => {
+                Reply::ContextCreated { ctx: r.u32("ctx")?, n_ctx: r.u32("n_ctx")? }
+            }
+            kind::TOKENS => Reply::Tokens { ids: read_ids(&mut r, MAX_TOKENIZE_BYTES + 2)? },
             other => return Err(Error::protocol(format!("unknown reply kind {other:#x}"))),
         };
         Ok((id, reply))
@@ -508,6 +840,30 @@ mod tests {
             Request::Status,
             Request::RegisterBuffer { size: 4096 },
             Request::UnregisterBuffer { handle: 7 },
+            Request::LoadModel,
+            Request::FreeModel { model: 2 },
+            Request::CreateContext {
+                model: 2,
+                n_ctx: 512,
+                kv_f32: true,
+                sampler: SamplerParams::GREEDY,
+            },
+            Request::FreeContext { ctx: 3 },
+            Request::SetSampler {
+                ctx: 3,
+                sampler: SamplerParams {
+                    temperature: 0.7,
+                    top_k: 40,
+                    seed: 9,
+                    ..SamplerParams::GREEDY
+                },
+            },
+            Request::Tokenize {
+                model: 2,
+                add_special: true,
+                parse_special: false,
+                text: "héllo".into(),
+            },
         ];
         for (i, req) in reqs.iter().enumerate() {
             let bytes = req.encode(i as u32 + 1);
@@ -542,6 +898,9 @@ mod tests {
                     max_jobs_in_flight: 256,
                     max_buffers: 64,
                     max_buffer_bytes: 1 << 30,
+                    max_models: 4,
+                    max_contexts: 16,
+                    max_kv_tokens: 65536,
                 },
                 devices: vec![device()],
             }),
@@ -567,11 +926,48 @@ mod tests {
                     jobs_in_flight: 7,
                     buffers: 8,
                     buffer_bytes: 9,
+                    models: 1,
+                    contexts: 2,
+                    kv_tokens: 4096,
+                    tokens_decoded: 77,
                 }],
                 devices: vec![device()],
+                models: vec![ModelStatus {
+                    name: "m".into(),
+                    arch: "llama".into(),
+                    file_type: "Q4_1".into(),
+                    size_bytes: 10,
+                    digest: "ab".into(),
+                    users: 2,
+                    contexts: 3,
+                    storage: "copied".into(),
+                }],
+                threads: 2,
             }),
             Reply::BufferRegistered { handle: 3, size: 8192 },
             Reply::Done,
+            Reply::ModelLoaded(ModelInfo {
+                handle: 1,
+                arch: "llama".into(),
+                name: "SmolLM2".into(),
+                file_type: "Q4_1".into(),
+                n_vocab: 49152,
+                n_ctx_train: 8192,
+                n_embd: 576,
+                n_layer: 30,
+                n_head: 9,
+                n_head_kv: 3,
+                n_params: 134_515_008,
+                size_bytes: 98_362_432,
+                bos: 1,
+                eos: 2,
+                add_bos: false,
+                digest: "00ff".into(),
+                shared: true,
+                chat_template: "{{ x }}".into(),
+            }),
+            Reply::ContextCreated { ctx: 4, n_ctx: 2048 },
+            Reply::Tokens { ids: vec![1, 2, 49151, 0] },
         ];
         for reply in replies {
             let bytes = reply.encode(5);

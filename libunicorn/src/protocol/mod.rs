@@ -12,10 +12,12 @@ pub mod codec;
 pub mod job;
 pub mod messages;
 pub mod ring;
+pub mod vocab;
 
-pub use job::{Completion, Job, Opcode, Sqe};
+pub use job::{Completion, Decode, Job, LogitsOut, Opcode, Sqe, TokenInput};
 pub use messages::{
-    DaemonStatus, Device, DeviceKind, Hello, Limits, Priority, Reply, Request, SessionInfo, Welcome,
+    DaemonStatus, Device, DeviceKind, Hello, Limits, ModelInfo, ModelStatus, Priority, Reply,
+    Request, SamplerParams, SessionInfo, Welcome,
 };
 pub use ring::RingLayout;
 

@@ -49,7 +49,7 @@ impl SharedMemory {
     fn check(&self, offset: usize, size: usize, align: usize) {
         let end = offset.checked_add(size).expect("offset overflow");
         assert!(end <= self.map.len(), "offset {offset}+{size} outside {} bytes", self.map.len());
-        assert!(offset % align == 0, "offset {offset} not {align}-aligned");
+        assert!(offset.is_multiple_of(align), "offset {offset} not {align}-aligned");
     }
 
     /// The `u32` at `offset`, as an atomic.
@@ -95,6 +95,31 @@ impl SharedMemory {
             return None;
         }
         Some((usize::try_from(offset).ok()?, usize::try_from(len).ok()?))
+    }
+
+    /// Copies `out.len()` little-endian `u32`s starting at `offset` (4-aligned) out of the
+    /// shared memory: how the daemon takes a client's token ids, once.
+    pub fn load_u32s(&self, offset: usize, out: &mut [u32]) {
+        for (i, w) in out.iter_mut().enumerate() {
+            *w = u32::from_le(self.atomic_u32(offset + i * 4).load(Ordering::Relaxed));
+        }
+    }
+
+    /// Copies `out.len()` little-endian f32s starting at `offset` (4-aligned) out of the shared
+    /// memory.
+    pub fn load_f32s(&self, offset: usize, out: &mut [f32]) {
+        for (i, v) in out.iter_mut().enumerate() {
+            *v = f32::from_bits(u32::from_le(
+                self.atomic_u32(offset + i * 4).load(Ordering::Relaxed),
+            ));
+        }
+    }
+
+    /// Copies `values` into the shared memory at `offset` (4-aligned), as little-endian f32s.
+    pub fn store_f32s(&self, offset: usize, values: &[f32]) {
+        for (i, v) in values.iter().enumerate() {
+            self.atomic_u32(offset + i * 4).store(v.to_bits().to_le(), Ordering::Relaxed);
+        }
     }
 
     /// Copies `out.len()` words starting at `offset` out of the shared memory (relaxed loads;

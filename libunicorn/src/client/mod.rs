@@ -26,13 +26,16 @@ use crate::status::Status;
 use crate::sys::doorbell::{CompletionDoorbell, SubmitDoorbell};
 use crate::sys::{fdpass, memfd, SharedMemory};
 
+mod models;
+pub use models::{ContextParams, DecodeOutput, LogitsWanted, Model, ModelContext};
+
 /// Where the system daemon listens.
 pub const SYSTEM_SOCKET: &str = "/run/unicorn/unicornd.sock";
 /// Environment variable naming the socket to use instead of the default search.
 pub const SOCKET_ENV: &str = "UNICORN_SOCKET";
 
 /// How long a control request may wait for its reply before the daemon is declared stuck.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest spin of [`WaitMode::Adaptive`]; completions slower than this are slept for.
 const ADAPTIVE_SPIN_MAX: Duration = Duration::from_micros(50);
 /// What [`WaitMode::Adaptive`] asks the daemon to poll for after this session's activity.
@@ -125,6 +128,8 @@ pub struct Client {
     reply_buf: Vec<u8>,
     /// Set once the session is over; every later call fails with it.
     closed: Option<Error>,
+    /// The buffer synchronous decodes pass tokens and logits through.
+    staging: Option<models::Staging>,
 }
 
 /// user_data values at or above this are reserved for the client's own probes (`ping`).
@@ -218,6 +223,7 @@ impl Client {
             next_probe: RESERVED_USER_DATA,
             reply_buf,
             closed: None,
+            staging: None,
         })
     }
 
@@ -259,6 +265,16 @@ impl Client {
 
     /// Sends a control request and waits for its reply.
     fn request(&mut self, req: &Request, fds: &[RawFd]) -> Result<Reply> {
+        Ok(self.request_fds(req, fds, 0)?.0)
+    }
+
+    /// Sends a control request and waits for its reply and up to `max_fds` descriptors.
+    fn request_fds(
+        &mut self,
+        req: &Request,
+        fds: &[RawFd],
+        max_fds: usize,
+    ) -> Result<(Reply, Vec<OwnedFd>)> {
         self.check_open()?;
         let id = self.next_request;
         self.next_request = self.next_request.wrapping_add(1).max(1);
@@ -266,7 +282,7 @@ impl Client {
             return Err(self.fail(e));
         }
         loop {
-            let got = match fdpass::recv_packet(&self.ctrl, &mut self.reply_buf, 0, false) {
+            let got = match fdpass::recv_packet(&self.ctrl, &mut self.reply_buf, max_fds, false) {
                 Ok(got) => got,
                 // SO_RCVTIMEO expired: the daemon is stuck, and a late reply would be taken
                 // for the next request's, so the session is over.
@@ -295,7 +311,16 @@ impl Client {
                 }
                 _ if reply_id != id => continue,
                 Reply::Error { status, message } => return Err(Error::new(status, message)),
-                reply => return Ok(reply),
+                reply => {
+                    if got.fds.len() != reply.fd_count() {
+                        return Err(self.fail(Error::protocol(format!(
+                            "reply carries {} descriptors, {} expected",
+                            got.fds.len(),
+                            reply.fd_count()
+                        ))));
+                    }
+                    return Ok((reply, got.fds));
+                }
             }
         }
     }
@@ -392,6 +417,13 @@ impl Client {
         }
         if n > 0 {
             self.cq.release(&self.mem);
+            // If the daemon stopped taking submissions because the completion ring was full, it
+            // sleeps with work left: the slots just freed need it awake.
+            let queued =
+                self.sq.free(&self.mem).map(|f| f < self.welcome.sq_entries).unwrap_or(false);
+            if queued && self.sq.daemon_sleeps(&self.mem) {
+                self.submit_bell.ring()?;
+            }
         }
         Ok(n)
     }
@@ -407,6 +439,16 @@ impl Client {
         if self.in_flight == 0 {
             return Ok(false);
         }
+        self.wait_for_ring(timeout)
+    }
+
+    /// Waits until the completion ring itself has an entry (completions already taken off it
+    /// and kept aside do not count).
+    fn wait_ring_only(&mut self) -> Result<bool> {
+        self.wait_for_ring(None)
+    }
+
+    fn wait_for_ring(&mut self, timeout: Option<Duration>) -> Result<bool> {
         let start = Instant::now();
         let deadline = timeout.map(|t| start + t);
         let spin = match self.wait_mode {
@@ -513,40 +555,30 @@ impl Client {
         err
     }
 
+    /// Takes every ready completion off the ring and keeps it for [`Client::reap`].
+    fn reap_into_stash(&mut self) -> Result<()> {
+        let mut got = Vec::new();
+        self.reap_ring(&mut got, usize::MAX)?;
+        self.stash.extend(got);
+        Ok(())
+    }
+
+    fn set_reply_timeout(&mut self, t: Duration) -> Result<()> {
+        let tv = TimeVal::new(t.as_secs() as i64, 0);
+        setsockopt(&self.ctrl, sockopt::ReceiveTimeout, &tv)
+            .map_err(|e| Error::os("SO_RCVTIMEO", e))
+    }
+
     /// Sends one `NOP` through the rings and waits for it; returns the round-trip time.
     /// Completions of the caller's own jobs that arrive meanwhile are kept for [`Client::reap`].
     pub fn ping(&mut self) -> Result<Duration> {
-        self.check_open()?;
-        let token = self.next_probe;
-        self.next_probe = self.next_probe.wrapping_add(1).max(RESERVED_USER_DATA);
         let start = Instant::now();
-        if self.submit(&[(Job::Nop { delay: Duration::ZERO }, token)])? == 0 {
-            return Err(Error::new(Status::WouldBlock, "the submission ring is full"));
+        let c = self.run_sync(Job::Nop { delay: Duration::ZERO })?;
+        let rtt = start.elapsed();
+        if c.status != Status::Ok {
+            return Err(Error::new(c.status, "the ping NOP failed"));
         }
-        let mut got = Vec::with_capacity(8);
-        loop {
-            got.clear();
-            self.reap_ring(&mut got, usize::MAX)?;
-            let mut found = None;
-            for c in got.drain(..) {
-                if c.user_data == token {
-                    found = Some(c);
-                } else {
-                    self.stash.push_back(c);
-                }
-            }
-            if let Some(c) = found {
-                let rtt = start.elapsed();
-                self.latency_ewma = (self.latency_ewma * 7 + rtt) / 8;
-                if c.status != Status::Ok {
-                    return Err(Error::new(c.status, "the ping NOP failed"));
-                }
-                return Ok(rtt);
-            }
-            if !self.wait(Some(CONTROL_TIMEOUT))? && self.stash.is_empty() {
-                return Err(Error::new(Status::Timeout, "no answer to the ping NOP"));
-            }
-        }
+        Ok(rtt)
     }
 }
 
