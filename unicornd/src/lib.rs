@@ -3,13 +3,17 @@
 //! - [`server`]: sockets, sessions, the handshake, the event loop that polls the rings;
 //! - [`policy`]: the policy file (who may connect, per-session limits);
 //! - [`devices`]: what compute devices the machine has;
+//! - [`models`]: loading models from client descriptors, shared across sessions;
+//! - [`scheduler`]: the engine thread that runs model work, and contexts;
 //! - the engine (GGUF, tokenizers, models) is the `unicorn-engine` crate beside this one.
 //!
 //! The wire protocol is libunicorn's (`unicorn::protocol`), the one definition both sides
 //! compile.
 
 pub mod devices;
+pub mod models;
 pub mod policy;
+pub mod scheduler;
 pub mod server;
 
 use std::path::PathBuf;
@@ -36,6 +40,9 @@ pub struct Args {
     /// Group that owns the system socket [default: unicorn, if it exists].
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// Threads of the CPU compute pool [default: the physical cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub threads: Option<u32>,
     /// Print the default policy file and exit.
     #[arg(long)]
     pub print_default_config: bool,
@@ -94,7 +101,8 @@ fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         None
     };
-    let config = server::Config { socket, system_mode, policy, socket_group };
+    let threads = args.threads.map(|t| t as usize).unwrap_or_else(unicorn_kernels::default_threads);
+    let config = server::Config { socket, system_mode, policy, socket_group, threads };
     let mut server = server::Server::new(config)?;
     server.run()?;
     Ok(())

@@ -58,6 +58,14 @@ pub struct SessionLimits {
     pub max_sessions_per_user: u32,
     /// Malformed ring entries in a row before the session is disconnected.
     pub max_malformed_entries: u32,
+    /// Models a session may hold (loading one already loaded by another session shares it).
+    pub max_models: u32,
+    /// Contexts a session may hold.
+    pub max_contexts: u32,
+    /// KV-cache positions of all a session's contexts together.
+    pub max_kv_tokens: u32,
+    /// Largest model file a session may load, in bytes.
+    pub max_model_bytes: u64,
 }
 
 impl Default for SessionLimits {
@@ -72,6 +80,10 @@ impl Default for SessionLimits {
             max_priority: "interactive".into(),
             max_sessions_per_user: 64,
             max_malformed_entries: 1024,
+            max_models: 4,
+            max_contexts: 16,
+            max_kv_tokens: 65536,
+            max_model_bytes: 16 << 30,
         }
     }
 }
@@ -103,6 +115,10 @@ pub struct UserOverride {
     pub max_spin_us: Option<u32>,
     pub max_priority: Option<String>,
     pub max_sessions_per_user: Option<u32>,
+    pub max_models: Option<u32>,
+    pub max_contexts: Option<u32>,
+    pub max_kv_tokens: Option<u32>,
+    pub max_model_bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -125,6 +141,7 @@ pub struct Resolved {
     pub max_priority: Priority,
     pub max_sessions_per_user: u32,
     pub max_malformed_entries: u32,
+    pub max_model_bytes: u64,
 }
 
 /// A checked policy with names resolved to ids.
@@ -192,6 +209,9 @@ impl Policy {
                 max_jobs_in_flight: l.max_jobs_in_flight,
                 max_buffers: l.max_buffers,
                 max_buffer_bytes: l.max_buffer_bytes,
+                max_models: l.max_models,
+                max_contexts: l.max_contexts,
+                max_kv_tokens: l.max_kv_tokens,
             },
             sq_entries: l.sq_entries,
             max_sq_entries: l.max_sq_entries,
@@ -199,6 +219,7 @@ impl Policy {
             max_priority: priority(&l.max_priority, "limits.max_priority")?,
             max_sessions_per_user: l.max_sessions_per_user,
             max_malformed_entries: l.max_malformed_entries,
+            max_model_bytes: l.max_model_bytes,
         };
         check(&base)?;
         let mut overrides = Vec::new();
@@ -225,6 +246,18 @@ impl Policy {
             }
             if let Some(v) = o.max_sessions_per_user {
                 r.max_sessions_per_user = v;
+            }
+            if let Some(v) = o.max_models {
+                r.limits.max_models = v;
+            }
+            if let Some(v) = o.max_contexts {
+                r.limits.max_contexts = v;
+            }
+            if let Some(v) = o.max_kv_tokens {
+                r.limits.max_kv_tokens = v;
+            }
+            if let Some(v) = o.max_model_bytes {
+                r.max_model_bytes = v;
             }
             check(&r)?;
             overrides.push((uid, r));

@@ -1,6 +1,8 @@
 //! `unicorn`: the command-line client of unicornd.
 
 mod bench;
+mod chat;
+mod generate;
 mod spawn;
 mod stats;
 
@@ -36,6 +38,28 @@ enum Command {
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Generate a continuation of a prompt, streamed to stdout; speeds go to stderr.
+    Run {
+        #[command(flatten)]
+        sampling: generate::SamplingArgs,
+        /// One JSON object a line: each token (id and text), then a summary with the prompt's
+        /// token ids and the timings.
+        #[arg(long)]
+        json: bool,
+        /// The prompt.
+        prompt: String,
+    },
+    /// Chat with the model through its chat template: turns from stdin, or one turn with -p.
+    Chat {
+        #[command(flatten)]
+        sampling: generate::SamplingArgs,
+        /// A system prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Send this one message, print the answer and exit.
+        #[arg(short = 'p', long)]
+        prompt: Option<String>,
     },
     /// Measure the round trip of empty jobs through the shared-memory rings.
     Ping {
@@ -144,6 +168,14 @@ fn run(cli: Cli) -> Result<()> {
                 fmt_duration(mean)
             );
             Ok(())
+        }
+        Command::Run { sampling, json, prompt } => {
+            let client = spawn::connect_with_threads(&opts, spawn, sampling.threads)?;
+            generate::run(client, &sampling, &prompt, json)
+        }
+        Command::Chat { sampling, system, prompt } => {
+            let client = spawn::connect_with_threads(&opts, spawn, sampling.threads)?;
+            chat::run(client, &sampling, system.as_deref(), prompt.as_deref())
         }
         Command::Bench { what: BenchWhat::Rings { rounds, samples, batch, jobs } } => bench::run(
             &opts,

@@ -15,6 +15,15 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connects with `opts`; when no daemon answers and `spawn` is set, starts `unicornd --user`
 /// (on `opts.socket` if one was named) and connects to it.
 pub fn connect(opts: &ClientOptions, spawn: bool) -> Result<Client> {
+    connect_with_threads(opts, spawn, None)
+}
+
+/// [`connect`], starting the daemon with `threads` compute threads if it starts one.
+pub fn connect_with_threads(
+    opts: &ClientOptions,
+    spawn: bool,
+    threads: Option<u32>,
+) -> Result<Client> {
     match Client::connect(opts) {
         Ok(c) => return Ok(c),
         Err(e) if e.status() == Status::NoDaemon && spawn => {
@@ -26,7 +35,7 @@ pub fn connect(opts: &ClientOptions, spawn: bool) -> Result<Client> {
         Err(e) => return Err(anyhow!("{e}")),
     }
     let socket = opts.socket.clone().unwrap_or_else(unicorn::user_socket_path);
-    start_user_daemon(&socket)?;
+    start_user_daemon(&socket, threads)?;
     let deadline = Instant::now() + START_TIMEOUT;
     let opts = ClientOptions { socket: Some(socket.clone()), ..opts.clone() };
     loop {
@@ -64,7 +73,7 @@ fn log_path() -> PathBuf {
     unicorn::user_runtime_dir().join("unicornd.log")
 }
 
-fn start_user_daemon(socket: &Path) -> Result<()> {
+fn start_user_daemon(socket: &Path, threads: Option<u32>) -> Result<()> {
     let bin = daemon_binary();
     let log = log_path();
     if let Some(dir) = log.parent() {
@@ -88,6 +97,9 @@ fn start_user_daemon(socket: &Path) -> Result<()> {
         .stdout(Stdio::null())
         .stderr(log_file)
         .process_group(0);
+    if let Some(t) = threads {
+        cmd.arg("--threads").arg(t.to_string());
+    }
     // The daemon outlives this command: a session of its own keeps it out of our terminal's
     // job control and signals. It is reaped by init when it exits.
     cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;

@@ -14,6 +14,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -32,7 +33,9 @@ use unicorn::{Error, Status};
 pub use listener::Listener;
 use session::{Active, Deferred, Session};
 
+use crate::models::{self, Registry};
 use crate::policy::{Policy, PolicyError};
+use crate::scheduler::{self, Context, Engine, Event, Events};
 
 /// While spinning, look at the sockets once every this many iterations.
 const CONTROL_CHECK_EVERY: u32 = 64;
@@ -41,6 +44,9 @@ const PACKETS_PER_WAKEUP: usize = 16;
 
 const TOKEN_LISTENER: u64 = 0;
 const TOKEN_SIGNAL: u64 = 1;
+const TOKEN_EVENTS: u64 = 2;
+/// Contexts get this many positions when the client asks for 0 (and the model allows it).
+const DEFAULT_N_CTX: u32 = 4096;
 
 fn token(session: u64, doorbell: bool) -> u64 {
     session << 2 | u64::from(doorbell)
@@ -71,6 +77,8 @@ pub struct Config {
     pub policy: Policy,
     /// Group owning the socket file (system mode).
     pub socket_group: Option<u32>,
+    /// Threads of the CPU compute pool.
+    pub threads: usize,
 }
 
 #[derive(Debug)]
@@ -127,6 +135,10 @@ pub struct Server {
     counters: Counters,
     recv_buf: Vec<u8>,
     stop: bool,
+    engine: Engine,
+    events: Arc<Events>,
+    registry: Registry,
+    daemon_uid: u32,
 }
 
 impl Server {
@@ -155,6 +167,17 @@ impl Server {
         epoll
             .add(signals.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_SIGNAL))
             .map_err(os("epoll_ctl"))?;
+        let events = Events::new().map_err(|e| ServerError::Socket {
+            path: "internal".into(),
+            message: e.message().to_owned(),
+        })?;
+        epoll
+            .add(events.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, TOKEN_EVENTS))
+            .map_err(os("epoll_ctl"))?;
+        let engine = Engine::start(config.threads, events.clone()).map_err(|e| {
+            ServerError::Socket { path: "engine".into(), message: e.message().to_owned() }
+        })?;
+        log::info!("engine: {} compute threads", config.threads);
         let devices = crate::devices::discover();
         for d in &devices {
             log::info!(
@@ -180,6 +203,10 @@ impl Server {
             counters: Counters::default(),
             recv_buf: vec![0u8; MAX_REQUEST_BYTES],
             stop: false,
+            engine,
+            events,
+            registry: Registry::default(),
+            daemon_uid: nix::unistd::geteuid().as_raw(),
         })
     }
 
@@ -207,7 +234,7 @@ impl Server {
             let spinning = spin.is_some() || now < spin_until;
             let timeout = if spinning {
                 iteration = iteration.wrapping_add(1);
-                if iteration % CONTROL_CHECK_EVERY != 0 {
+                if !iteration.is_multiple_of(CONTROL_CHECK_EVERY) {
                     std::hint::spin_loop();
                     continue;
                 }
@@ -253,6 +280,17 @@ impl Server {
                         self.timer_seq += 1;
                         let kind = TimerKind::Deferred(d);
                         self.timers.push(Reverse(Timer { due, seq: self.timer_seq, kind }));
+                    }
+                    for job in round.decodes {
+                        let (session, user_data) = (job.session, job.user_data);
+                        if let Err(e) = self.engine.submit(job) {
+                            log::error!("{}", e.message());
+                            let failed =
+                                Deferred { status: e.status(), ..Deferred::ok(session, user_data) };
+                            if let Err(e) = active.finish_deferred(failed) {
+                                broken.push((s.id, e));
+                            }
+                        }
                     }
                 }
                 Err(e) => broken.push((s.id, e)),
@@ -327,6 +365,7 @@ impl Server {
     fn dispatch(&mut self, token: u64, events: EpollFlags) {
         match token {
             TOKEN_LISTENER => self.accept_all(),
+            TOKEN_EVENTS => self.worker_events(),
             TOKEN_SIGNAL => {
                 while let Ok(Some(sig)) = self.signals.read_signal() {
                     log::info!("received signal {}; shutting down", sig.ssi_signo);
@@ -452,8 +491,185 @@ impl Server {
                     Err(e) => error_reply(e),
                 }
             }
+            (Request::LoadModel, true) => {
+                let fd = fds.into_iter().next().ok_or_else(|| Error::protocol("no descriptor"))?;
+                match self.load_model(id, rid, fd) {
+                    // The reply comes when the loader thread is done.
+                    Ok(None) => return Ok(()),
+                    Ok(Some((reply, vocab))) => return self.send(id, rid, &reply, &[vocab]),
+                    Err(e) => error_reply(e),
+                }
+            }
+            (Request::FreeModel { model }, true) => match self.active_mut(id)?.free_model(model) {
+                Ok(()) => Reply::Done,
+                Err(e) => error_reply(e),
+            },
+            (Request::CreateContext { model, n_ctx, kv_f32, sampler }, true) => {
+                match self.create_context(id, model, n_ctx, kv_f32, &sampler) {
+                    Ok((ctx, n_ctx)) => Reply::ContextCreated { ctx, n_ctx },
+                    Err(e) => error_reply(e),
+                }
+            }
+            (Request::FreeContext { ctx }, true) => match self.active_mut(id)?.free_context(ctx) {
+                Ok(()) => Reply::Done,
+                Err(e) => error_reply(e),
+            },
+            (Request::SetSampler { ctx, sampler }, true) => {
+                let a = self.active_mut(id)?;
+                let set = scheduler::sampler_params(&sampler).and_then(|p| {
+                    let c = a
+                        .contexts
+                        .get(&ctx)
+                        .ok_or_else(|| Error::new(Status::NotFound, format!("no context {ctx}")))?;
+                    c.set_sampler(p);
+                    Ok(())
+                });
+                match set {
+                    Ok(()) => Reply::Done,
+                    Err(e) => error_reply(e),
+                }
+            }
+            (Request::Tokenize { model, add_special, parse_special, text }, true) => {
+                match self.active_mut(id)?.model(model) {
+                    Ok(m) => Reply::Tokens {
+                        ids: m.model.tokenizer().tokenize(&text, add_special, parse_special),
+                    },
+                    Err(e) => error_reply(e),
+                }
+            }
         };
         self.send(id, rid, &reply, &[])
+    }
+
+    /// Starts loading a model from a client's descriptor. A model already loaded from the same
+    /// file is shared at once (the reply and the vocabulary are returned); otherwise a loader
+    /// thread reads the file and the reply goes out when it reports (`None`).
+    fn load_model(
+        &mut self,
+        id: u64,
+        rid: u32,
+        fd: OwnedFd,
+    ) -> Result<Option<(Reply, std::os::fd::RawFd)>, Error> {
+        let uid = self.sessions.get(&id).map(|s| s.creds.uid).unwrap_or(u32::MAX);
+        let a = self.active_mut(id)?;
+        a.check_model_room()?;
+        if a.loading.is_some() {
+            return Err(Error::new(Status::LimitExceeded, "a model load is already in progress"));
+        }
+        let max_bytes = a.policy.max_model_bytes;
+        let identity = models::identify(&fd, max_bytes)?;
+        if let Some(m) = self.registry.by_identity(&identity) {
+            let a = self.active_mut(id)?;
+            let handle = a.add_model(m.clone());
+            log::info!("session {id}: shares model {:?} ({})", m.model.name(), &m.digest[..16]);
+            return Ok(Some((Reply::ModelLoaded(m.info(handle, true)), m.vocab.as_raw_fd())));
+        }
+        self.active_mut(id)?.loading = Some(rid);
+        let events = self.events.clone();
+        let daemon_uid = self.daemon_uid;
+        std::thread::Builder::new()
+            .name("unicorn-loader".into())
+            .spawn(move || {
+                let result = models::load(fd, identity, uid, daemon_uid).map(Box::new);
+                events.push(Event::Loaded { session: id, request: rid, result });
+            })
+            .map_err(|e| Error::os("starting a loader thread", e))?;
+        Ok(None)
+    }
+
+    fn create_context(
+        &mut self,
+        id: u64,
+        model: u32,
+        n_ctx: u32,
+        kv_f32: bool,
+        sampler: &unicorn::protocol::SamplerParams,
+    ) -> Result<(u32, u32), Error> {
+        let params = scheduler::sampler_params(sampler)?;
+        let a = self.active_mut(id)?;
+        let m = a.model(model)?.clone();
+        let train = m.model.hparams().n_ctx_train as u32;
+        let n_ctx = if n_ctx == 0 { train.min(DEFAULT_N_CTX) } else { n_ctx };
+        if n_ctx > train {
+            return Err(Error::new(
+                Status::InvalidArgument,
+                format!("{n_ctx} positions is more than the {train} the model was trained for"),
+            ));
+        }
+        a.check_context_room(n_ctx)?;
+        let ty = if kv_f32 {
+            unicorn_engine::model::KvType::F32
+        } else {
+            unicorn_engine::model::KvType::F16
+        };
+        let kv = m
+            .model
+            .new_state(n_ctx as usize, ty)
+            .map_err(|e| Error::new(Status::InvalidArgument, e.to_string()))?;
+        let ctx = Arc::new(Context::new(m, kv, params)?);
+        Ok((a.add_context(ctx), n_ctx))
+    }
+
+    /// What the engine and loader threads reported.
+    fn worker_events(&mut self) {
+        for ev in self.events.drain() {
+            match ev {
+                Event::Finished(f) => {
+                    let Some(a) = self.sessions.get_mut(&f.session).and_then(|s| s.active.as_mut())
+                    else {
+                        continue; // the session ended while its job ran
+                    };
+                    let d = Deferred {
+                        session: f.session,
+                        user_data: f.user_data,
+                        status: f.status,
+                        result: f.result,
+                        extra: f.extra,
+                        tokens: f.tokens,
+                    };
+                    match a.finish_deferred(d) {
+                        Ok(()) => self.counters.jobs_completed += 1,
+                        Err(e) => self.disconnect(f.session, e),
+                    }
+                }
+                Event::Loaded { session, request, result } => {
+                    self.model_loaded(session, request, result)
+                }
+            }
+        }
+    }
+
+    fn model_loaded(&mut self, id: u64, rid: u32, result: Result<Box<models::LoadedModel>, Error>) {
+        let Some(a) = self.sessions.get_mut(&id).and_then(|s| s.active.as_mut()) else {
+            return; // the session ended while its model loaded; the model is dropped
+        };
+        a.loading = None;
+        let sent = match result {
+            Err(e) => {
+                log::info!("session {id}: model load failed: {}", e.message());
+                self.send(id, rid, &error_reply(e), &[])
+            }
+            Ok(m) => {
+                let (m, shared) = self.registry.insert(*m);
+                let Some(a) = self.sessions.get_mut(&id).and_then(|s| s.active.as_mut()) else {
+                    return;
+                };
+                let handle = a.add_model(m.clone());
+                log::info!(
+                    "session {id}: loaded model {:?} ({}, {} bytes, {}, {})",
+                    m.model.name(),
+                    m.model.file_type(),
+                    m.size,
+                    m.storage.name(),
+                    &m.digest[..16]
+                );
+                let reply = Reply::ModelLoaded(m.info(handle, shared));
+                self.send(id, rid, &reply, &[m.vocab.as_raw_fd()])
+            }
+        };
+        if let Err(e) = sent {
+            self.disconnect(id, e);
+        }
     }
 
     fn active_mut(&mut self, id: u64) -> Result<&mut Active, Error> {
@@ -578,6 +794,10 @@ impl Server {
                     jobs_in_flight: a.in_flight,
                     buffers: a.buffers.len() as u32,
                     buffer_bytes: a.buffer_bytes,
+                    models: a.models.len() as u32,
+                    contexts: a.contexts.len() as u32,
+                    kv_tokens: a.kv_tokens,
+                    tokens_decoded: a.tokens_decoded,
                 })
             })
             .collect();
@@ -593,7 +813,45 @@ impl Server {
             sessions_disconnected: self.counters.sessions_disconnected,
             sessions,
             devices: self.devices.clone(),
+            models: self.model_status(),
+            threads: self.engine.threads() as u32,
         }
+    }
+
+    fn model_status(&self) -> Vec<unicorn::protocol::ModelStatus> {
+        let actives: Vec<&Active> =
+            self.sessions.values().filter_map(|s| s.active.as_ref()).collect();
+        let mut out: Vec<_> = self
+            .registry
+            .live()
+            .into_iter()
+            .map(|m| {
+                let users = actives
+                    .iter()
+                    .filter(|a| {
+                        a.models.values().any(|x| Arc::ptr_eq(x, &m))
+                            || a.contexts.values().any(|c| Arc::ptr_eq(&c.model, &m))
+                    })
+                    .count();
+                let contexts = actives
+                    .iter()
+                    .flat_map(|a| a.contexts.values())
+                    .filter(|c| Arc::ptr_eq(&c.model, &m))
+                    .count();
+                unicorn::protocol::ModelStatus {
+                    name: m.model.name().to_owned(),
+                    arch: m.model.hparams().arch.clone(),
+                    file_type: m.model.file_type().to_owned(),
+                    size_bytes: m.size,
+                    digest: m.digest.clone(),
+                    users: users as u32,
+                    contexts: contexts as u32,
+                    storage: m.storage.name().to_owned(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.digest.cmp(&b.digest));
+        out
     }
 
     /// Ends a session the client broke: tells it why, then closes it.
@@ -621,6 +879,7 @@ impl Server {
         };
         let _ = self.epoll.delete(&s.ctrl);
         if let Some(a) = &s.active {
+            a.cancel_all();
             // The client holds the same doorbell file, which would keep the registration alive.
             let _ = self.epoll.delete(&a.submit_bell);
             if let Some(n) = self.sessions_per_uid.get_mut(&s.creds.uid) {

@@ -7,16 +7,20 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use unicorn::protocol::ring::{Consumer, CqeWords, Producer, SqeWords};
-use unicorn::protocol::{Completion, Job, Priority, RingLayout, Sqe};
+use unicorn::protocol::{Completion, Decode, Job, Priority, RingLayout, Sqe, TokenInput};
 use unicorn::sys::doorbell::{CompletionDoorbell, SubmitDoorbell};
 use unicorn::sys::peer::PeerCredentials;
 use unicorn::sys::{memfd, SharedMemory};
 use unicorn::{Error, Status};
 
+use crate::models::LoadedModel;
 use crate::policy::Resolved;
+use crate::scheduler::{Context, DecodeJob, LogitsSink};
 
 /// Ring entries taken from one session per loop iteration, so one busy client cannot starve
 /// the others.
@@ -35,7 +39,8 @@ pub struct Session {
 /// A registered client buffer, mapped into the daemon.
 #[derive(Debug)]
 pub struct Buffer {
-    pub mem: SharedMemory,
+    /// Shared with the engine thread while a job writes into it.
+    pub mem: Arc<SharedMemory>,
     pub size: u64,
 }
 
@@ -63,6 +68,15 @@ pub struct Active {
     pub jobs_failed: u64,
     /// Completions written since the last publish.
     unpublished: bool,
+    pub models: HashMap<u32, Arc<LoadedModel>>,
+    next_model: u32,
+    pub contexts: HashMap<u32, Arc<Context>>,
+    next_ctx: u32,
+    /// KV-cache positions of this session's contexts.
+    pub kv_tokens: u64,
+    pub tokens_decoded: u64,
+    /// The request id of a model load in progress.
+    pub loading: Option<u32>,
 }
 
 /// The descriptors the client receives in its welcome.
@@ -79,6 +93,16 @@ pub struct Deferred {
     pub session: u64,
     pub user_data: u64,
     pub status: Status,
+    pub result: u64,
+    pub extra: u64,
+    /// Tokens the job decoded.
+    pub tokens: u64,
+}
+
+impl Deferred {
+    pub fn ok(session: u64, user_data: u64) -> Deferred {
+        Deferred { session, user_data, status: Status::Ok, result: 0, extra: 0, tokens: 0 }
+    }
 }
 
 /// What one round of ring polling did.
@@ -90,6 +114,8 @@ pub struct RoundResult {
     pub completed: u64,
     /// Jobs that finish later, with their due time.
     pub deferred: Vec<(Instant, Deferred)>,
+    /// Model work for the engine thread.
+    pub decodes: Vec<DecodeJob>,
 }
 
 impl Active {
@@ -125,6 +151,13 @@ impl Active {
             jobs_completed: 0,
             jobs_failed: 0,
             unpublished: false,
+            models: HashMap::new(),
+            next_model: 1,
+            contexts: HashMap::new(),
+            next_ctx: 1,
+            kv_tokens: 0,
+            tokens_decoded: 0,
+            loading: None,
         };
         let fds = ClientFds {
             ring: ring_fd,
@@ -205,9 +238,23 @@ impl Active {
                     return;
                 }
                 self.in_flight += 1;
-                round
-                    .deferred
-                    .push((now + delay, Deferred { session, user_data, status: Status::Ok }));
+                round.deferred.push((now + delay, Deferred::ok(session, user_data)));
+            }
+            Job::Decode(d) => {
+                if self.in_flight >= self.policy.limits.max_jobs_in_flight {
+                    self.complete(Completion::error(user_data, Status::LimitExceeded), round);
+                    return;
+                }
+                match self.prepare_decode(session, user_data, d) {
+                    Ok(job) => {
+                        self.in_flight += 1;
+                        round.decodes.push(job);
+                    }
+                    Err(e) => {
+                        log::debug!("session {session}: DECODE refused: {}", e.message());
+                        self.complete(Completion::error(user_data, e.status()), round);
+                    }
+                }
             }
             Job::Fail { status } => self.complete(Completion::error(user_data, status), round),
             Job::Fill { buffer, offset, len, byte } => {
@@ -248,9 +295,15 @@ impl Active {
             return Err(Error::protocol("completion ring full although a slot was reserved"));
         }
         let mut round = RoundResult::default();
-        let c =
-            Completion { user_data: d.user_data, status: d.status, flags: 0, result: 0, extra: 0 };
+        let c = Completion {
+            user_data: d.user_data,
+            status: d.status,
+            flags: 0,
+            result: d.result,
+            extra: d.extra,
+        };
         self.complete(c, &mut round);
+        self.tokens_decoded += d.tokens;
         self.publish();
         Ok(())
     }
@@ -309,7 +362,7 @@ impl Active {
         self.next_buffer = self.next_buffer.checked_add(1).ok_or_else(|| {
             Error::new(Status::LimitExceeded, "this session used up its buffer handles")
         })?;
-        self.buffers.insert(handle, Buffer { mem, size });
+        self.buffers.insert(handle, Buffer { mem: Arc::new(mem), size });
         self.buffer_bytes = total;
         Ok((handle, size))
     }
@@ -320,6 +373,151 @@ impl Active {
         })?;
         self.buffer_bytes -= buf.size;
         Ok(())
+    }
+}
+
+impl Active {
+    /// Validates a `DECODE` completely and copies its tokens out of the client's buffer, once.
+    fn prepare_decode(&self, session: u64, user_data: u64, d: Decode) -> Result<DecodeJob, Error> {
+        let ctx = self
+            .contexts
+            .get(&d.ctx)
+            .ok_or_else(|| Error::new(Status::NotFound, format!("no context {}", d.ctx)))?;
+        let n_vocab = ctx.model.model.hparams().n_vocab;
+        let tokens = match d.input {
+            TokenInput::Inline { tokens, n } => tokens[..n as usize].to_vec(),
+            TokenInput::Buffer { buffer, offset, n } => {
+                let b = self.buffer(buffer)?;
+                let (off, _) = b.mem.range(offset, u64::from(n) * 4).ok_or_else(|| {
+                    Error::new(Status::InvalidArgument, "the tokens lie outside their buffer")
+                })?;
+                let mut t = vec![0u32; n as usize];
+                b.mem.load_u32s(off, &mut t);
+                t
+            }
+        };
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(Error::new(
+                Status::InvalidArgument,
+                format!("token {bad} is outside the vocabulary of {n_vocab}"),
+            ));
+        }
+        if tokens.len() > ctx.n_ctx as usize {
+            return Err(Error::new(
+                Status::LimitExceeded,
+                format!("{} tokens do not fit a context of {}", tokens.len(), ctx.n_ctx),
+            ));
+        }
+        let logits = match d.logits {
+            None => None,
+            Some(l) => {
+                let b = self.buffer(l.buffer)?;
+                let rows = if l.all { tokens.len() as u64 } else { 1 };
+                let bytes = rows * n_vocab as u64 * 4;
+                let (off, _) = b.mem.range(l.offset, bytes).ok_or_else(|| {
+                    Error::new(
+                        Status::InvalidArgument,
+                        format!("{bytes} bytes of logits do not fit the buffer at {}", l.offset),
+                    )
+                })?;
+                Some(LogitsSink { mem: b.mem.clone(), offset: off, all: l.all })
+            }
+        };
+        Ok(DecodeJob {
+            session,
+            user_data,
+            ctx: ctx.clone(),
+            tokens,
+            logits,
+            sample: d.sample,
+            rewind_to: d.rewind_to,
+        })
+    }
+
+    fn buffer(&self, handle: u32) -> Result<&Buffer, Error> {
+        self.buffers
+            .get(&handle)
+            .ok_or_else(|| Error::new(Status::NotFound, format!("no buffer {handle}")))
+    }
+
+    /// The model with `handle`.
+    pub fn model(&self, handle: u32) -> Result<&Arc<LoadedModel>, Error> {
+        self.models
+            .get(&handle)
+            .ok_or_else(|| Error::new(Status::NotFound, format!("no model {handle}")))
+    }
+
+    /// Checks that one more model fits the session's limit.
+    pub fn check_model_room(&self) -> Result<(), Error> {
+        let max = self.policy.limits.max_models;
+        if self.models.len() as u64 >= u64::from(max) {
+            return Err(Error::new(
+                Status::LimitExceeded,
+                format!("this session already holds {max} models, the most allowed"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn add_model(&mut self, m: Arc<LoadedModel>) -> u32 {
+        let h = self.next_model;
+        self.next_model = self.next_model.wrapping_add(1).max(1);
+        self.models.insert(h, m);
+        h
+    }
+
+    pub fn free_model(&mut self, handle: u32) -> Result<(), Error> {
+        // Contexts on the model keep it alive until they are freed.
+        self.models
+            .remove(&handle)
+            .map(drop)
+            .ok_or_else(|| Error::new(Status::NotFound, format!("no model {handle}")))
+    }
+
+    /// Checks the context limits for one more context of `n_ctx` positions.
+    pub fn check_context_room(&self, n_ctx: u32) -> Result<(), Error> {
+        let l = self.policy.limits;
+        if self.contexts.len() as u64 >= u64::from(l.max_contexts) {
+            return Err(Error::new(
+                Status::LimitExceeded,
+                format!("this session already holds {} contexts, the most allowed", l.max_contexts),
+            ));
+        }
+        if self.kv_tokens + u64::from(n_ctx) > u64::from(l.max_kv_tokens) {
+            return Err(Error::new(
+                Status::LimitExceeded,
+                format!(
+                    "{n_ctx} more KV-cache positions would exceed the session's {} ({} in use)",
+                    l.max_kv_tokens, self.kv_tokens
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn add_context(&mut self, ctx: Arc<Context>) -> u32 {
+        let h = self.next_ctx;
+        self.next_ctx = self.next_ctx.wrapping_add(1).max(1);
+        self.kv_tokens += u64::from(ctx.n_ctx);
+        self.contexts.insert(h, ctx);
+        h
+    }
+
+    pub fn free_context(&mut self, handle: u32) -> Result<(), Error> {
+        let ctx = self
+            .contexts
+            .remove(&handle)
+            .ok_or_else(|| Error::new(Status::NotFound, format!("no context {handle}")))?;
+        ctx.cancelled.store(true, Ordering::Release);
+        self.kv_tokens -= u64::from(ctx.n_ctx);
+        Ok(())
+    }
+
+    /// The session is ending: queued work on its contexts is dropped.
+    pub fn cancel_all(&self) {
+        for c in self.contexts.values() {
+            c.cancelled.store(true, Ordering::Release);
+        }
     }
 }
 

@@ -1,0 +1,59 @@
+//! Greedy generation straight from the engine, with prefill and decode speeds: a tool for
+//! profiling the forward pass without the daemon.
+//!
+//!     cargo run --release -p unicorn-engine --example generate -- MODEL.gguf "PROMPT" [N] [THREADS]
+
+use std::time::Instant;
+
+use unicorn_engine::gguf::GgufFile;
+use unicorn_engine::model::{KvType, Logits, Model, Seq};
+use unicorn_kernels::ThreadPool;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: generate MODEL.gguf PROMPT [N_TOKENS] [THREADS]");
+        std::process::exit(2);
+    }
+    let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
+    let threads: usize =
+        args.get(4).and_then(|s| s.parse().ok()).unwrap_or_else(unicorn_kernels::default_threads);
+    let model = Model::load(GgufFile::open(&args[1]).expect("open")).expect("load");
+    let pool = ThreadPool::new(threads);
+    let tok = model.tokenizer();
+    let prompt = tok.tokenize(&args[2], true, true);
+    let mut kv = model.new_state(prompt.len() + n + 1, KvType::F16).expect("kv");
+    let mut logits = Vec::new();
+    let t0 = Instant::now();
+    model
+        .forward(
+            &pool,
+            &mut [Seq { kv: &mut kv, tokens: &prompt, logits: Logits::Last }],
+            &mut logits,
+        )
+        .expect("prefill");
+    let prefill = t0.elapsed();
+    let mut out = tok.stream_decoder(false);
+    let mut text = String::new();
+    let t1 = Instant::now();
+    for _ in 0..n {
+        let next =
+            (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap() as u32;
+        text.push_str(&out.push(next).expect("piece"));
+        model
+            .forward(
+                &pool,
+                &mut [Seq { kv: &mut kv, tokens: &[next], logits: Logits::Last }],
+                &mut logits,
+            )
+            .expect("decode");
+    }
+    let decode = t1.elapsed();
+    println!("{}{}", args[2], text);
+    eprintln!(
+        "prefill {} tokens: {:.1} tok/s; decode {n} tokens: {:.1} tok/s ({threads} threads)",
+        prompt.len(),
+        prompt.len() as f64 / prefill.as_secs_f64(),
+        n as f64 / decode.as_secs_f64()
+    );
+}
