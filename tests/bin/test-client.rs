@@ -4,6 +4,9 @@
 //!                                          each completes exactly once, print "ok N"
 //!     unicorn-test-client hold SOCKET      register a buffer, leave delayed NOPs in flight,
 //!                                          print "ready SESSION", then ping until killed
+//!     unicorn-test-client decode SOCKET MODEL
+//!                                          load MODEL, print "ready SESSION", then decode
+//!                                          long prompts until killed
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,6 +34,7 @@ fn main() {
             println!("ok {n}");
         }
         "hold" => hold(&mut client),
+        "decode" => decode(&mut client, args.get(3).unwrap_or_else(|| fail("MODEL"))),
         other => fail(&format!("unknown mode {other}")),
     }
 }
@@ -79,6 +83,24 @@ fn nops(client: &mut Client, n: usize) {
     }
     if client.in_flight() != 0 {
         fail(&format!("{} jobs still in flight after all completed", client.in_flight()));
+    }
+}
+
+fn decode(client: &mut Client, model: &str) {
+    let m = client
+        .load_model(std::path::Path::new(model))
+        .unwrap_or_else(|e| fail(&format!("load: {e}")));
+    let ctx = client
+        .create_context(&m, &unicorn::ContextParams { n_ctx: 1024, ..Default::default() })
+        .unwrap_or_else(|e| fail(&format!("context: {e}")));
+    println!("ready {}", client.welcome().session_id);
+    std::io::stdout().flush().ok();
+    let prompt: Vec<u32> = (0..512).map(|i| 100 + i).collect();
+    loop {
+        client.rewind(&ctx, 0).unwrap_or_else(|e| fail(&format!("rewind: {e}")));
+        client
+            .decode(&ctx, &prompt, unicorn::LogitsWanted::Last, true)
+            .unwrap_or_else(|e| fail(&format!("decode: {e}")));
     }
 }
 

@@ -44,6 +44,19 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is in the repo").to_owned()
 }
 
+/// The default model (SmolLM2-135M-Instruct Q4_1), fetched by `scripts/fetch-model`.
+pub fn default_model() -> PathBuf {
+    let dir = std::env::var_os("UNICORN_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        let cache = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")
+        });
+        cache.join("unicorn/models")
+    });
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(p.is_file(), "{} is missing: run scripts/fetch-model first", p.display());
+    p
+}
+
 /// A fresh private directory, removed on drop.
 #[derive(Debug)]
 pub struct TempDir(PathBuf);
