@@ -166,3 +166,108 @@ fn jobs_per_second(c: &mut Client, batch: usize, total: usize) -> Result<f64> {
     }
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
+
+/// The text benchmark prompts are cut from: the same as `scripts/peer-bench.py`'s, so both
+/// engines see the same tokens.
+const PROMPT_TEXT: &str = "The history of computing is a story of ideas that took decades to mature. Early machines filled rooms and were programmed by rewiring panels; later, stored programs, compilers and operating systems made them general tools. Today a small model can run on a laptop, turning a prompt into text one token at a time, and the speed of that loop depends on memory bandwidth, cache sizes, vector instructions and careful engineering of every kernel. ";
+
+#[derive(Debug, Clone)]
+pub struct ModelBenchArgs {
+    pub model: std::path::PathBuf,
+    pub prefill: Vec<usize>,
+    pub decode: Vec<usize>,
+    pub decode_prompt: usize,
+    pub repeat: usize,
+    pub warmup: usize,
+}
+
+/// `unicorn bench model`: prefill and decode speed through the daemon, measured the way
+/// `scripts/peer-bench.py` measures llama.cpp (same prompt text, fresh context per prefill,
+/// greedy single-token steps for decode, median of repeats after warm-up runs). One JSON
+/// object per measurement on stdout.
+pub fn model(client: Client, args: &ModelBenchArgs) -> Result<()> {
+    use unicorn::{ContextParams, LogitsWanted, SamplerParams};
+    let mut c = client;
+    let m = c.load_model(&args.model).map_err(|e| anyhow!("{e}"))?;
+    let base = c.tokenize(&m, PROMPT_TEXT, false, false).map_err(|e| anyhow!("{e}"))?;
+    let tokens = |n: usize| -> Vec<u32> {
+        let mut t = Vec::with_capacity(n);
+        if m.info().add_bos && m.info().bos != u32::MAX {
+            t.push(m.info().bos);
+        }
+        while t.len() < n {
+            t.extend_from_slice(&base);
+        }
+        t.truncate(n);
+        t
+    };
+    let longest = args
+        .prefill
+        .iter()
+        .copied()
+        .chain(args.decode.iter().map(|d| d + args.decode_prompt))
+        .max()
+        .unwrap_or(64);
+    let n_ctx = longest.max(64).next_multiple_of(256) as u32;
+    let ctx = c
+        .create_context(&m, &ContextParams { n_ctx, kv_f32: false, sampler: SamplerParams::GREEDY })
+        .map_err(|e| anyhow!("{e}"))?;
+    let status = c.status().map_err(|e| anyhow!("{e}"))?;
+    let mut run = |kind: &str, n: usize| -> Result<Duration> {
+        c.rewind(&ctx, 0).map_err(|e| anyhow!("{e}"))?;
+        if kind == "prefill" {
+            let t = tokens(n);
+            let start = Instant::now();
+            c.decode(&ctx, &t, LogitsWanted::None, false).map_err(|e| anyhow!("{e}"))?;
+            return Ok(start.elapsed());
+        }
+        let prompt = tokens(args.decode_prompt);
+        let mut next =
+            c.decode(&ctx, &prompt, LogitsWanted::None, true).map_err(|e| anyhow!("{e}"))?.token;
+        let start = Instant::now();
+        for _ in 0..n {
+            let t = next.ok_or_else(|| anyhow!("no token sampled"))?;
+            next =
+                c.decode(&ctx, &[t], LogitsWanted::None, true).map_err(|e| anyhow!("{e}"))?.token;
+        }
+        Ok(start.elapsed())
+    };
+    let jobs: Vec<(&str, usize)> = args
+        .prefill
+        .iter()
+        .map(|&n| ("prefill", n))
+        .chain(args.decode.iter().map(|&n| ("decode", n)))
+        .collect();
+    for (kind, n) in jobs {
+        for _ in 0..args.warmup {
+            run(kind, n)?;
+        }
+        let mut times = Vec::with_capacity(args.repeat);
+        for r in 0..args.repeat {
+            let t = run(kind, n)?;
+            eprintln!(
+                "unicorn bench model: {kind} {n}: run {}/{}: {:.1} tok/s",
+                r + 1,
+                args.repeat,
+                n as f64 / t.as_secs_f64()
+            );
+            times.push(t);
+        }
+        let med = median(&times).as_secs_f64();
+        println!(
+            "{}",
+            serde_json::json!({
+                "engine": "unicorn",
+                "model": args.model.file_name().map(|f| f.to_string_lossy().into_owned()),
+                "threads": status.threads,
+                "kind": kind,
+                "tokens": n,
+                "tokens_per_s": (n as f64 / med * 100.0).round() / 100.0,
+                "seconds_median": med,
+                "runs_tokens_per_s": times.iter().map(|t| n as f64 / t.as_secs_f64()).collect::<Vec<_>>(),
+                "daemon_pid": status.pid,
+            })
+        );
+    }
+    Ok(())
+}

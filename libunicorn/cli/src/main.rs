@@ -94,6 +94,28 @@ enum BenchWhat {
         #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(1..))]
         jobs: u32,
     },
+    /// Prefill and decode tokens/s through the daemon, one JSON object per measurement (the
+    /// figures `scripts/bench model` prints beside llama.cpp's).
+    Model {
+        /// Model file [default: the default model from the model cache].
+        #[arg(short = 'm', long, value_name = "FILE")]
+        model: Option<PathBuf>,
+        /// Prompt lengths to prefill, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "128,512")]
+        prefill: Vec<usize>,
+        /// Tokens to decode, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "128")]
+        decode: Vec<usize>,
+        /// Prompt tokens before decoding (not timed).
+        #[arg(long, default_value_t = 16)]
+        decode_prompt: usize,
+        /// Timed runs per measurement; the median is reported.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
+        /// Untimed runs first.
+        #[arg(long, default_value_t = 1)]
+        warmup: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -177,6 +199,20 @@ fn run(cli: Cli) -> Result<()> {
             let client = spawn::connect_with_threads(&opts, spawn, sampling.threads)?;
             chat::run(client, &sampling, system.as_deref(), prompt.as_deref())
         }
+        Command::Bench {
+            what: BenchWhat::Model { model, prefill, decode, decode_prompt, repeat, warmup },
+        } => {
+            let client = spawn::connect(&opts, spawn)?;
+            let args = bench::ModelBenchArgs {
+                model: generate::resolve_model(model.as_deref())?,
+                prefill,
+                decode,
+                decode_prompt,
+                repeat: repeat as usize,
+                warmup: warmup as usize,
+            };
+            bench::model(client, &args)
+        }
         Command::Bench { what: BenchWhat::Rings { rounds, samples, batch, jobs } } => bench::run(
             &opts,
             spawn,
@@ -217,15 +253,45 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             println!("  {:<4} {} [{used}] {}", kind.name(), d.name, d.detail);
         }
     }
+    println!("compute threads: {}", st.threads);
+    println!("models:");
+    if st.models.is_empty() {
+        println!("  none loaded");
+    }
+    for m in &st.models {
+        println!(
+            "  {} ({}, {}, {}; {}) digest {}: {} session(s), {} context(s)",
+            if m.name.is_empty() { "unnamed" } else { &m.name },
+            m.arch,
+            m.file_type,
+            fmt_bytes(m.size_bytes),
+            m.storage,
+            &m.digest[..m.digest.len().min(16)],
+            m.users,
+            m.contexts
+        );
+    }
     println!("sessions:");
     println!(
-        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8}",
-        "ID", "PID", "UID", "NAME", "PRIORITY", "UP", "JOBS", "FAILED", "IN FLIGHT", "BUFFERS"
+        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9}",
+        "ID",
+        "PID",
+        "UID",
+        "NAME",
+        "PRIORITY",
+        "UP",
+        "JOBS",
+        "FAILED",
+        "IN FLIGHT",
+        "BUFFERS",
+        "MODELS",
+        "CONTEXTS",
+        "TOKENS"
     );
     for s in &st.sessions {
         let me = if s.id == own_session { " (this command)" } else { "" };
         println!(
-            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8}{me}",
+            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9}{me}",
             s.id,
             s.pid,
             s.uid,
@@ -236,6 +302,9 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             s.jobs_failed,
             s.jobs_in_flight,
             format!("{} ({})", s.buffers, fmt_bytes(s.buffer_bytes)),
+            s.models,
+            format!("{} ({} pos)", s.contexts, s.kv_tokens),
+            s.tokens_decoded,
         );
     }
 }
@@ -250,7 +319,12 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
         "sessions_served": st.sessions_served,
         "sessions_disconnected": st.sessions_disconnected,
         "jobs_completed": st.jobs_completed,
+        "threads": st.threads,
         "this_session": own_session,
+        "models": st.models.iter().map(|m| serde_json::json!({
+            "name": m.name, "arch": m.arch, "file_type": m.file_type, "size_bytes": m.size_bytes,
+            "digest": m.digest, "sessions": m.users, "contexts": m.contexts, "storage": m.storage,
+        })).collect::<Vec<_>>(),
         "devices": st.devices.iter().map(|d| serde_json::json!({
             "kind": d.kind.name(), "name": d.name, "in_use": d.in_use, "detail": d.detail,
         })).collect::<Vec<_>>(),
@@ -259,7 +333,8 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
             "priority": s.priority.name(), "connected_ms": s.connected_ms,
             "jobs_completed": s.jobs_completed, "jobs_failed": s.jobs_failed,
             "jobs_in_flight": s.jobs_in_flight, "buffers": s.buffers,
-            "buffer_bytes": s.buffer_bytes,
+            "buffer_bytes": s.buffer_bytes, "models": s.models, "contexts": s.contexts,
+            "kv_tokens": s.kv_tokens, "tokens_decoded": s.tokens_decoded,
         })).collect::<Vec<_>>(),
     })
 }
