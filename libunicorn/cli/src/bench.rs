@@ -47,6 +47,7 @@ pub fn run(base: &ClientOptions, spawn: bool, args: RingBenchArgs) -> Result<()>
     let mut sleepy = crate::spawn::connect(&spin_opts(base, WaitMode::Sleep, 0), spawn)?;
     let spin = WaitMode::Spin(Duration::from_millis(1));
     let mut spinny = crate::spawn::connect(&spin_opts(base, spin, 1024), spawn)?;
+    let mut adaptive = crate::spawn::connect(&spin_opts(base, WaitMode::Adaptive, 0), spawn)?;
     let status = sleepy.status().map_err(|e| anyhow!("{e}"))?;
     eprintln!(
         "unicorn bench rings: daemon pid {} at {}; {} rounds x {} samples, batch {}",
@@ -59,19 +60,24 @@ pub fn run(base: &ClientOptions, spawn: bool, args: RingBenchArgs) -> Result<()>
 
     let mut ring_sleep = Row::new("ring round trip, wake-ups (eventfd/socket doorbells)");
     let mut ring_spin = Row::new("ring round trip, spin (both sides poll)");
+    let mut ring_adaptive = Row::new("ring round trip, adaptive (the default)");
     let mut socket = Row::new("Unix socket ping-pong (SOCK_SEQPACKET, 64 B)");
     let mut throughput = Vec::new();
     let payload = [0x5Au8; 64];
     for round in 0..args.rounds {
         // Rotate the order so no row always runs right after another.
-        for step in 0..3 {
-            match (round + step) % 3 {
+        for step in 0..4 {
+            match (round + step) % 4 {
                 0 => {
                     settle();
                     ring_sleep.add(pings(&mut sleepy, args.samples)?);
                 }
                 1 => {
                     ring_spin.add(pings(&mut spinny, args.samples)?);
+                }
+                2 => {
+                    settle();
+                    ring_adaptive.add(pings(&mut adaptive, args.samples)?);
                 }
                 _ => {
                     settle();
@@ -85,7 +91,7 @@ pub fn run(base: &ClientOptions, spawn: bool, args: RingBenchArgs) -> Result<()>
     eprintln!();
 
     println!("{:<54} {:>10} {:>10}", "round trip (median of rounds)", "p50", "p99");
-    for row in [&ring_sleep, &ring_spin, &socket] {
+    for row in [&ring_sleep, &ring_adaptive, &ring_spin, &socket] {
         println!(
             "{:<54} {:>10} {:>10}",
             row.name,
@@ -97,8 +103,9 @@ pub fn run(base: &ClientOptions, spawn: bool, args: RingBenchArgs) -> Result<()>
     let ratio = |row: &Row| median(&row.p50).as_secs_f64() / sock;
     println!();
     println!(
-        "ring p50 / socket p50: wake-ups {:.2}x, spin {:.2}x",
+        "ring p50 / socket p50: wake-ups {:.2}x, adaptive {:.2}x, spin {:.2}x",
         ratio(&ring_sleep),
+        ratio(&ring_adaptive),
         ratio(&ring_spin)
     );
     let tput =
