@@ -361,6 +361,17 @@ impl Client {
     /// Queues as many of `jobs` as the ring has room for, without blocking, and returns how
     /// many were queued (possibly 0 when the ring is full: reap, then submit the rest).
     pub fn submit(&mut self, jobs: &[(Job, u64)]) -> Result<usize> {
+        if let Some((_, u)) = jobs.iter().find(|(_, u)| *u >= RESERVED_USER_DATA) {
+            return Err(Error::new(
+                Status::InvalidArgument,
+                format!("user_data {u:#x}: values from 2^63 on are reserved for the library"),
+            ));
+        }
+        self.submit_any(jobs)
+    }
+
+    /// [`Client::submit`] without the reserved-user_data check, for the library's own probes.
+    fn submit_any(&mut self, jobs: &[(Job, u64)]) -> Result<usize> {
         self.check_open()?;
         let free = match self.sq.free(&self.mem) {
             Ok(n) => n as usize,

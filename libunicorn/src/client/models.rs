@@ -346,7 +346,7 @@ impl Client {
         self.check_open()?;
         let token = self.next_probe;
         self.next_probe = self.next_probe.wrapping_add(1).max(RESERVED_USER_DATA);
-        while self.submit(&[(job, token)])? == 0 {
+        while self.submit_any(&[(job, token)])? == 0 {
             // The ring is full of the caller's own jobs: wait for some to finish.
             self.wait(None)?;
             self.reap_into_stash()?;
