@@ -6,14 +6,14 @@
 //! event loop validates a job completely (handles, buffer ranges, token ids) before it gets
 //! here; what only the context knows (how full it is) is checked here.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use unicorn::protocol::SamplerParams as WireSampler;
+use unicorn::protocol::{Priority, SamplerParams as WireSampler};
 use unicorn::sys::SharedMemory;
 use unicorn::{Error, Status};
 use unicorn_engine::model::{KvState, Logits, ModelError, Seq};
@@ -21,9 +21,6 @@ use unicorn_engine::sampling::{Sampler, SamplerParams};
 use unicorn_kernels::ThreadPool;
 
 use crate::models::LoadedModel;
-
-/// Tokens one forward pass takes at most: longer inputs run in chunks of this many.
-pub const CHUNK_TOKENS: usize = 512;
 
 /// The sampler settings of the wire protocol, checked.
 pub fn sampler_params(p: &WireSampler) -> Result<SamplerParams, Error> {
@@ -102,6 +99,10 @@ pub struct DecodeJob {
     pub logits: Option<LogitsSink>,
     pub sample: bool,
     pub rewind_to: Option<u32>,
+    /// The session's scheduling class.
+    pub priority: Priority,
+    /// Set by a `CANCEL` of this job.
+    pub cancel: Arc<AtomicBool>,
 }
 
 /// A finished job, for the session's completion ring.
@@ -166,21 +167,29 @@ impl AsFd for Events {
 pub struct Engine {
     tx: Sender<DecodeJob>,
     threads: usize,
+    queued: Arc<AtomicUsize>,
 }
 
 impl Engine {
     /// Starts the engine thread with a compute pool of `threads`.
     pub fn start(threads: usize, events: Arc<Events>) -> Result<Engine, Error> {
         let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
         std::thread::Builder::new()
             .name("unicorn-engine".into())
-            .spawn(move || engine_main(threads, rx, events))
+            .spawn(move || engine_main(threads, rx, events, q))
             .map_err(|e| Error::os("starting the engine thread", e))?;
-        Ok(Engine { tx, threads })
+        Ok(Engine { tx, threads, queued })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Jobs waiting or running on the engine thread (as of its last step).
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
     }
 
     pub fn submit(&self, job: DecodeJob) -> Result<(), Error> {
@@ -188,30 +197,158 @@ impl Engine {
     }
 }
 
-fn engine_main(threads: usize, rx: Receiver<DecodeJob>, events: Arc<Events>) {
-    let pool = ThreadPool::new(threads);
-    let mut logits = Vec::new();
-    while let Ok(job) = rx.recv() {
-        let (status, result, extra, tokens) = if job.ctx.cancelled.load(Ordering::Acquire) {
-            (Status::Cancelled, 0, 0, 0)
-        } else {
-            match run(&pool, &job, &mut logits) {
-                Ok((token, n_past)) => (Status::Ok, token, n_past, job.tokens.len() as u64),
-                Err(e) => {
-                    log::debug!("session {}: decode failed: {}", job.session, e.message());
-                    (e.status(), 0, 0, 0)
-                }
-            }
-        };
-        events.push(Event::Finished(Finished {
-            session: job.session,
-            user_data: job.user_data,
-            status,
-            result,
-            extra,
-            tokens,
-        }));
+/// Tokens one scheduler step runs at most, all contexts together.
+pub const STEP_TOKENS: usize = 512;
+/// Tokens of one job's prompt a step takes at most, so that a long prefill shares steps with
+/// other clients' decoding instead of stalling it.
+pub const PREFILL_CHUNK: usize = 256;
+
+/// What a job ended with: (sampled token, position afterwards), or why it failed.
+type Outcome = Result<(u64, u64), Error>;
+
+/// A job on the engine thread, with how far it got.
+#[derive(Debug)]
+struct Running {
+    job: DecodeJob,
+    /// Arrival order.
+    seq: u64,
+    /// Tokens already run.
+    done: usize,
+    /// The context's position before the job's first step, once it started (a cancelled job
+    /// rewinds its context to it, leaving the context as it found it).
+    started_at: Option<usize>,
+}
+
+impl Running {
+    fn cancelled(&self) -> bool {
+        self.job.cancel.load(Ordering::Acquire) || self.job.ctx.cancelled.load(Ordering::Acquire)
     }
+
+    fn left(&self) -> usize {
+        self.job.tokens.len() - self.done
+    }
+}
+
+/// Which jobs run in the next step, and how many of their tokens.
+///
+/// The policy (see docs/architecture.md): only the oldest job of each context is eligible, so
+/// a context's jobs run in order. Eligible jobs are ordered by priority class, then by how few
+/// tokens their session got recently (fair sharing within a class), then by age. The first
+/// one picks the model; every eligible job of that model joins the step in that order until
+/// the step's token budget is spent, each taking at most a prefill chunk. So a realtime job
+/// waits at most for the step that is running when it arrives.
+fn plan(queue: &[Running], served: &HashMap<u64, u64>) -> Vec<(usize, usize)> {
+    let mut seen: Vec<*const Context> = Vec::new();
+    let mut eligible: Vec<usize> = Vec::new();
+    let mut by_age: Vec<usize> = (0..queue.len()).collect();
+    by_age.sort_by_key(|&i| queue[i].seq);
+    for i in by_age {
+        let ctx = Arc::as_ptr(&queue[i].job.ctx);
+        if !seen.contains(&ctx) {
+            seen.push(ctx);
+            eligible.push(i);
+        }
+    }
+    eligible.sort_by_key(|&i| {
+        let r = &queue[i];
+        (r.job.priority, served.get(&r.job.session).copied().unwrap_or(0), r.seq)
+    });
+    let Some(&first) = eligible.first() else { return Vec::new() };
+    let model = Arc::as_ptr(&queue[first].job.ctx.model);
+    let mut budget = STEP_TOKENS;
+    let mut step = Vec::new();
+    for i in eligible {
+        let r = &queue[i];
+        if Arc::as_ptr(&r.job.ctx.model) != model {
+            continue;
+        }
+        let take = r.left().min(PREFILL_CHUNK).min(budget);
+        if take == 0 && r.left() > 0 {
+            continue; // no budget left for it this step
+        }
+        budget -= take;
+        step.push((i, take));
+    }
+    step
+}
+
+fn engine_main(
+    threads: usize,
+    rx: Receiver<DecodeJob>,
+    events: Arc<Events>,
+    queued: Arc<AtomicUsize>,
+) {
+    let pool = ThreadPool::new(threads);
+    let mut queue: Vec<Running> = Vec::new();
+    let mut next_seq = 0u64;
+    // Tokens served per session, halved every step: a recent-usage measure for fairness.
+    let mut served: HashMap<u64, u64> = HashMap::new();
+    let mut logits = Vec::new();
+    loop {
+        if queue.is_empty() {
+            match rx.recv() {
+                Ok(job) => {
+                    queue.push(Running { job, seq: next_seq, done: 0, started_at: None });
+                    next_seq += 1;
+                }
+                Err(_) => return,
+            }
+        }
+        while let Ok(job) = rx.try_recv() {
+            queue.push(Running { job, seq: next_seq, done: 0, started_at: None });
+            next_seq += 1;
+        }
+        // A step boundary: jobs cancelled meanwhile (or of a session that ended) are dropped.
+        let mut i = 0;
+        while i < queue.len() {
+            if queue[i].cancelled() {
+                let r = queue.swap_remove(i);
+                if let Some(p) = r.started_at {
+                    let mut st = r.job.ctx.state.lock().unwrap_or_else(|e| e.into_inner());
+                    let _ = st.kv.rewind(p);
+                    st.last_logits.clear();
+                }
+                finish(&events, &r.job, Err(Error::new(Status::Cancelled, "cancelled")));
+            } else {
+                i += 1;
+            }
+        }
+        queued.store(queue.len(), Ordering::Relaxed);
+        let step = plan(&queue, &served);
+        if step.is_empty() {
+            continue;
+        }
+        for v in served.values_mut() {
+            *v /= 2;
+        }
+        let finished = run_step(&pool, &mut queue, &step, &mut logits, &mut served);
+        // Remove finished jobs, highest index first so the others keep their places.
+        let mut done: Vec<(usize, Outcome)> = finished;
+        done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        for (i, result) in done {
+            let r = queue.swap_remove(i);
+            finish(&events, &r.job, result);
+        }
+        queued.store(queue.len(), Ordering::Relaxed);
+    }
+}
+
+fn finish(events: &Events, job: &DecodeJob, result: Outcome) {
+    let (status, result, extra, tokens) = match result {
+        Ok((token, n_past)) => (Status::Ok, token, n_past, job.tokens.len() as u64),
+        Err(e) => {
+            log::debug!("session {}: decode ended: {}", job.session, e.message());
+            (e.status(), 0, 0, 0)
+        }
+    };
+    events.push(Event::Finished(Finished {
+        session: job.session,
+        user_data: job.user_data,
+        status,
+        result,
+        extra,
+        tokens,
+    }));
 }
 
 fn model_error(e: ModelError) -> Error {
@@ -225,56 +362,36 @@ fn model_error(e: ModelError) -> Error {
     Error::new(status, e.to_string())
 }
 
-/// Runs one job; returns (sampled token or 0, the context's position afterwards).
-fn run(pool: &ThreadPool, job: &DecodeJob, logits: &mut Vec<f32>) -> Result<(u64, u64), Error> {
-    let ctx = &job.ctx;
-    let model = &ctx.model.model;
-    let n_vocab = model.hparams().n_vocab;
-    let mut st = ctx.state.lock().unwrap_or_else(|e| e.into_inner());
-    let st = &mut *st;
+/// Prepares a job's first step: the sampler it asked for, its rewind, room for its tokens.
+fn start(st: &mut ContextState, r: &mut Running) -> Result<(), Error> {
+    let ctx = &r.job.ctx;
     let wanted = *ctx.next_sampler.lock().unwrap_or_else(|e| e.into_inner());
     if &wanted != st.sampler.params() {
         st.sampler =
             Sampler::new(wanted).map_err(|e| Error::new(Status::InvalidArgument, e.to_string()))?;
     }
-    if let Some(p) = job.rewind_to {
+    if let Some(p) = r.job.rewind_to {
         st.kv.rewind(p as usize).map_err(model_error)?;
         st.last_logits.clear();
     }
-    let n = job.tokens.len();
-    if n > 0 {
-        let (n_ctx, n_past) = (st.kv.n_ctx(), st.kv.n_past());
-        if n_past + n > n_ctx {
-            return Err(model_error(ModelError::ContextFull { n_ctx, n_past, n_new: n }));
+    let (n_ctx, n_past, n) = (st.kv.n_ctx(), st.kv.n_past(), r.job.tokens.len());
+    if n_past + n > n_ctx {
+        return Err(model_error(ModelError::ContextFull { n_ctx, n_past, n_new: n }));
+    }
+    r.started_at = Some(n_past);
+    Ok(())
+}
+
+/// Completes a job whose tokens have all run: logits out, sampling. Returns (token, n_past).
+fn conclude(st: &mut ContextState, job: &DecodeJob) -> Outcome {
+    if let Some(sink) = job.logits.as_ref().filter(|l| !l.all) {
+        if st.last_logits.is_empty() {
+            return Err(Error::new(
+                Status::InvalidArgument,
+                "nothing decoded yet to return logits of",
+            ));
         }
-        let all = job.logits.as_ref().is_some_and(|l| l.all);
-        let mut done = 0;
-        for chunk in job.tokens.chunks(CHUNK_TOKENS) {
-            let last = done + chunk.len() == n;
-            // The last token's logits are always kept, so that a later SAMPLE can use them.
-            let want = if all {
-                Logits::All
-            } else if last {
-                Logits::Last
-            } else {
-                Logits::None
-            };
-            model
-                .forward(pool, &mut [Seq { kv: &mut st.kv, tokens: chunk, logits: want }], logits)
-                .map_err(model_error)?;
-            if all {
-                let sink = job.logits.as_ref().expect("all implies a sink");
-                sink.mem.store_f32s(sink.offset + done * n_vocab * 4, logits);
-            }
-            if last {
-                st.last_logits.clear();
-                st.last_logits.extend_from_slice(&logits[logits.len() - n_vocab..]);
-            }
-            done += chunk.len();
-        }
-        if let Some(sink) = job.logits.as_ref().filter(|l| !l.all) {
-            sink.mem.store_f32s(sink.offset, &st.last_logits);
-        }
+        sink.mem.store_f32s(sink.offset, &st.last_logits);
     }
     let token = if job.sample {
         if st.last_logits.is_empty() {
@@ -285,4 +402,116 @@ fn run(pool: &ThreadPool, job: &DecodeJob, logits: &mut Vec<f32>) -> Result<(u64
         0
     };
     Ok((token, st.kv.n_past() as u64))
+}
+
+/// Runs one step: one forward pass over every job in `step` (all on one model). Returns the
+/// jobs that ended (finished or failed) with their results.
+fn run_step(
+    pool: &ThreadPool,
+    queue: &mut [Running],
+    step: &[(usize, usize)],
+    logits: &mut Vec<f32>,
+    served: &mut HashMap<u64, u64>,
+) -> Vec<(usize, Outcome)> {
+    let mut ended = Vec::new();
+    let model = &queue[step[0].0].job.ctx.model.clone();
+    let n_vocab = model.model.hparams().n_vocab;
+    // Lock every context of the step (each appears once) and start jobs not yet started.
+    let mut members: Vec<(usize, usize)> = Vec::with_capacity(step.len());
+    let ctxs: Vec<Arc<Context>> = step.iter().map(|&(i, _)| queue[i].job.ctx.clone()).collect();
+    let mut guards: Vec<_> =
+        ctxs.iter().map(|c| c.state.lock().unwrap_or_else(|e| e.into_inner())).collect();
+    let mut live_guards = Vec::with_capacity(step.len());
+    for (k, &(i, take)) in step.iter().enumerate() {
+        let r = &mut queue[i];
+        if r.started_at.is_none() {
+            if let Err(e) = start(&mut guards[k], r) {
+                ended.push((i, Err(e)));
+                continue;
+            }
+        }
+        if take == 0 {
+            // Nothing to run (a sample, a rewind, logits again): conclude at once.
+            ended.push((i, conclude(&mut guards[k], &r.job)));
+            continue;
+        }
+        members.push((i, take));
+        live_guards.push(k);
+    }
+    if members.is_empty() {
+        return ended;
+    }
+    // Pull the guards of the members out in order, so each Seq can borrow its own.
+    let mut member_guards: Vec<&mut ContextState> = Vec::with_capacity(members.len());
+    {
+        let mut rest: &mut [_] = &mut guards;
+        let mut consumed = 0;
+        for &k in &live_guards {
+            let (_, tail) = rest.split_at_mut(k - consumed);
+            let (g, tail) = tail.split_first_mut().expect("guard index in range");
+            member_guards.push(&mut **g);
+            rest = tail;
+            consumed = k + 1;
+        }
+    }
+    let wants: Vec<Logits> = members
+        .iter()
+        .map(|&(i, take)| {
+            let r = &queue[i];
+            if r.job.logits.as_ref().is_some_and(|l| l.all) {
+                Logits::All
+            } else if r.done + take == r.job.tokens.len() {
+                // The last token's logits are always kept, so that a later SAMPLE can use them.
+                Logits::Last
+            } else {
+                Logits::None
+            }
+        })
+        .collect();
+    let result = {
+        let mut seqs: Vec<Seq<'_>> = member_guards
+            .iter_mut()
+            .zip(&members)
+            .zip(&wants)
+            .map(|((st, &(i, take)), &want)| {
+                let r = &queue[i];
+                Seq { kv: &mut st.kv, tokens: &r.job.tokens[r.done..r.done + take], logits: want }
+            })
+            .collect();
+        model.model.forward(pool, &mut seqs, logits)
+    };
+    if let Err(e) = result {
+        let err = model_error(e);
+        for (&(i, _), st) in members.iter().zip(member_guards.iter_mut()) {
+            if let Some(p) = queue[i].started_at {
+                let _ = st.kv.rewind(p);
+                st.last_logits.clear();
+            }
+            ended.push((i, Err(err.clone())));
+        }
+        return ended;
+    }
+    let mut row = 0;
+    for ((&(i, take), st), want) in members.iter().zip(member_guards.iter_mut()).zip(&wants) {
+        let r = &mut queue[i];
+        let rows = match want {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => take,
+        };
+        let mine = &logits[row * n_vocab..(row + rows) * n_vocab];
+        row += rows;
+        if *want == Logits::All {
+            let sink = r.job.logits.as_ref().expect("All comes from a sink");
+            sink.mem.store_f32s(sink.offset + r.done * n_vocab * 4, mine);
+        }
+        r.done += take;
+        *served.entry(r.job.session).or_default() += take as u64;
+        if r.done == r.job.tokens.len() {
+            st.last_logits.clear();
+            st.last_logits.extend_from_slice(&mine[mine.len() - n_vocab..]);
+            ended.push((i, conclude(st, &r.job)));
+        }
+    }
+    ended
 }

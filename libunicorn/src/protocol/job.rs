@@ -65,6 +65,11 @@ pub enum Opcode {
     /// to rewind to (`REWIND`). Completion: result = the sampled token (`SAMPLE`), extra = the
     /// context's position afterwards.
     Decode = 4,
+    /// Cancels this session's job whose user_data is argument 0 (the latest one, if several
+    /// share it). Completes at once: Ok when the job was found, NotFound otherwise; the
+    /// cancelled job then completes with `Cancelled` at the next step boundary, its context as
+    /// it was before the job.
+    Cancel = 5,
 }
 
 impl Opcode {
@@ -74,6 +79,7 @@ impl Opcode {
             2 => Some(Opcode::Fail),
             3 => Some(Opcode::Fill),
             4 => Some(Opcode::Decode),
+            5 => Some(Opcode::Cancel),
             _ => None,
         }
     }
@@ -86,6 +92,7 @@ pub enum Job {
     Fail { status: Status },
     Fill { buffer: u32, offset: u64, len: u64, byte: u8 },
     Decode(Decode),
+    Cancel { target: u64 },
 }
 
 /// Where a `DECODE` job's tokens are.
@@ -179,6 +186,10 @@ impl Job {
                 sqe.handle = buffer;
                 sqe.args[..3].copy_from_slice(&[offset, len, u64::from(byte)]);
             }
+            Job::Cancel { target } => {
+                sqe.opcode = Opcode::Cancel as u8;
+                sqe.args[0] = target;
+            }
             Job::Decode(d) => {
                 use decode_flags::*;
                 sqe.opcode = Opcode::Decode as u8;
@@ -226,7 +237,7 @@ impl Job {
             return Err(Error::new(Status::Unsupported, format!("unknown opcode {}", sqe.opcode)));
         };
         let (used_args, takes_handle) = match op {
-            Opcode::Nop | Opcode::Fail => (1, false),
+            Opcode::Nop | Opcode::Fail | Opcode::Cancel => (1, false),
             Opcode::Fill => (3, true),
             Opcode::Decode => (6, true),
         };
@@ -259,6 +270,7 @@ impl Job {
                 Ok(Job::Fill { buffer: sqe.handle, offset, len, byte })
             }
             Opcode::Decode => decode_from_args(sqe.handle, &sqe.args).map(Job::Decode),
+            Opcode::Cancel => Ok(Job::Cancel { target: sqe.args[0] }),
         }
     }
 }
@@ -384,6 +396,7 @@ mod tests {
             Job::Nop { delay: Duration::from_micros(5) },
             Job::Fail { status: Status::LimitExceeded },
             Job::Fill { buffer: 3, offset: 8, len: 100, byte: 0xAB },
+            Job::Cancel { target: 77 },
             Job::Decode(Decode {
                 ctx: 2,
                 input: TokenInput::Inline { tokens: [0, 0], n: 0 },

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,6 +77,8 @@ pub struct Active {
     pub tokens_decoded: u64,
     /// The request id of a model load in progress.
     pub loading: Option<u32>,
+    /// Cancel flags of the DECODE jobs on the engine, by user_data.
+    decodes: HashMap<u64, Arc<AtomicBool>>,
 }
 
 /// The descriptors the client receives in its welcome.
@@ -158,6 +160,7 @@ impl Active {
             kv_tokens: 0,
             tokens_decoded: 0,
             loading: None,
+            decodes: HashMap::new(),
         };
         let fds = ClientFds {
             ring: ring_fd,
@@ -248,6 +251,7 @@ impl Active {
                 match self.prepare_decode(session, user_data, d) {
                     Ok(job) => {
                         self.in_flight += 1;
+                        self.decodes.insert(user_data, job.cancel.clone());
                         round.decodes.push(job);
                     }
                     Err(e) => {
@@ -257,6 +261,19 @@ impl Active {
                 }
             }
             Job::Fail { status } => self.complete(Completion::error(user_data, status), round),
+            Job::Cancel { target } => {
+                let status = match self.decodes.get(&target) {
+                    Some(flag) => {
+                        flag.store(true, Ordering::Release);
+                        Status::Ok
+                    }
+                    None => Status::NotFound,
+                };
+                self.complete(
+                    Completion { user_data, status, flags: 0, result: 0, extra: 0 },
+                    round,
+                )
+            }
             Job::Fill { buffer, offset, len, byte } => {
                 let status = match self.buffers.get(&buffer) {
                     None => Status::NotFound,
@@ -304,6 +321,7 @@ impl Active {
         };
         self.complete(c, &mut round);
         self.tokens_decoded += d.tokens;
+        self.decodes.remove(&d.user_data);
         self.publish();
         Ok(())
     }
@@ -431,6 +449,8 @@ impl Active {
             logits,
             sample: d.sample,
             rewind_to: d.rewind_to,
+            priority: self.priority,
+            cancel: Arc::new(AtomicBool::new(false)),
         })
     }
 
