@@ -7,6 +7,13 @@
 //!     unicorn-test-client decode SOCKET MODEL
 //!                                          load MODEL, print "ready SESSION", then decode
 //!                                          long prompts until killed
+//!     unicorn-test-client greedy SOCKET MODEL N PRIORITY PROMPT
+//!                                          load MODEL, print "ready", wait for a line on
+//!                                          stdin, then decode PROMPT and N greedy tokens;
+//!                                          print {"tokens": [...], "latencies_us": [...]}
+//!     unicorn-test-client prefill-loop SOCKET MODEL PRIORITY
+//!                                          print "ready", then prefill 512-token prompts
+//!                                          until killed
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -20,10 +27,19 @@ fn main() {
         eprintln!("usage: unicorn-test-client nops SOCKET N | hold SOCKET");
         std::process::exit(2);
     }
+    let priority = match args[1].as_str() {
+        "greedy" => args.get(5),
+        "prefill-loop" => args.get(4),
+        _ => None,
+    };
+    let priority = priority
+        .map(|p| unicorn::Priority::from_name(p).unwrap_or_else(|| fail(&format!("priority {p}"))))
+        .unwrap_or(unicorn::Priority::Normal);
     let opts = ClientOptions {
         socket: Some(PathBuf::from(&args[2])),
         name: format!("test-client-{}", std::process::id()),
         wait: WaitMode::Adaptive,
+        priority,
         ..ClientOptions::default()
     };
     let mut client = Client::connect(&opts).unwrap_or_else(|e| fail(&format!("connect: {e}")));
@@ -35,6 +51,12 @@ fn main() {
         }
         "hold" => hold(&mut client),
         "decode" => decode(&mut client, args.get(3).unwrap_or_else(|| fail("MODEL"))),
+        "greedy" => {
+            let n: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or_else(|| fail("N"));
+            let prompt = args.get(6).unwrap_or_else(|| fail("PROMPT"));
+            greedy(&mut client, &args[3], n, prompt);
+        }
+        "prefill-loop" => prefill_loop(&mut client, &args[3]),
         other => fail(&format!("unknown mode {other}")),
     }
 }
@@ -100,6 +122,56 @@ fn decode(client: &mut Client, model: &str) {
         client.rewind(&ctx, 0).unwrap_or_else(|e| fail(&format!("rewind: {e}")));
         client
             .decode(&ctx, &prompt, unicorn::LogitsWanted::Last, true)
+            .unwrap_or_else(|e| fail(&format!("decode: {e}")));
+    }
+}
+
+fn load(client: &mut Client, model: &str, n_ctx: u32) -> (unicorn::Model, unicorn::ModelContext) {
+    let m = client
+        .load_model(std::path::Path::new(model))
+        .unwrap_or_else(|e| fail(&format!("load: {e}")));
+    let params =
+        unicorn::ContextParams { n_ctx, kv_f32: false, sampler: unicorn::SamplerParams::GREEDY };
+    let ctx = client.create_context(&m, &params).unwrap_or_else(|e| fail(&format!("context: {e}")));
+    (m, ctx)
+}
+
+fn greedy(client: &mut Client, model: &str, n: usize, prompt: &str) {
+    use std::io::BufRead;
+    let (m, ctx) = load(client, model, 512);
+    let ids = client
+        .tokenize(&m, prompt, true, false)
+        .unwrap_or_else(|e| fail(&format!("tokenize: {e}")));
+    println!("ready");
+    std::io::stdout().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).ok();
+    let step = |c: &mut Client, t: &[u32]| {
+        c.decode(&ctx, t, unicorn::LogitsWanted::None, true)
+            .unwrap_or_else(|e| fail(&format!("decode: {e}")))
+            .token
+            .unwrap_or_else(|| fail("no token"))
+    };
+    let mut tokens = vec![step(client, &ids)];
+    let mut latencies = Vec::new();
+    while tokens.len() < n {
+        let t0 = std::time::Instant::now();
+        let t = step(client, &[*tokens.last().expect("one token")]);
+        latencies.push(t0.elapsed().as_micros() as u64);
+        tokens.push(t);
+    }
+    println!("{{\"tokens\": {tokens:?}, \"latencies_us\": {latencies:?}}}");
+}
+
+fn prefill_loop(client: &mut Client, model: &str) {
+    let (_, ctx) = load(client, model, 1024);
+    println!("ready");
+    std::io::stdout().flush().ok();
+    let prompt: Vec<u32> = (0..512).map(|i| 200 + i).collect();
+    loop {
+        client.rewind(&ctx, 0).unwrap_or_else(|e| fail(&format!("rewind: {e}")));
+        client
+            .decode(&ctx, &prompt, unicorn::LogitsWanted::None, false)
             .unwrap_or_else(|e| fail(&format!("decode: {e}")));
     }
 }

@@ -19,6 +19,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use memmap2::{Mmap, MmapOptions};
 use nix::fcntl::SealFlag;
@@ -97,12 +98,14 @@ impl LoadedModel {
     }
 }
 
-/// Loaded models by identity and by digest. Holds them weakly: a model lives as long as some
-/// session or context holds it.
+/// Loaded models by identity and by digest. A model lives while a session or context holds it,
+/// and for the keep-alive time after the last one lets go (`held`).
 #[derive(Debug, Default)]
 pub struct Registry {
     by_identity: HashMap<FileIdentity, Weak<LoadedModel>>,
     by_digest: HashMap<String, Weak<LoadedModel>>,
+    /// Every loaded model, with the moment it became unused (only the registry holds it).
+    held: Vec<(Arc<LoadedModel>, Option<Instant>)>,
 }
 
 impl Registry {
@@ -128,7 +131,28 @@ impl Registry {
         let m = Arc::new(m);
         self.by_identity.insert(id, Arc::downgrade(&m));
         self.by_digest.insert(m.digest.clone(), Arc::downgrade(&m));
+        self.held.push((m.clone(), None));
         (m, false)
+    }
+
+    /// Unloads models unused for `keep_alive`; returns how long until the next one expires.
+    pub fn sweep(&mut self, now: Instant, keep_alive: Duration) -> Option<Duration> {
+        let mut next: Option<Duration> = None;
+        self.held.retain_mut(|(m, idle_since)| {
+            if Arc::strong_count(m) > 1 {
+                *idle_since = None;
+                return true;
+            }
+            let since = *idle_since.get_or_insert(now);
+            let left = keep_alive.saturating_sub(now.duration_since(since));
+            if left.is_zero() {
+                log::info!("unloading model {:?} ({})", m.model.name(), &m.digest[..16]);
+                return false;
+            }
+            next = Some(next.map_or(left, |n| n.min(left)));
+            true
+        });
+        next
     }
 
     /// Every live model.

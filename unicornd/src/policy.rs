@@ -95,11 +95,13 @@ pub struct DaemonSettings {
     pub max_sessions: u32,
     /// Seconds a new connection has to say hello.
     pub handshake_timeout_s: u32,
+    /// Seconds a model stays loaded after its last user is gone (0: unloaded at once).
+    pub model_keep_alive_s: u32,
 }
 
 impl Default for DaemonSettings {
     fn default() -> Self {
-        DaemonSettings { max_sessions: 512, handshake_timeout_s: 5 }
+        DaemonSettings { max_sessions: 512, handshake_timeout_s: 5, model_keep_alive_s: 0 }
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -162,34 +162,44 @@ impl AsFd for Events {
     }
 }
 
+/// What the engine thread reports about itself.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Jobs waiting or running (as of the last step).
+    pub queued: AtomicUsize,
+    /// Forward passes run.
+    pub steps: AtomicU64,
+    /// Forward passes that ran tokens of more than one context together.
+    pub batched_steps: AtomicU64,
+}
+
 /// The engine thread's handle.
 #[derive(Debug)]
 pub struct Engine {
     tx: Sender<DecodeJob>,
     threads: usize,
-    queued: Arc<AtomicUsize>,
+    stats: Arc<EngineStats>,
 }
 
 impl Engine {
     /// Starts the engine thread with a compute pool of `threads`.
     pub fn start(threads: usize, events: Arc<Events>) -> Result<Engine, Error> {
         let (tx, rx) = channel();
-        let queued = Arc::new(AtomicUsize::new(0));
-        let q = queued.clone();
+        let stats = Arc::new(EngineStats::default());
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("unicorn-engine".into())
-            .spawn(move || engine_main(threads, rx, events, q))
+            .spawn(move || engine_main(threads, rx, events, st))
             .map_err(|e| Error::os("starting the engine thread", e))?;
-        Ok(Engine { tx, threads, queued })
+        Ok(Engine { tx, threads, stats })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
     }
 
-    /// Jobs waiting or running on the engine thread (as of its last step).
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     pub fn submit(&self, job: DecodeJob) -> Result<(), Error> {
@@ -229,41 +239,86 @@ impl Running {
     }
 }
 
+/// What the planner needs to know of a queued job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Item {
+    /// Identity of the job's context and model (addresses; only compared).
+    ctx: usize,
+    model: usize,
+    priority: Priority,
+    session: u64,
+    /// Arrival order.
+    seq: u64,
+    /// Tokens still to run.
+    left: usize,
+}
+
+impl Running {
+    fn item(&self) -> Item {
+        Item {
+            ctx: Arc::as_ptr(&self.job.ctx) as usize,
+            model: Arc::as_ptr(&self.job.ctx.model) as usize,
+            priority: self.job.priority,
+            session: self.job.session,
+            seq: self.seq,
+            left: self.left(),
+        }
+    }
+}
+
+/// Prompt tokens normal and background jobs take per step, all together, while interactive
+/// work is about: those clients' tokens then wait for at most a short step.
+pub const INTERACTIVE_YIELD: usize = 32;
+
 /// Which jobs run in the next step, and how many of their tokens.
 ///
-/// The policy (see docs/architecture.md): only the oldest job of each context is eligible, so
-/// a context's jobs run in order. Eligible jobs are ordered by priority class, then by how few
-/// tokens their session got recently (fair sharing within a class), then by age. The first
-/// one picks the model; every eligible job of that model joins the step in that order until
-/// the step's token budget is spent, each taking at most a prefill chunk. So a realtime job
-/// waits at most for the step that is running when it arrives.
-fn plan(queue: &[Running], served: &HashMap<u64, u64>) -> Vec<(usize, usize)> {
-    let mut seen: Vec<*const Context> = Vec::new();
+/// The policy (docs/architecture.md, "Scheduling"):
+/// - only the oldest job of each context is eligible, so a context's jobs run in order;
+/// - eligible jobs are ordered by class (realtime, interactive, normal, background), then by
+///   how few tokens their session got recently (fair sharing within a class), then by age;
+/// - the first picks the model; every eligible job of that model joins the step in that order
+///   until the step's token budget is spent, each taking at most `PREFILL_CHUNK` of its prompt;
+/// - while realtime work is about (`urgent` = `Some(Realtime)`), lower classes only get their
+///   single-token decodes into steps (no prompt chunks), so realtime tokens never wait behind
+///   a long step; while interactive work is about, normal and background prompts share
+///   `INTERACTIVE_YIELD` tokens per step.
+fn plan(items: &[Item], served: &HashMap<u64, u64>, urgent: Option<Priority>) -> Vec<(usize, usize)> {
     let mut eligible: Vec<usize> = Vec::new();
-    let mut by_age: Vec<usize> = (0..queue.len()).collect();
-    by_age.sort_by_key(|&i| queue[i].seq);
+    let mut by_age: Vec<usize> = (0..items.len()).collect();
+    by_age.sort_by_key(|&i| items[i].seq);
+    let mut seen: Vec<usize> = Vec::new();
     for i in by_age {
-        let ctx = Arc::as_ptr(&queue[i].job.ctx);
-        if !seen.contains(&ctx) {
-            seen.push(ctx);
+        if !seen.contains(&items[i].ctx) {
+            seen.push(items[i].ctx);
             eligible.push(i);
         }
     }
     eligible.sort_by_key(|&i| {
-        let r = &queue[i];
-        (r.job.priority, served.get(&r.job.session).copied().unwrap_or(0), r.seq)
+        let it = &items[i];
+        (it.priority, served.get(&it.session).copied().unwrap_or(0), it.seq)
     });
     let Some(&first) = eligible.first() else { return Vec::new() };
-    let model = Arc::as_ptr(&queue[first].job.ctx.model);
+    let model = items[first].model;
     let mut budget = STEP_TOKENS;
+    // What lower classes may take while urgent work is about.
+    let mut yield_budget = match urgent {
+        Some(Priority::Realtime) => 0,
+        Some(Priority::Interactive) => INTERACTIVE_YIELD,
+        _ => STEP_TOKENS,
+    };
     let mut step = Vec::new();
     for i in eligible {
-        let r = &queue[i];
-        if Arc::as_ptr(&r.job.ctx.model) != model {
+        let it = &items[i];
+        if it.model != model {
             continue;
         }
-        let take = r.left().min(PREFILL_CHUNK).min(budget);
-        if take == 0 && r.left() > 0 {
+        let lower = urgent.is_some_and(|u| it.priority > u.max(Priority::Interactive));
+        let mut take = it.left.min(PREFILL_CHUNK).min(budget);
+        if lower && it.left > 1 {
+            take = take.min(yield_budget);
+            yield_budget -= take;
+        }
+        if take == 0 && it.left > 0 {
             continue; // no budget left for it this step
         }
         budget -= take;
@@ -272,17 +327,18 @@ fn plan(queue: &[Running], served: &HashMap<u64, u64>) -> Vec<(usize, usize)> {
     step
 }
 
-fn engine_main(
-    threads: usize,
-    rx: Receiver<DecodeJob>,
-    events: Arc<Events>,
-    queued: Arc<AtomicUsize>,
-) {
+/// How long realtime or interactive work counts as "about" after its last job was queued: the
+/// gap between one token's completion and the client's next submission.
+const URGENT_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
+
+fn engine_main(threads: usize, rx: Receiver<DecodeJob>, events: Arc<Events>, stats: Arc<EngineStats>) {
     let pool = ThreadPool::new(threads);
     let mut queue: Vec<Running> = Vec::new();
     let mut next_seq = 0u64;
     // Tokens served per session, halved every step: a recent-usage measure for fairness.
     let mut served: HashMap<u64, u64> = HashMap::new();
+    // The most urgent class seen lately, and until when it counts as about.
+    let mut urgent: Option<(Priority, std::time::Instant)> = None;
     let mut logits = Vec::new();
     loop {
         if queue.is_empty() {
@@ -313,10 +369,26 @@ fn engine_main(
                 i += 1;
             }
         }
-        queued.store(queue.len(), Ordering::Relaxed);
-        let step = plan(&queue, &served);
+        stats.queued.store(queue.len(), Ordering::Relaxed);
+        let now = std::time::Instant::now();
+        let about = urgent.filter(|(_, until)| now < *until).map(|(p, _)| p);
+        let top = queue.iter().map(|r| r.job.priority).filter(|p| *p <= Priority::Interactive).min();
+        if let Some(top) = top {
+            // A class stays "about" for a window after its last job; a more urgent one takes
+            // over at once.
+            if about.is_none_or(|p| top <= p) {
+                urgent = Some((top, now + URGENT_WINDOW));
+            }
+        }
+        let about = urgent.filter(|(_, until)| now < *until).map(|(p, _)| p);
+        let items: Vec<Item> = queue.iter().map(Running::item).collect();
+        let step = plan(&items, &served, about);
         if step.is_empty() {
             continue;
+        }
+        stats.steps.fetch_add(1, Ordering::Relaxed);
+        if step.iter().filter(|(_, take)| *take > 0).count() > 1 {
+            stats.batched_steps.fetch_add(1, Ordering::Relaxed);
         }
         for v in served.values_mut() {
             *v /= 2;
@@ -329,7 +401,7 @@ fn engine_main(
             let r = queue.swap_remove(i);
             finish(&events, &r.job, result);
         }
-        queued.store(queue.len(), Ordering::Relaxed);
+        stats.queued.store(queue.len(), Ordering::Relaxed);
     }
 }
 
@@ -514,4 +586,69 @@ fn run_step(
         }
     }
     ended
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(ctx: usize, priority: Priority, session: u64, seq: u64, left: usize) -> Item {
+        Item { ctx, model: 1, priority, session, seq, left }
+    }
+
+    #[test]
+    fn a_context_runs_its_jobs_in_order() {
+        let items = [item(1, Priority::Normal, 1, 0, 5), item(1, Priority::Normal, 1, 1, 1)];
+        assert_eq!(plan(&items, &HashMap::new(), None), vec![(0, 5)]);
+    }
+
+    #[test]
+    fn higher_classes_come_first_and_long_prompts_are_chunked() {
+        let items = [
+            item(1, Priority::Background, 1, 0, 4000),
+            item(2, Priority::Background, 2, 1, 4000),
+            item(3, Priority::Realtime, 3, 2, 1),
+            item(4, Priority::Normal, 4, 3, 1),
+        ];
+        let step = plan(&items, &HashMap::new(), None);
+        // Realtime, then normal, then the background prompts in chunks within the budget.
+        assert_eq!(step, vec![(2, 1), (3, 1), (0, PREFILL_CHUNK), (1, STEP_TOKENS - 2 - PREFILL_CHUNK)]);
+        // While realtime work is about, the others only decode single tokens.
+        let step = plan(&items, &HashMap::new(), Some(Priority::Realtime));
+        assert_eq!(step, vec![(2, 1), (3, 1)]);
+        // While interactive work is about, background prompts share a small budget.
+        let items = [
+            item(1, Priority::Background, 1, 0, 4000),
+            item(2, Priority::Background, 2, 1, 4000),
+            item(3, Priority::Interactive, 3, 2, 1),
+        ];
+        let step = plan(&items, &HashMap::new(), Some(Priority::Interactive));
+        assert_eq!(step, vec![(2, 1), (0, INTERACTIVE_YIELD)]);
+    }
+
+    #[test]
+    fn within_a_class_the_least_served_session_goes_first() {
+        let items = [item(1, Priority::Normal, 1, 0, 300), item(2, Priority::Normal, 2, 1, 300)];
+        let mut served = HashMap::new();
+        served.insert(1, 1000);
+        let step = plan(&items, &served, None);
+        assert_eq!(step[0], (1, PREFILL_CHUNK), "session 2 got less recently: it goes first");
+        assert_eq!(step[1], (0, STEP_TOKENS - PREFILL_CHUNK));
+    }
+
+    #[test]
+    fn one_model_per_step() {
+        let mut other = item(2, Priority::Realtime, 2, 1, 1);
+        other.model = 2;
+        let items = [item(1, Priority::Normal, 1, 0, 1), other];
+        // The realtime job picks its model; the other model waits for the next step.
+        assert_eq!(plan(&items, &HashMap::new(), None), vec![(1, 1)]);
+    }
+
+    #[test]
+    fn jobs_without_tokens_still_get_their_turn() {
+        let items = [item(1, Priority::Normal, 1, 0, STEP_TOKENS * 4), item(2, Priority::Normal, 2, 1, 0)];
+        let step = plan(&items, &HashMap::new(), None);
+        assert!(step.contains(&(1, 0)), "{step:?}");
+    }
 }

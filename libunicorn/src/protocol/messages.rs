@@ -147,7 +147,7 @@ pub struct Welcome {
 }
 
 /// One session as `unicorn status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct SessionInfo {
     pub id: u64,
     pub pid: u32,
@@ -166,10 +166,12 @@ pub struct SessionInfo {
     pub kv_tokens: u64,
     /// Tokens decoded for this session.
     pub tokens_decoded: u64,
+    /// Tokens per second decoded for this session lately (a 5-second moving average).
+    pub token_rate: f32,
 }
 
 /// The daemon's state as `unicorn status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DaemonStatus {
     pub version: String,
     pub pid: u32,
@@ -187,6 +189,11 @@ pub struct DaemonStatus {
     pub models: Vec<ModelStatus>,
     /// Threads of the CPU compute pool.
     pub threads: u32,
+    /// Jobs waiting or running on the engine.
+    pub engine_queue: u32,
+    /// Forward passes run, and those that batched more than one context.
+    pub engine_steps: u64,
+    pub engine_batched_steps: u64,
 }
 
 /// How the daemon samples the next token of a context (see `unicorn_sampler_params` in C).
@@ -328,7 +335,7 @@ pub enum Request {
 }
 
 /// Daemon to client.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
     Error {
         status: Status,
@@ -650,7 +657,8 @@ impl Reply {
                             .u32(x.models)
                             .u32(x.contexts)
                             .u64(x.kv_tokens)
-                            .u64(x.tokens_decoded);
+                            .u64(x.tokens_decoded)
+                            .u32(x.token_rate.to_bits());
                     })
                     .list(&s.devices, write_device)
                     .list(&s.models, |w, m| {
@@ -663,7 +671,10 @@ impl Reply {
                             .u32(m.contexts)
                             .str(&m.storage);
                     })
-                    .u32(s.threads);
+                    .u32(s.threads)
+                    .u32(s.engine_queue)
+                    .u64(s.engine_steps)
+                    .u64(s.engine_batched_steps);
             }
             Reply::BufferRegistered { handle, size } => {
                 w = header(kind::BUFFER_REGISTERED, request_id);
@@ -746,7 +757,7 @@ impl Reply {
                 sessions_served: r.u64("sessions served")?,
                 jobs_completed: r.u64("jobs completed")?,
                 sessions_disconnected: r.u64("sessions disconnected")?,
-                sessions: r.list("sessions", 79, |r| {
+                sessions: r.list("sessions", 83, |r| {
                     Ok(SessionInfo {
                         id: r.u64("session id")?,
                         pid: r.u32("pid")?,
@@ -763,6 +774,7 @@ impl Reply {
                         contexts: r.u32("contexts")?,
                         kv_tokens: r.u64("kv tokens")?,
                         tokens_decoded: r.u64("tokens decoded")?,
+                        token_rate: f32::from_bits(r.u32("token rate")?),
                     })
                 })?,
                 devices: r.list("devices", 6, read_device)?,
@@ -779,6 +791,9 @@ impl Reply {
                     })
                 })?,
                 threads: r.u32("threads")?,
+                engine_queue: r.u32("engine queue")?,
+                engine_steps: r.u64("engine steps")?,
+                engine_batched_steps: r.u64("engine batched steps")?,
             }),
             kind::BUFFER_REGISTERED => {
                 Reply::BufferRegistered { handle: r.u32("handle")?, size: r.u64("size")? }
@@ -930,6 +945,7 @@ mod tests {
                     contexts: 2,
                     kv_tokens: 4096,
                     tokens_decoded: 77,
+                    token_rate: 12.5,
                 }],
                 devices: vec![device()],
                 models: vec![ModelStatus {
@@ -943,6 +959,9 @@ mod tests {
                     storage: "copied".into(),
                 }],
                 threads: 2,
+                engine_queue: 3,
+                engine_steps: 10,
+                engine_batched_steps: 4,
             }),
             Reply::BufferRegistered { handle: 3, size: 8192 },
             Reply::Done,

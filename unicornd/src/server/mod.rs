@@ -14,6 +14,7 @@ use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering as Atomic;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -243,7 +244,9 @@ impl Server {
                 if self.prepare_sleep() {
                     continue;
                 }
-                self.sleep_timeout()
+                let keep_alive = Duration::from_secs(u64::from(self.config.policy.daemon.model_keep_alive_s));
+                let unload_in = self.registry.sweep(Instant::now(), keep_alive);
+                self.sleep_timeout(unload_in)
             };
             let n = match self.epoll.wait(&mut events, timeout) {
                 Ok(n) => n,
@@ -252,6 +255,11 @@ impl Server {
             };
             if !spinning {
                 self.end_sleep();
+                // Take what the doorbells announced before answering control requests, so that a
+                // client's submissions are in the daemon's state before any request it sent after.
+                if let Some(spin) = self.poll_rings(Instant::now()) {
+                    spin_until = spin_until.max(Instant::now() + spin);
+                }
             }
             for ev in &events[..n] {
                 self.dispatch(ev.data(), ev.events());
@@ -350,11 +358,16 @@ impl Server {
         }
     }
 
-    fn sleep_timeout(&self) -> EpollTimeout {
-        match self.timers.peek() {
+    /// How long to sleep: until the next timer, or `also` (a model's keep-alive running out).
+    fn sleep_timeout(&self, also: Option<Duration>) -> EpollTimeout {
+        let timer = self.timers.peek().map(|t| t.0.due.saturating_duration_since(Instant::now()));
+        let next = match (timer, also) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match next {
             None => EpollTimeout::NONE,
-            Some(t) => {
-                let left = t.0.due.saturating_duration_since(Instant::now());
+            Some(left) => {
                 // Round up to whole milliseconds so that the timer is due when we wake.
                 let ms = left.as_micros().div_ceil(1000).min(u128::from(u16::MAX)) as u16;
                 EpollTimeout::from(ms)
@@ -478,9 +491,10 @@ impl Server {
             (Request::Echo { payload }, true) => Reply::Echo { payload },
             (Request::Status, true) => Reply::Status(self.status()),
             (Request::RegisterBuffer { size }, true) => {
+                let others = self.user_usage(id).2;
                 let a = self.active_mut(id)?;
                 let fd = fds.into_iter().next().ok_or_else(|| Error::protocol("no descriptor"))?;
-                match a.register_buffer(fd, size) {
+                match a.register_buffer(fd, size, others) {
                     Ok((handle, size)) => Reply::BufferRegistered { handle, size },
                     Err(e) => error_reply(e),
                 }
@@ -596,7 +610,9 @@ impl Server {
                 format!("{n_ctx} positions is more than the {train} the model was trained for"),
             ));
         }
-        a.check_context_room(n_ctx)?;
+        let (contexts, kv_tokens, _) = self.user_usage(id);
+        let a = self.active_mut(id)?;
+        a.check_context_room(n_ctx, contexts, kv_tokens)?;
         let ty = if kv_f32 {
             unicorn_engine::model::KvType::F32
         } else {
@@ -608,6 +624,23 @@ impl Server {
             .map_err(|e| Error::new(Status::InvalidArgument, e.to_string()))?;
         let ctx = Arc::new(Context::new(m, kv, params)?);
         Ok((a.add_context(ctx), n_ctx))
+    }
+
+    /// What the user of session `id` holds in all their sessions: (contexts, KV-cache positions,
+    /// buffer bytes of the other sessions).
+    fn user_usage(&self, id: u64) -> (u64, u64, u64) {
+        let Some(uid) = self.sessions.get(&id).map(|s| s.creds.uid) else { return (0, 0, 0) };
+        let mut usage = (0, 0, 0);
+        for s in self.sessions.values().filter(|s| s.creds.uid == uid) {
+            if let Some(a) = &s.active {
+                usage.0 += a.contexts.len() as u64;
+                usage.1 += a.kv_tokens;
+                if s.id != id {
+                    usage.2 += a.buffer_bytes;
+                }
+            }
+        }
+        usage
     }
 
     /// What the engine and loader threads reported.
@@ -798,6 +831,7 @@ impl Server {
                     contexts: a.contexts.len() as u32,
                     kv_tokens: a.kv_tokens,
                     tokens_decoded: a.tokens_decoded,
+                    token_rate: a.rate.rate(now),
                 })
             })
             .collect();
@@ -815,6 +849,9 @@ impl Server {
             devices: self.devices.clone(),
             models: self.model_status(),
             threads: self.engine.threads() as u32,
+            engine_queue: self.engine.stats().queued.load(Atomic::Relaxed) as u32,
+            engine_steps: self.engine.stats().steps.load(Atomic::Relaxed),
+            engine_batched_steps: self.engine.stats().batched_steps.load(Atomic::Relaxed),
         }
     }
 

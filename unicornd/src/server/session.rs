@@ -79,6 +79,39 @@ pub struct Active {
     pub loading: Option<u32>,
     /// Cancel flags of the DECODE jobs on the engine, by user_data.
     decodes: HashMap<u64, Arc<AtomicBool>>,
+    /// Recent decoding speed.
+    pub rate: RateMeter,
+}
+
+/// Tokens per second over the last few seconds: an exponentially decaying count.
+#[derive(Debug, Clone, Copy)]
+pub struct RateMeter {
+    /// Decayed token count, in tokens per second once divided by `TAU`.
+    level: f64,
+    at: Instant,
+}
+
+impl RateMeter {
+    /// The averaging time constant.
+    const TAU: f64 = 5.0;
+
+    pub fn new(now: Instant) -> RateMeter {
+        RateMeter { level: 0.0, at: now }
+    }
+
+    fn decay(&self, now: Instant) -> f64 {
+        self.level * (-now.saturating_duration_since(self.at).as_secs_f64() / Self::TAU).exp()
+    }
+
+    pub fn add(&mut self, now: Instant, tokens: u64) {
+        self.level = self.decay(now) + tokens as f64;
+        self.at = now;
+    }
+
+    /// Tokens per second, averaged over about the last `TAU` seconds.
+    pub fn rate(&self, now: Instant) -> f32 {
+        (self.decay(now) / Self::TAU) as f32
+    }
 }
 
 /// The descriptors the client receives in its welcome.
@@ -161,6 +194,7 @@ impl Active {
             tokens_decoded: 0,
             loading: None,
             decodes: HashMap::new(),
+            rate: RateMeter::new(Instant::now()),
         };
         let fds = ClientFds {
             ring: ring_fd,
@@ -321,6 +355,9 @@ impl Active {
         };
         self.complete(c, &mut round);
         self.tokens_decoded += d.tokens;
+        if d.tokens > 0 {
+            self.rate.add(Instant::now(), d.tokens);
+        }
         self.decodes.remove(&d.user_data);
         self.publish();
         Ok(())
@@ -338,8 +375,9 @@ impl Active {
         }
     }
 
-    /// Registers a client memfd as a buffer after checking its seals, size and the limits.
-    pub fn register_buffer(&mut self, fd: OwnedFd, size: u64) -> Result<(u32, u64), Error> {
+    /// Registers a client memfd as a buffer after checking its seals, size and the limits;
+    /// `others` is what the user's other sessions hold in buffers.
+    pub fn register_buffer(&mut self, fd: OwnedFd, size: u64, others: u64) -> Result<(u32, u64), Error> {
         let limits = self.policy.limits;
         if self.buffers.len() as u64 >= u64::from(limits.max_buffers) {
             return Err(Error::new(
@@ -358,13 +396,14 @@ impl Active {
                 format!("buffer is {actual} bytes, the request said {size} (and 0 is not allowed)"),
             ));
         }
-        let total = self.buffer_bytes.checked_add(size).filter(|t| *t <= limits.max_buffer_bytes);
-        let Some(total) = total else {
+        let total = self.buffer_bytes.checked_add(size);
+        let Some(total) = total.filter(|t| t.saturating_add(others) <= limits.max_buffer_bytes) else {
             return Err(Error::new(
                 Status::LimitExceeded,
                 format!(
-                    "{size} more bytes would exceed the session's {} bytes of buffers ({} in use)",
-                    limits.max_buffer_bytes, self.buffer_bytes
+                    "{size} more bytes would exceed this user's {} bytes of buffers ({} in use)",
+                    limits.max_buffer_bytes,
+                    self.buffer_bytes + others
                 ),
             ));
         };
@@ -494,21 +533,22 @@ impl Active {
             .ok_or_else(|| Error::new(Status::NotFound, format!("no model {handle}")))
     }
 
-    /// Checks the context limits for one more context of `n_ctx` positions.
-    pub fn check_context_room(&self, n_ctx: u32) -> Result<(), Error> {
+    /// Checks the user's context limits for one more context of `n_ctx` positions, given what
+    /// the user holds in all sessions (`contexts`, `kv_tokens`).
+    pub fn check_context_room(&self, n_ctx: u32, contexts: u64, kv_tokens: u64) -> Result<(), Error> {
         let l = self.policy.limits;
-        if self.contexts.len() as u64 >= u64::from(l.max_contexts) {
+        if contexts >= u64::from(l.max_contexts) {
             return Err(Error::new(
                 Status::LimitExceeded,
-                format!("this session already holds {} contexts, the most allowed", l.max_contexts),
+                format!("this user already holds {} contexts, the most allowed", l.max_contexts),
             ));
         }
-        if self.kv_tokens + u64::from(n_ctx) > u64::from(l.max_kv_tokens) {
+        if kv_tokens + u64::from(n_ctx) > u64::from(l.max_kv_tokens) {
             return Err(Error::new(
                 Status::LimitExceeded,
                 format!(
-                    "{n_ctx} more KV-cache positions would exceed the session's {} ({} in use)",
-                    l.max_kv_tokens, self.kv_tokens
+                    "{n_ctx} more KV-cache positions would exceed this user's {} ({kv_tokens} in use)",
+                    l.max_kv_tokens
                 ),
             ));
         }
