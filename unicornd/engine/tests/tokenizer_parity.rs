@@ -1,5 +1,6 @@
-//! Token ids and pieces must equal llama.cpp's, case by case, on the reference file written by
-//! `scripts/make-reference.py` (`tests/data/reference/smollm2/tokens.json`).
+//! Token ids, pieces and detokenized text must equal llama.cpp's, case by case, on the reference
+//! files written by `scripts/make-reference.py` (`tests/data/reference/<key>/tokens.json`):
+//! SmolLM2 (byte-level BPE) and Gemma 3 (SentencePiece).
 
 mod common;
 
@@ -13,13 +14,24 @@ fn hex_decode(s: &str) -> Vec<u8> {
 
 #[test]
 fn smollm2_matches_llama_cpp_reference() {
-    let ref_path = common::reference_path("smollm2/tokens.json");
+    check_reference("smollm2", common::SMOLLM2, "gpt2");
+}
+
+#[test]
+fn gemma3_matches_llama_cpp_reference() {
+    check_reference("gemma3", common::GEMMA3, "llama");
+}
+
+/// Every case of `<key>/tokens.json` on the model file `file`, whose tokenizer is `model`.
+fn check_reference(key: &str, file: &str, model: &str) {
+    let ref_path = common::reference_path(&format!("{key}/tokens.json"));
     let text = std::fs::read_to_string(&ref_path).unwrap_or_else(|e| {
-        panic!("{}: {e}; regenerate it with scripts/make-reference.py smollm2", ref_path.display())
+        panic!("{}: {e}; regenerate it with scripts/make-reference.py {key}", ref_path.display())
     });
     let reference: Json = serde_json::from_str(&text).expect("reference JSON");
     assert_eq!(reference["format"], "unicorn-reference-tokens");
-    let model_path = common::model_path(common::SMOLLM2);
+    assert_eq!(reference["model"]["file"], file);
+    let model_path = common::model_path(file);
     let gguf = GgufFile::open(&model_path).expect("open model");
     assert_eq!(
         Some(gguf.len()),
@@ -27,8 +39,11 @@ fn smollm2_matches_llama_cpp_reference() {
         "the cached model is not the file the reference was made from"
     );
     let tok = Tokenizer::from_gguf(&gguf).expect("tokenizer");
+    assert_eq!(tok.model_name(), model);
     assert_eq!(Some(tok.n_vocab() as u64), reference["model"]["n_vocab"].as_u64());
     assert_eq!(Some(tok.add_bos()), reference["model"]["add_bos"].as_bool());
+    assert_eq!(tok.bos().map(u64::from), reference["model"]["bos"].as_u64());
+    assert_eq!(tok.eos().map(u64::from), reference["model"]["eos"].as_u64());
 
     let cases = reference["cases"].as_array().expect("cases");
     assert!(cases.len() >= 40, "only {} cases", cases.len());
@@ -57,15 +72,15 @@ fn smollm2_matches_llama_cpp_reference() {
             failures.push(format!("{name}: pieces differ"));
             continue;
         }
-        if let Some(detok) = case["detok_hex"].as_str() {
-            let got = tok.detokenize(&got, true).unwrap();
-            if got != hex_decode(detok) {
-                failures.push(format!(
-                    "{name}: detokenized {:?}, want {:?}",
-                    String::from_utf8_lossy(&got),
-                    String::from_utf8_lossy(&hex_decode(detok))
-                ));
-            }
+        // llama_detokenize(ids, remove_special = false, unparse_special = true).
+        let want_detok = hex_decode(case["detok_hex"].as_str().expect("detok_hex"));
+        let got_detok = tok.detokenize(&got, true).unwrap();
+        if got_detok != want_detok {
+            failures.push(format!(
+                "{name}: detokenized {:?}, want {:?}",
+                String::from_utf8_lossy(&got_detok),
+                String::from_utf8_lossy(&want_detok)
+            ));
         }
     }
     assert!(
@@ -75,5 +90,5 @@ fn smollm2_matches_llama_cpp_reference() {
         cases.len(),
         failures.join("\n")
     );
-    eprintln!("all {} llama.cpp reference cases match", cases.len());
+    eprintln!("{key}: all {} llama.cpp reference cases match", cases.len());
 }

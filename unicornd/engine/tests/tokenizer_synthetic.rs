@@ -167,10 +167,10 @@ fn metadata_is_validated() {
     let with =
         |extra: Vec<(&'static str, Value)>| build(Spec { tokens: TOKENS, merges: &[], extra });
     let mut w = GgufWriter::new();
-    w.kv("tokenizer.ggml.model", Value::String("llama".into()));
+    w.kv("tokenizer.ggml.model", Value::String("t5".into()));
     let f = GgufFile::from_bytes(w.to_bytes()).unwrap();
     assert!(
-        matches!(Tokenizer::from_gguf(&f), Err(TokenizerError::UnsupportedModel(m)) if m == "llama")
+        matches!(Tokenizer::from_gguf(&f), Err(TokenizerError::UnsupportedModel(m)) if m == "t5")
     );
 
     let mut w = GgufWriter::new();

@@ -3,29 +3,45 @@
 //! [`Tokenizer::from_gguf`] reads `tokenizer.ggml.*` and validates it before use: the token list
 //! must be a non-empty string array of at most `i32::MAX` entries; `token_type` and `scores`, when
 //! present, must have an entry per token; special token ids outside the vocabulary are ignored
-//! (with a warning, like llama.cpp); a tokenizer that adds BOS/EOS must have one. Unknown models
-//! and pre-tokenizers are errors rather than guesses, because a wrong split silently changes
-//! every token id.
+//! (with a warning, like llama.cpp); a tokenizer that adds BOS/EOS must have one. Unknown models,
+//! and unknown pre-tokenizers of byte-level BPE, are errors rather than guesses, because a wrong
+//! split silently changes every token id.
 //!
-//! Implemented: `tokenizer.ggml.model = gpt2` (byte-level BPE) with the pre-tokenizers
-//! of [`PreTokenizer`]. The SentencePiece `llama` model (Gemma) is the next variant of the
-//! internal `Model` enum: it plugs in at [`Tokenizer::tokenize`]'s per-model match, and reuses
-//! the vocabulary, special-token partitioning, pieces and streaming here.
+//! Implemented, as variants of the internal `Model` enum that plug in at
+//! [`Tokenizer::tokenize`]'s per-model match and share the vocabulary, special-token
+//! partitioning, pieces and streaming here:
+//! - `tokenizer.ggml.model = gpt2`: byte-level BPE, with the pre-tokenizers of [`PreTokenizer`];
+//! - `tokenizer.ggml.model = llama`: SentencePiece BPE (Llama 2, Gemma): merges by token score,
+//!   byte fallback through `<0xXX>` tokens, spaces escaped as U+2581 '▁', no pre-tokenizer
+//!   (`tokenizer.ggml.pre` is ignored, as llama.cpp does).
 //!
-//! Behaviour follows llama.cpp's `llama_tokenize` / `llama_token_to_piece`:
+//! Behaviour follows llama.cpp's `llama_tokenize` / `llama_token_to_piece` / `llama_detokenize`:
 //! - `tokenize(text, add_special, parse_special)`: special tokens are cut out of the text first
-//!   (longest first, as llama.cpp does); with `add_special`, BOS/EOS are added when the model's `add_bos` /
-//!   `add_eos` say so (SmolLM2's `add_bos_token = false` means no BOS even then).
+//!   (longest first, as llama.cpp does); with `add_special`, BOS/EOS are added when the model's
+//!   `add_bos` / `add_eos` say so (SmolLM2's `add_bos_token = false` means no BOS even then).
+//! - SentencePiece defaults, as llama.cpp sets them for `llama`: BOS 1, EOS 2, UNK 0, `add_bos`
+//!   true, `add_eos` false, and `add_space_prefix` (`tokenizer.ggml.add_space_prefix`) true:
+//!   then every text fragment at the start of the text or right after a special token is
+//!   tokenized with a space in front. Gemma's files set it to false. For byte-level BPE it
+//!   defaults to false and, as in llama.cpp, only affects detokenization.
 //! - token types come from `tokenizer.ggml.token_type`; like llama.cpp, tokens whose text marks
 //!   them as end-of-generation or fill-in-the-middle controls (`<|im_end|>`, `<|endoftext|>`,
 //!   `<|fim_prefix|>`, ...) are treated as control tokens even if the file types them as normal.
-//! - pieces: normal tokens are decoded from GPT-2's byte alphabet to raw bytes (which may be a
-//!   partial UTF-8 sequence); control/user-defined/unknown tokens render as their text, control
-//!   and unknown ones only when `special` is requested.
+//! - pieces: normal tokens are decoded to raw bytes (which may be a partial UTF-8 sequence):
+//!   from GPT-2's byte alphabet for byte-level BPE, with '▁' back to a space for SentencePiece;
+//!   byte tokens `<0xXX>` are that byte; control/user-defined/unknown tokens render as their
+//!   text, control and unknown ones only when `special` is requested; other tokens (unused,
+//!   undefined) render as nothing.
+//! - detokenization concatenates pieces; with `add_space_prefix`, one leading space of the first
+//!   piece is dropped (the prefix the tokenizer added; a kept BOS is the first piece, and after
+//!   a removed one nothing is dropped: [`Tokenizer::detokenize_with`]). Streaming
+//!   ([`StreamDecoder`]) emits pieces unchanged, as a continuation's first token keeps its
+//!   space.
 
 mod bpe;
 mod pretokenize;
 mod special;
+mod spm;
 mod stream;
 mod unicode;
 mod unicode_data;
@@ -35,6 +51,7 @@ use std::ops::Range;
 
 use crate::gguf::{GgufError, GgufFile, Metadata};
 
+use pretokenize::PreDefaults;
 pub use pretokenize::PreTokenizer;
 pub use stream::{StreamDecoder, Utf8Assembler};
 
@@ -151,11 +168,13 @@ pub(crate) struct Vocab {
     pub token_to_id: HashMap<Box<str>, TokenId>,
 }
 
-/// The per-model encoder. SentencePiece (`llama`) is the next variant.
+/// The per-model encoder.
 #[derive(Debug)]
 enum Model {
     /// `gpt2`: byte-level BPE.
     Bpe(bpe::Bpe),
+    /// `llama`: SentencePiece BPE.
+    Spm(spm::Spm),
 }
 
 /// A tokenizer: text to token ids and back. Cheap to share (`Send + Sync`, no interior state).
@@ -167,6 +186,7 @@ pub struct Tokenizer {
     special: SpecialTokens,
     add_bos: bool,
     add_eos: bool,
+    add_space_prefix: bool,
     eog: Vec<TokenId>,
     specials: special::SpecialMatcher,
 }
@@ -180,6 +200,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("special", &self.special)
             .field("add_bos", &self.add_bos)
             .field("add_eos", &self.add_eos)
+            .field("add_space_prefix", &self.add_space_prefix)
             .field("eog", &self.eog)
             .finish_non_exhaustive()
     }
@@ -240,23 +261,38 @@ impl Tokenizer {
     /// Build the tokenizer described by `tokenizer.ggml.*` metadata.
     pub fn from_metadata(md: &Metadata) -> Result<Tokenizer, TokenizerError> {
         let model_name = md.get_str("tokenizer.ggml.model")?;
-        if model_name != "gpt2" {
-            return Err(TokenizerError::UnsupportedModel(model_name.to_owned()));
-        }
-        let pre_name = md.opt_str("tokenizer.ggml.pre")?.unwrap_or("");
-        if pre_name.is_empty() {
-            log::warn!("tokenizer.ggml.pre is missing: using the default pre-tokenizer");
-        }
-        let (pre, pre_defaults) = PreTokenizer::from_name(pre_name)
-            .ok_or_else(|| TokenizerError::UnknownPreTokenizer(pre_name.to_owned()))?;
+        let spm = match model_name {
+            "gpt2" => false,
+            "llama" => true,
+            _ => return Err(TokenizerError::UnsupportedModel(model_name.to_owned())),
+        };
+        let (pre, pre_defaults) = if spm {
+            // llama.cpp ignores tokenizer.ggml.pre for SentencePiece and adds BOS by default.
+            (PreTokenizer::Default, PreDefaults { ignore_merges: false, add_bos: true })
+        } else {
+            let pre_name = md.opt_str("tokenizer.ggml.pre")?.unwrap_or("");
+            if pre_name.is_empty() {
+                log::warn!("tokenizer.ggml.pre is missing: using the default pre-tokenizer");
+            }
+            PreTokenizer::from_name(pre_name)
+                .ok_or_else(|| TokenizerError::UnknownPreTokenizer(pre_name.to_owned()))?
+        };
 
         let mut vocab = read_vocab(md)?;
         let n_vocab = vocab.tokens.len();
 
-        // gpt2 defaults (llama.cpp), disabled when outside the vocabulary.
+        // llama.cpp's defaults per model, disabled when outside the vocabulary.
         let in_vocab = |id: TokenId| ((id as usize) < n_vocab).then_some(id);
-        let mut special =
-            SpecialTokens { bos: in_vocab(11), eos: in_vocab(11), ..SpecialTokens::default() };
+        let mut special = if spm {
+            SpecialTokens {
+                bos: in_vocab(1),
+                eos: in_vocab(2),
+                unk: in_vocab(0),
+                ..SpecialTokens::default()
+            }
+        } else {
+            SpecialTokens { bos: in_vocab(11), eos: in_vocab(11), ..SpecialTokens::default() }
+        };
         type Slot = fn(&mut SpecialTokens) -> &mut Option<TokenId>;
         let slots: [(&str, Slot); 17] = [
             ("bos_token_id", |s| &mut s.bos),
@@ -289,6 +325,7 @@ impl Tokenizer {
         }
         let add_bos = md.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(pre_defaults.add_bos);
         let add_eos = md.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+        let add_space_prefix = md.opt_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(spm);
         if add_bos && special.bos.is_none() {
             return Err(TokenizerError::MissingSpecial { what: "BOS" });
         }
@@ -298,25 +335,39 @@ impl Tokenizer {
 
         let eog = detect_by_text(&mut vocab, &mut special);
         for t in &mut vocab.tokens {
-            t.piece = render_piece(&t.text, t.attr).into_boxed_slice();
+            t.piece = render_piece(&t.text, t.attr, spm).into_boxed_slice();
         }
 
-        let merges = md.get_str_array("tokenizer.ggml.merges")?;
-        let bpe = bpe::Bpe::new(merges, &vocab, pre_defaults.ignore_merges);
         let specials = special::SpecialMatcher::new(&vocab);
-        log::debug!(
-            "tokenizer: gpt2/{pre:?}, {n_vocab} tokens, {} merges, {} special tokens, add_bos {add_bos}",
-            bpe.n_merges(),
-            specials.len()
-        );
+        let model = if spm {
+            let spm = spm::Spm::new(&vocab, special.unk);
+            log::debug!(
+                "tokenizer: llama (SentencePiece), {n_vocab} tokens, {} byte tokens, {} special \
+                 tokens, add_bos {add_bos}, add_space_prefix {add_space_prefix}",
+                spm.n_byte_tokens(),
+                specials.len()
+            );
+            Model::Spm(spm)
+        } else {
+            let merges = md.get_str_array("tokenizer.ggml.merges")?;
+            let bpe = bpe::Bpe::new(merges, &vocab, pre_defaults.ignore_merges);
+            log::debug!(
+                "tokenizer: gpt2/{pre:?}, {n_vocab} tokens, {} merges, {} special tokens, \
+                 add_bos {add_bos}",
+                bpe.n_merges(),
+                specials.len()
+            );
+            Model::Bpe(bpe)
+        };
         Ok(Tokenizer {
-            model: Model::Bpe(bpe),
+            model,
             model_name: model_name.to_owned(),
             pre,
             vocab,
             special,
             add_bos,
             add_eos,
+            add_space_prefix,
             eog,
             specials,
         })
@@ -325,7 +376,9 @@ impl Tokenizer {
     /// Tokenize `text`. With `add_special`, BOS/EOS are added as the model asks
     /// ([`Tokenizer::add_bos`], [`Tokenizer::add_eos`]). With `parse_special`, the text of a
     /// control token (e.g. `<|im_start|>`) becomes that token; without it, such text is
-    /// tokenized as plain text (user-defined tokens are matched either way).
+    /// tokenized as plain text (user-defined tokens are matched either way). With
+    /// [`Tokenizer::add_space_prefix`] (SentencePiece), a text fragment at the start or right
+    /// after a special token is tokenized with a space in front.
     pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<TokenId> {
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
@@ -353,6 +406,35 @@ impl Tokenizer {
                     }
                 }
             }
+            Model::Spm(spm) => {
+                let mut prev_special = true;
+                let mut escaped = String::new();
+                for f in fragments {
+                    match f {
+                        special::Fragment::Token(id) => {
+                            out.push(id);
+                            prev_special = true;
+                        }
+                        special::Fragment::Text(s, e) => {
+                            escaped.clear();
+                            if self.add_space_prefix && prev_special {
+                                escaped.push(SPACE_ESCAPE);
+                            }
+                            for (i, part) in text[s..e].split(' ').enumerate() {
+                                if i > 0 {
+                                    escaped.push(SPACE_ESCAPE);
+                                }
+                                escaped.push_str(part);
+                            }
+                            spm.encode(&escaped, &self.vocab, &mut out);
+                            prev_special = false;
+                        }
+                    }
+                }
+            }
+        }
+        if add_special && self.add_bos && out.len() >= 2 && out[1] == out[0] {
+            log::debug!("the text starts with BOS and another BOS was added in front");
         }
         if add_special && self.add_eos {
             out.extend(self.special.eos);
@@ -370,13 +452,58 @@ impl Tokenizer {
         Ok(&t.piece)
     }
 
-    /// The concatenated pieces of `ids` (see [`Tokenizer::token_to_piece`]). The result may
-    /// contain invalid UTF-8 where a character was cut; use [`String::from_utf8_lossy`] or a
-    /// [`StreamDecoder`].
+    /// The text of `ids`: their pieces (see [`Tokenizer::token_to_piece`]), concatenated, with
+    /// the first piece's leading space dropped when [`Tokenizer::add_space_prefix`] is set
+    /// (llama.cpp's `llama_detokenize` with `remove_special = false`; see
+    /// [`Tokenizer::detokenize_with`]). The result may contain invalid UTF-8 where a character
+    /// was cut; use [`String::from_utf8_lossy`] or a [`StreamDecoder`].
     pub fn detokenize(&self, ids: &[TokenId], special: bool) -> Result<Vec<u8>, TokenizerError> {
+        self.detokenize_with(ids, false, special)
+    }
+
+    /// llama.cpp's `llama_detokenize(ids, remove_special, unparse_special)`:
+    /// - with `remove_special`, a leading BOS is dropped if the model adds BOS, and a trailing
+    ///   EOS if it adds EOS;
+    /// - with [`Tokenizer::add_space_prefix`], one leading space is stripped from the first
+    ///   remaining token's piece, but not when a BOS was dropped (llama.cpp's rule: the space
+    ///   after a removed BOS is kept). A BOS that is kept is itself the first piece, so
+    ///   then nothing is stripped either;
+    /// - pieces are [`Tokenizer::token_to_piece`] with `special = unparse_special`.
+    ///
+    /// Not reproduced: the `clean_spaces` clean-up (removing spaces before `?!.,` and in
+    /// contractions) that llama.cpp applies for some byte-level BPE pre-tokenizers; it never
+    /// applies to SentencePiece or to SmolLM2's `smollm`.
+    pub fn detokenize_with(
+        &self,
+        ids: &[TokenId],
+        remove_special: bool,
+        unparse_special: bool,
+    ) -> Result<Vec<u8>, TokenizerError> {
+        let mut ids = ids;
+        let mut strip_space = self.add_space_prefix;
+        if remove_special && self.add_bos {
+            if let Some((&first, rest)) = ids.split_first() {
+                if Some(first) == self.special.bos {
+                    strip_space = false;
+                    ids = rest;
+                }
+            }
+        }
+        if remove_special && self.add_eos {
+            if let Some((&last, rest)) = ids.split_last() {
+                if Some(last) == self.special.eos {
+                    ids = rest;
+                }
+            }
+        }
         let mut out = Vec::new();
         for &id in ids {
-            out.extend_from_slice(self.token_to_piece(id, special)?);
+            let mut piece = self.token_to_piece(id, unparse_special)?;
+            if strip_space {
+                piece = piece.strip_prefix(b" ").unwrap_or(piece);
+                strip_space = false;
+            }
+            out.extend_from_slice(piece);
         }
         Ok(out)
     }
@@ -396,7 +523,8 @@ impl Tokenizer {
         &self.model_name
     }
 
-    /// The pre-tokenizer in use.
+    /// The pre-tokenizer in use. SentencePiece has none; for it this is `Default`, which is
+    /// what llama.cpp records.
     pub fn pre_tokenizer(&self) -> PreTokenizer {
         self.pre
     }
@@ -409,6 +537,14 @@ impl Tokenizer {
     /// Whether `tokenize(.., add_special = true, ..)` adds EOS.
     pub fn add_eos(&self) -> bool {
         self.add_eos
+    }
+
+    /// Whether the tokenizer puts a space in front of the text and of every text fragment
+    /// after a special token (SentencePiece's dummy prefix), and so detokenization drops the
+    /// first piece's leading space. `tokenizer.ggml.add_space_prefix`, by default true for
+    /// SentencePiece and false for byte-level BPE (where it only affects detokenization).
+    pub fn add_space_prefix(&self) -> bool {
+        self.add_space_prefix
     }
 
     /// Ids of the tokens with special roles.
@@ -436,7 +572,8 @@ impl Tokenizer {
         &self.eog
     }
 
-    /// The stored text of token `id` (for byte-level BPE, in GPT-2's byte alphabet).
+    /// The stored text of token `id` (for byte-level BPE, in GPT-2's byte alphabet; for
+    /// SentencePiece, with spaces as '▁').
     pub fn token_text(&self, id: TokenId) -> Result<&str, TokenizerError> {
         Ok(&self.token(id)?.text)
     }
@@ -588,10 +725,17 @@ fn detect_by_text(vocab: &mut Vocab, special: &mut SpecialTokens) -> Vec<TokenId
     eog
 }
 
-/// The bytes a token renders as (with special tokens shown), for byte-level BPE.
-fn render_piece(text: &str, a: u16) -> Vec<u8> {
+/// How SentencePiece writes a space in token texts: U+2581 LOWER ONE EIGHTH BLOCK.
+const SPACE_ESCAPE: char = '\u{2581}';
+
+/// The bytes a token renders as (with special tokens shown), for byte-level BPE or (`spm`)
+/// SentencePiece.
+fn render_piece(text: &str, a: u16, spm: bool) -> Vec<u8> {
     if a & (attr::UNKNOWN | attr::CONTROL | attr::USER_DEFINED) != 0 {
         return text.as_bytes().to_vec();
+    }
+    if a & attr::NORMAL != 0 && spm {
+        return text.replace(SPACE_ESCAPE, " ").into_bytes();
     }
     if a & attr::NORMAL != 0 {
         let mut out = Vec::with_capacity(text.len());
