@@ -10,34 +10,80 @@
 //! This is ggml's *reference* activation quantizer. ggml's AVX2 build quantizes activations
 //! differently (`id = 127/amax` and round-half-to-even), so its dot products can differ from ours
 //! in the last bits; both are valid roundings of the same definition.
+//!
+//! The k-quants (Q2_K .. Q6_K) multiply with activations in Q8_K instead ([`ActFormat::Q8K`]):
+//! blocks of 256 with an f32 `d = 1 / (-127 / max)` (`max` the first value of largest magnitude,
+//! so `d` has the opposite sign), quants `nearest_int(x * (-127 / max))` rounded half to even, and
+//! `bsums`, the sums of each 16 quants, which the dot products use for the minimum and offset
+//! terms. That is `quantize_row_q8_K_ref`, which ggml's x86 builds also run for activations, so
+//! these Q8_K rows are bit-identical to llama.cpp's. [`QuantizedActs::q8_k_blocks`] gives the
+//! blocks back, equal to `quantize_row_q8_k`.
 
 use std::sync::Mutex;
 
 use crate::cpu::Isa;
 use crate::error::check_len;
 use crate::formats::{f16_le_from, round_f16, BlockQ8_0, BlockQ8_1, QK};
+use crate::kquants::{quantize_q8_k_block, BlockQ8K, QK_K};
 use crate::pool::ThreadPool;
-use crate::KernelError;
+use crate::{GgmlType, KernelError};
 
-/// A batch of activation rows quantized to Q8_0/Q8_1 values (see the module docs).
+/// The block format activations are quantized to: ggml's `vec_dot_type` of the weights they
+/// multiply ([`crate::dot::act_format`] says which).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum ActFormat {
+    /// Blocks of 32: Q8_0's `d` and `qs` with Q8_1's `s`. For Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0.
+    #[default]
+    Q8_0,
+    /// Q8_K: blocks of 256 with an f32 `d` and the sums of each 16 quants. For Q2_K .. Q6_K.
+    Q8K,
+}
+
+impl ActFormat {
+    /// Values per block.
+    pub const fn block_size(self) -> usize {
+        match self {
+            ActFormat::Q8_0 => QK,
+            ActFormat::Q8K => QK_K,
+        }
+    }
+
+    /// The GGUF type whose blocks these are.
+    pub const fn ty(self) -> GgmlType {
+        match self {
+            ActFormat::Q8_0 => GgmlType::Q8_0,
+            ActFormat::Q8K => GgmlType::Q8K,
+        }
+    }
+}
+
+/// A batch of activation rows quantized to Q8_0/Q8_1 or Q8_K values (see the module docs).
 #[derive(Clone, Debug, Default)]
 pub struct QuantizedActs {
     n_tokens: usize,
     cols: usize,
+    format: ActFormat,
     qs: Vec<i8>,
     d: Vec<f32>,
     s: Vec<f32>,
+    bsums: Vec<i16>,
 }
 
-/// One quantized token row: `cols` quants and one `d` and `s` per block of 32.
+/// One quantized token row: `cols` quants and, per block, `d` and (Q8_0 format) `s` or (Q8_K
+/// format) sixteen `bsums`.
 #[derive(Clone, Copy, Debug)]
 pub struct ActRow<'a> {
+    /// The block format.
+    pub format: ActFormat,
     /// The quants.
     pub qs: &'a [i8],
-    /// Per-block scale, an f16 value widened to f32.
+    /// Per-block scale: in Q8_0 format an f16 value widened to f32, in Q8_K format an f32.
     pub d: &'a [f32],
-    /// Per-block `d * sum(qs)` (with the unrounded `d`), an f16 value widened to f32.
+    /// Q8_0 format: per block `d * sum(qs)` (with the unrounded `d`), an f16 value widened to
+    /// f32. Empty in Q8_K format.
     pub s: &'a [f32],
+    /// Q8_K format: the sum of each 16 quants. Empty in Q8_0 format.
+    pub bsums: &'a [i16],
 }
 
 impl QuantizedActs {
@@ -56,8 +102,13 @@ impl QuantizedActs {
         self.cols
     }
 
-    /// Quantizes `x` (`n_tokens` rows of `cols`, row-major), reusing this buffer's memory.
-    /// Uses the pool when there are several tokens.
+    /// The block format of the quants held.
+    pub fn format(&self) -> ActFormat {
+        self.format
+    }
+
+    /// Quantizes `x` (`n_tokens` rows of `cols`, row-major) to Q8_0/Q8_1 values, reusing this
+    /// buffer's memory. Uses the pool when there are several tokens.
     ///
     /// Errors when `cols` is not a multiple of 32 or `x.len() != n_tokens * cols`.
     pub fn quantize(
@@ -79,16 +130,52 @@ impl QuantizedActs {
         n_tokens: usize,
         cols: usize,
     ) -> Result<(), KernelError> {
-        if !cols.is_multiple_of(QK) {
-            return Err(KernelError::NotBlockMultiple { ty: crate::GgmlType::Q8_0, n: cols });
+        self.quantize_as_on(isa, ActFormat::Q8_0, pool, x, n_tokens, cols)
+    }
+
+    /// Quantizes `x` as [`QuantizedActs::quantize`] does, to `format`.
+    ///
+    /// Errors when `cols` is not a multiple of the format's block size or
+    /// `x.len() != n_tokens * cols`.
+    pub fn quantize_as(
+        &mut self,
+        format: ActFormat,
+        pool: &ThreadPool,
+        x: &[f32],
+        n_tokens: usize,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        self.quantize_as_on(Isa::current(), format, pool, x, n_tokens, cols)
+    }
+
+    /// [`QuantizedActs::quantize_as`] on a given instruction set.
+    pub fn quantize_as_on(
+        &mut self,
+        isa: Isa,
+        format: ActFormat,
+        pool: &ThreadPool,
+        x: &[f32],
+        n_tokens: usize,
+        cols: usize,
+    ) -> Result<(), KernelError> {
+        let bs = format.block_size();
+        if !cols.is_multiple_of(bs) {
+            return Err(KernelError::NotBlockMultiple { ty: format.ty(), n: cols });
         }
         check_len("activations", n_tokens * cols, x.len())?;
-        let nb = cols / QK;
+        let nb = cols / bs;
+        // Per token: the quants, `d`, and `s` (Q8_0) or `bsums` (Q8_K).
+        let (s_len, bsums_len) = match format {
+            ActFormat::Q8_0 => (nb, 0),
+            ActFormat::Q8K => (0, cols / 16),
+        };
         self.n_tokens = n_tokens;
         self.cols = cols;
+        self.format = format;
         self.qs.resize(n_tokens * cols, 0);
         self.d.resize(n_tokens * nb, 0.0);
-        self.s.resize(n_tokens * nb, 0.0);
+        self.s.resize(n_tokens * s_len, 0.0);
+        self.bsums.resize(n_tokens * bsums_len, 0);
         if n_tokens == 0 || cols == 0 {
             return Ok(());
         }
@@ -96,20 +183,33 @@ impl QuantizedActs {
         let per_task = (16384 / cols).max(1);
         let n_tasks = n_tokens.div_ceil(per_task);
         if n_tasks <= 1 || pool.n_threads() == 1 {
-            quantize_blocks(isa, x, &mut self.qs, &mut self.d, &mut self.s);
+            quantize_blocks(
+                isa,
+                format,
+                x,
+                &mut self.qs,
+                &mut self.d,
+                &mut self.s,
+                &mut self.bsums,
+            );
             return Ok(());
         }
-        let parts: Vec<Mutex<Part<'_>>> = x
-            .chunks(per_task * cols)
-            .zip(self.qs.chunks_mut(per_task * cols))
-            .zip(self.d.chunks_mut(per_task * nb))
-            .zip(self.s.chunks_mut(per_task * nb))
-            .map(|(((x, q), d), s)| Mutex::new((x, q, d, s)))
+        let xs = x.chunks(per_task * cols);
+        let qs = self.qs.chunks_mut(per_task * cols);
+        let ds = self.d.chunks_mut(per_task * nb);
+        let ss = split(&mut self.s, per_task * s_len, n_tasks);
+        let bss = split(&mut self.bsums, per_task * bsums_len, n_tasks);
+        let parts: Vec<Mutex<Part<'_>>> = xs
+            .zip(qs)
+            .zip(ds)
+            .zip(ss)
+            .zip(bss)
+            .map(|((((x, q), d), s), b)| Mutex::new((x, q, d, s, b)))
             .collect();
         pool.run(parts.len(), |i| {
             let mut g = parts[i].lock().unwrap_or_else(|e| e.into_inner());
-            let (x, q, d, s) = &mut *g;
-            quantize_blocks(isa, x, q, d, s);
+            let (x, q, d, s, b) = &mut *g;
+            quantize_blocks(isa, format, x, q, d, s, b);
         });
         Ok(())
     }
@@ -121,16 +221,45 @@ impl QuantizedActs {
     /// When `t >= n_tokens`.
     pub fn row(&self, t: usize) -> ActRow<'_> {
         assert!(t < self.n_tokens, "token {t} of {}", self.n_tokens);
-        let nb = self.cols / QK;
+        let nb = self.cols / self.format.block_size();
+        let (s_len, bsums_len) = match self.format {
+            ActFormat::Q8_0 => (nb, 0),
+            ActFormat::Q8K => (0, self.cols / 16),
+        };
         ActRow {
+            format: self.format,
             qs: &self.qs[t * self.cols..(t + 1) * self.cols],
             d: &self.d[t * nb..(t + 1) * nb],
-            s: &self.s[t * nb..(t + 1) * nb],
+            s: &self.s[t * s_len..(t + 1) * s_len],
+            bsums: &self.bsums[t * bsums_len..(t + 1) * bsums_len],
         }
     }
 
+    /// Token `t` as GGUF Q8_K blocks.
+    ///
+    /// # Panics
+    ///
+    /// When the activations are not in Q8_K format, or `t >= n_tokens`.
+    pub fn q8_k_blocks(&self, t: usize) -> Vec<BlockQ8K> {
+        assert_eq!(self.format, ActFormat::Q8K, "activations are not in Q8_K format");
+        let r = self.row(t);
+        r.qs.chunks_exact(QK_K)
+            .zip(r.d.iter().zip(r.bsums.chunks_exact(16)))
+            .map(|(q, (&d, bs))| BlockQ8K {
+                d: d.to_le_bytes(),
+                qs: q.try_into().expect("block of 256"),
+                bsums: std::array::from_fn(|j| bs[j].to_le_bytes()),
+            })
+            .collect()
+    }
+
     /// Token `t` as GGUF Q8_0 blocks.
+    ///
+    /// # Panics
+    ///
+    /// When the activations are not in Q8_0 format, or `t >= n_tokens`.
     pub fn q8_0_blocks(&self, t: usize) -> Vec<BlockQ8_0> {
+        assert_eq!(self.format, ActFormat::Q8_0, "activations are not in Q8_0 format");
         let r = self.row(t);
         r.qs.chunks_exact(QK)
             .zip(r.d)
@@ -139,7 +268,12 @@ impl QuantizedActs {
     }
 
     /// Token `t` as GGUF Q8_1 blocks.
+    ///
+    /// # Panics
+    ///
+    /// As [`QuantizedActs::q8_0_blocks`].
     pub fn q8_1_blocks(&self, t: usize) -> Vec<BlockQ8_1> {
+        assert_eq!(self.format, ActFormat::Q8_0, "activations are not in Q8_0 format");
         let r = self.row(t);
         r.qs.chunks_exact(QK)
             .zip(r.d.iter().zip(r.s))
@@ -152,18 +286,58 @@ impl QuantizedActs {
     }
 }
 
-/// One task's share: input values, and the quants, scales and sums they produce.
-type Part<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [f32]);
+/// One task's share: input values, and the quants, scales, and sums (`s` or `bsums`) they
+/// produce.
+type Part<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [f32], &'a mut [i16]);
 
-fn quantize_blocks(isa: Isa, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+/// `v` in `n` chunks of `chunk` (the last shorter), or `n` empty slices when `chunk` is 0.
+fn split<T>(v: &mut [T], chunk: usize, n: usize) -> Vec<&mut [T]> {
+    if chunk == 0 {
+        (0..n).map(|_| &mut [][..]).collect()
+    } else {
+        v.chunks_mut(chunk).collect()
+    }
+}
+
+fn quantize_blocks(
+    isa: Isa,
+    format: ActFormat,
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+    bsums: &mut [i16],
+) {
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
         // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
-        unsafe { avx2::quantize_blocks(x, qs, d, s) };
+        unsafe {
+            match format {
+                ActFormat::Q8_0 => avx2::quantize_blocks(x, qs, d, s),
+                ActFormat::Q8K => avx2::quantize_k_blocks(x, qs, d, bsums),
+            }
+        };
         return;
     }
     let _ = isa;
-    quantize_blocks_scalar(x, qs, d, s);
+    match format {
+        ActFormat::Q8_0 => quantize_blocks_scalar(x, qs, d, s),
+        ActFormat::Q8K => quantize_k_blocks_scalar(x, qs, d, bsums),
+    }
+}
+
+/// The Q8_K reference: `quantize_row_q8_K_ref` written into the split layout.
+pub(crate) fn quantize_k_blocks_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+    for (((xb, qb), db), sb) in x
+        .as_chunks::<QK_K>()
+        .0
+        .iter()
+        .zip(qs.as_chunks_mut::<QK_K>().0)
+        .zip(d.iter_mut())
+        .zip(bsums.as_chunks_mut::<16>().0)
+    {
+        *db = quantize_q8_k_block(xb, qb, sb);
+    }
 }
 
 /// The reference: `quantize_row_q8_1_ref` written into the split layout.
@@ -193,7 +367,72 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use crate::formats::{round_f16, QK};
-    use crate::simd::{load_f32x8, store_i8x32};
+    use crate::kquants::QK_K;
+    use crate::simd::{hsum_epi32, load_f32x8, store_i8x32};
+
+    /// Q8_K blocks, bit-identical to `quantize_k_blocks_scalar` for finite input: `nearest_int`
+    /// is round-half-even, which `_mm256_round_ps` does exactly for these magnitudes (`|x| <=
+    /// 127`), and `min(127, q)` never binds there (`|x / max| <= 1`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn quantize_k_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        for (((xb, qb), db), sb) in x
+            .as_chunks::<QK_K>()
+            .0
+            .iter()
+            .zip(qs.as_chunks_mut::<QK_K>().0)
+            .zip(d.iter_mut())
+            .zip(bsums.as_chunks_mut::<16>().0)
+        {
+            let xv = xb.as_chunks::<8>().0;
+            let mut m = _mm256_setzero_ps();
+            for v in xv {
+                m = _mm256_max_ps(m, _mm256_and_ps(load_f32x8(v), abs_mask));
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+            if amax == 0.0 {
+                qb.fill(0);
+                sb.fill(0);
+                *db = 0.0;
+                continue;
+            }
+            // The first element of that magnitude, with its sign.
+            let target = _mm256_set1_ps(amax);
+            let mut max = 0.0f32;
+            for (k, v) in xv.iter().enumerate() {
+                let eq =
+                    _mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_and_ps(load_f32x8(v), abs_mask), target);
+                let bits = _mm256_movemask_ps(eq);
+                if bits != 0 {
+                    max = xb[8 * k + bits.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            let iscale = -127.0 / max;
+            let iv = _mm256_set1_ps(iscale);
+            let top = _mm256_set1_epi32(127);
+            for (g, (qg, sg)) in
+                qb.as_chunks_mut::<32>().0.iter_mut().zip(sb.as_chunks_mut::<2>().0).enumerate()
+            {
+                let mut q = [_mm256_setzero_si256(); 4];
+                for (k, qk) in q.iter_mut().enumerate() {
+                    let y = _mm256_mul_ps(load_f32x8(&xv[4 * g + k]), iv);
+                    let r = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+                    *qk = _mm256_min_epi32(_mm256_cvtps_epi32(r), top);
+                }
+                sg[0] = hsum_epi32(_mm256_add_epi32(q[0], q[1])) as i16;
+                sg[1] = hsum_epi32(_mm256_add_epi32(q[2], q[3])) as i16;
+                let p01 = _mm256_packs_epi32(q[0], q[1]);
+                let p23 = _mm256_packs_epi32(q[2], q[3]);
+                let p = _mm256_packs_epi16(p01, p23);
+                let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                store_i8x32(qg, p);
+            }
+            *db = 1.0 / iscale;
+        }
+    }
 
     /// Bit-identical to `quantize_blocks_scalar` for finite input.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -257,6 +496,7 @@ mod avx2 {
 mod tests {
     use super::*;
     use crate::formats::{quantize_row_q8_0, quantize_row_q8_1};
+    use crate::kquants::BlockQ8K;
     use proptest::prelude::*;
 
     fn values() -> impl Strategy<Value = Vec<f32>> {
@@ -290,6 +530,64 @@ mod tests {
                 prop_assert_eq!(&a.q8_1_blocks(0), &want1, "{:?}", isa);
             }
         }
+    }
+
+    fn k_values() -> impl Strategy<Value = Vec<f32>> {
+        (1usize..3).prop_flat_map(|nb| {
+            prop::collection::vec(
+                prop_oneof![
+                    -100.0f32..100.0,
+                    -1e-3f32..1e-3,
+                    // With 127 as the largest magnitude, x.5 are nearest_int's ties.
+                    (-254i32..254).prop_map(|i| i as f32 * 0.5),
+                    Just(127.0f32),
+                    Just(-127.0f32),
+                    Just(0.0f32),
+                ],
+                nb * QK_K,
+            )
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn every_isa_matches_the_q8_k_blocks(x in k_values(), zero_block in any::<bool>()) {
+            let mut x = x;
+            if zero_block {
+                x[..QK_K].fill(0.0);
+            }
+            let pool = ThreadPool::new(1);
+            let mut want = vec![BlockQ8K::default(); x.len() / QK_K];
+            crate::kquants::quantize_row_q8_k(&x, &mut want);
+            for isa in Isa::all_supported() {
+                let mut a = QuantizedActs::new();
+                a.quantize_as_on(isa, ActFormat::Q8K, &pool, &x, 1, x.len()).unwrap();
+                prop_assert_eq!(&a.q8_k_blocks(0), &want, "{:?}", isa);
+            }
+        }
+    }
+
+    #[test]
+    fn q8_k_rows_switch_format_and_reuse_the_buffer() {
+        let pool = ThreadPool::new(3);
+        let (n, cols) = (150, 512); // several tasks of 32 tokens
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
+        let mut a = QuantizedActs::new();
+        a.quantize(&pool, &x, n, cols).unwrap();
+        assert_eq!(a.row(3).s.len(), 16);
+        a.quantize_as(ActFormat::Q8K, &pool, &x, n, cols).unwrap();
+        assert_eq!(a.format(), ActFormat::Q8K);
+        let r = a.row(149);
+        assert_eq!((r.qs.len(), r.d.len(), r.s.len(), r.bsums.len()), (512, 2, 0, 32));
+        for t in [0, 31, 32, 149] {
+            let mut want = vec![BlockQ8K::default(); 2];
+            crate::kquants::quantize_row_q8_k(&x[t * cols..(t + 1) * cols], &mut want);
+            assert_eq!(a.q8_k_blocks(t), want);
+        }
+        assert!(matches!(
+            a.quantize_as(ActFormat::Q8K, &pool, &x[..288], 1, 288),
+            Err(KernelError::NotBlockMultiple { ty: GgmlType::Q8K, n: 288 })
+        ));
     }
 
     #[test]

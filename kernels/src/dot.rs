@@ -1,7 +1,9 @@
 //! Dot products of weight rows with activation rows: the inner loop of every matrix product.
 //!
 //! Quantized weights pair with [`QuantizedActs`] as in ggml: Q4_0, Q5_0 and Q8_0 with the Q8_0
-//! values, Q4_1 and Q5_1 with the Q8_1 values (whose `s` carries the minimum's contribution).
+//! values, Q4_1 and Q5_1 with the Q8_1 values (whose `s` carries the minimum's contribution), the
+//! k-quants Q2_K .. Q6_K with Q8_K values ([`act_format`] says which; their kernels are in
+//! [`crate::kdot`], reached through the same entry points here).
 //! Float weights (F32, F16, BF16) pair with f32 activations (ggml rounds activations to f16 for
 //! F16 weights; we keep them f32, which is at least as accurate).
 //!
@@ -18,27 +20,45 @@
 //! The kernels work on tiles of `R` weight rows by `T` tokens, so one weight block is decoded
 //! once and used for `T` tokens, and one activation block loaded once for `R` rows.
 
-use crate::act::{ActRow, QuantizedActs};
+use crate::act::{ActFormat, ActRow, QuantizedActs};
 use crate::cpu::Isa;
 use crate::error::check_len;
 use crate::formats::{
     as_blocks, bf16_to_f32, f16_le, BlockQ4_0, BlockQ4_1, BlockQ5_0, BlockQ5_1, BlockQ8_0, QK,
 };
+use crate::kdot;
 use crate::{GgmlType, KernelError};
 
 /// Whether `ty` multiplies with [`QuantizedActs`] (true) or with f32 activations (false), or
-/// `None` when no dot product exists for it yet.
+/// `None` when no dot product exists for it (Q8_1 and Q8_K, which are activation formats).
 pub fn uses_quantized_acts(ty: GgmlType) -> Option<bool> {
     match ty {
-        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
-            Some(true)
-        }
         GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => Some(false),
+        _ => act_format(ty).map(|_| true),
+    }
+}
+
+/// The format [`QuantizedActs`] must hold to multiply weights of type `ty` (ggml's
+/// `vec_dot_type`), or `None` for float weights and types without a dot product.
+pub fn act_format(ty: GgmlType) -> Option<ActFormat> {
+    match ty {
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => {
+            Some(ActFormat::Q8_0)
+        }
+        GgmlType::Q2K | GgmlType::Q3K | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
+            Some(ActFormat::Q8K)
+        }
         _ => None,
     }
 }
 
 fn check_act_row(ty: GgmlType, w: &[u8], a: &ActRow<'_>) -> Result<(), KernelError> {
+    if kdot::is_k(ty) {
+        return kdot::check_k_row(ty, w, a);
+    }
+    if a.format != ActFormat::Q8_0 {
+        return Err(KernelError::Unsupported { ty, op: "dot product with non-Q8_0 activations" });
+    }
     let n = a.qs.len();
     let bytes = ty.row_bytes(n as u64).ok_or(KernelError::NotBlockMultiple { ty, n })?;
     check_len("weight row", bytes as usize, w.len())?;
@@ -78,6 +98,9 @@ pub(crate) fn q_rows(
     rows: std::ops::Range<usize>,
     emit: &mut dyn FnMut(usize, usize, f32),
 ) -> Result<(), KernelError> {
+    if kdot::is_k(ty) {
+        return kdot::k_rows(isa, ty, w, row_bytes, acts, rows, emit);
+    }
     #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
         // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
@@ -170,8 +193,12 @@ pub mod scalar {
     }
 
     /// The per-block integer sums `sum_j w_j * a_j` of a quantized row (Q4_0 and Q5_0 weights
-    /// with their offsets applied). Exposed so SIMD paths can be checked bit for bit.
+    /// with their offsets applied). Exposed so SIMD paths can be checked bit for bit. The
+    /// k-quants have two sums per block: [`crate::kdot::scalar::block_isums`].
     pub fn block_isums(ty: GgmlType, w: &[u8], a: &ActRow<'_>) -> Result<Vec<i32>, KernelError> {
+        if kdot::is_k(ty) {
+            return Err(KernelError::Unsupported { ty, op: "dot::scalar::block_isums" });
+        }
         check_act_row(ty, w, a)?;
         let ab = a.qs.chunks_exact(QK);
         Ok(match ty {
@@ -204,8 +231,12 @@ pub mod scalar {
         })
     }
 
-    /// `sum |term|` of the reference accumulation, for the tolerance of other paths.
+    /// `sum |term|` of the reference accumulation, for the tolerance of other paths (for the
+    /// k-quants, [`crate::kdot::scalar::abs_terms`]).
     pub fn abs_terms(ty: GgmlType, w: &[u8], a: &ActRow<'_>) -> Result<f32, KernelError> {
+        if kdot::is_k(ty) {
+            return kdot::scalar::abs_terms(ty, w, a);
+        }
         let isums = block_isums(ty, w, a)?;
         let bs = ty.type_size();
         let mut total = 0.0f32;
@@ -440,12 +471,12 @@ pub(crate) mod avx2 {
     }
 
     /// Bytes beyond the end of the current row tile that the tile prefetches.
-    const PREFETCH_AHEAD: usize = 1024;
+    pub(crate) const PREFETCH_AHEAD: usize = 1024;
 
     /// Hints that the line holding `p` will be read soon.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn prefetch(p: *const u8) {
+    pub(crate) fn prefetch(p: *const u8) {
         // A prefetch never faults, so an address past the weights is fine.
         _mm_prefetch::<_MM_HINT_T0>(p.cast())
     }

@@ -10,13 +10,16 @@
 //! twin).
 //!
 //! Block fields that hold an f16 are `[u8; 2]` (little-endian) so every block has alignment 1: a
-//! GGUF tensor is only aligned at its start and blocks are 18 to 36 bytes, so nothing inside a
+//! GGUF tensor is only aligned at its start and blocks are 18 to 292 bytes, so nothing inside a
 //! tensor may be assumed aligned.
+//!
+//! The k-quant blocks (Q2_K .. Q6_K, Q8_K) and their reference quantizers live in
+//! [`crate::kquants`]; [`quantize_row`] and [`dequantize_row`] cover them too.
 
 use half::f16;
 
 use crate::error::check_len;
-use crate::{GgmlType, KernelError};
+use crate::{kquants, GgmlType, KernelError};
 
 /// Elements per block of every type in this module.
 pub const QK: usize = 32;
@@ -104,7 +107,7 @@ const _: () = assert!(std::mem::align_of::<BlockQ5_1>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ8_0>() == 1);
 const _: () = assert!(std::mem::align_of::<BlockQ8_1>() == 1);
 
-mod sealed {
+pub(crate) mod sealed {
     pub trait Sealed {}
 }
 
@@ -113,12 +116,13 @@ mod sealed {
 /// # Safety
 ///
 /// Implementors are `#[repr(C)]` structs of byte arrays: alignment 1, no padding, size
-/// `TYPE.type_size()`, and every bit pattern valid. The trait is sealed; the impls are below.
+/// `TYPE.type_size()`, and every bit pattern valid. The trait is sealed; the impls are below and
+/// in [`crate::kquants`].
 pub unsafe trait Block: sealed::Sealed + Copy + Default + 'static {
     /// The GGUF type this block belongs to.
     const TYPE: GgmlType;
 
-    /// The block's scale `d` as f32.
+    /// The block's scale `d` as f32 (f16 in every block but Q8_K's).
     fn d(&self) -> f32;
 }
 
@@ -519,8 +523,8 @@ fn row_len(ty: GgmlType, n: usize) -> Result<usize, KernelError> {
 
 /// Dequantizes one row of `ty` from its GGUF bytes into `dst` (`dst.len()` elements).
 ///
-/// Errors when `ty` has no dequantization here (the k-quants, for now), when `dst.len()` is not a
-/// whole number of blocks, or when `src` is not exactly that many elements long.
+/// Errors when `dst.len()` is not a whole number of blocks, or when `src` is not exactly that many
+/// elements long. (Every [`GgmlType`] has a dequantization.)
 pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), KernelError> {
     let bytes = row_len(ty, dst.len())?;
     check_len("source row", bytes, src.len())?;
@@ -546,12 +550,18 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), K
         GgmlType::Q5_1 => dequantize_row_q5_1(as_blocks(src)?, dst),
         GgmlType::Q8_0 => dequantize_row_q8_0(as_blocks(src)?, dst),
         GgmlType::Q8_1 => dequantize_row_q8_1(as_blocks(src)?, dst),
-        _ => return Err(KernelError::Unsupported { ty, op: "dequantization" }),
+        GgmlType::Q2K => kquants::dequantize_row_q2_k(as_blocks(src)?, dst),
+        GgmlType::Q3K => kquants::dequantize_row_q3_k(as_blocks(src)?, dst),
+        GgmlType::Q4K => kquants::dequantize_row_q4_k(as_blocks(src)?, dst),
+        GgmlType::Q5K => kquants::dequantize_row_q5_k(as_blocks(src)?, dst),
+        GgmlType::Q6K => kquants::dequantize_row_q6_k(as_blocks(src)?, dst),
+        GgmlType::Q8K => kquants::dequantize_row_q8_k(as_blocks(src)?, dst),
     }
     Ok(())
 }
 
-/// Quantizes one row of f32 into `ty`'s GGUF bytes, bit-exact with ggml's reference quantizers.
+/// Quantizes one row of f32 into `ty`'s GGUF bytes, bit-exact with ggml's reference quantizers
+/// (`quantize_row_*_ref`; for the k-quants the ones used without an importance matrix).
 ///
 /// Errors as [`dequantize_row`] does, with `dst` the byte buffer.
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), KernelError> {
@@ -579,7 +589,12 @@ pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), Ker
         GgmlType::Q5_1 => quantize_row_q5_1(src, as_blocks_mut(dst)?),
         GgmlType::Q8_0 => quantize_row_q8_0(src, as_blocks_mut(dst)?),
         GgmlType::Q8_1 => quantize_row_q8_1(src, as_blocks_mut(dst)?),
-        _ => return Err(KernelError::Unsupported { ty, op: "quantization" }),
+        GgmlType::Q2K => kquants::quantize_row_q2_k(src, as_blocks_mut(dst)?),
+        GgmlType::Q3K => kquants::quantize_row_q3_k(src, as_blocks_mut(dst)?),
+        GgmlType::Q4K => kquants::quantize_row_q4_k(src, as_blocks_mut(dst)?),
+        GgmlType::Q5K => kquants::quantize_row_q5_k(src, as_blocks_mut(dst)?),
+        GgmlType::Q6K => kquants::quantize_row_q6_k(src, as_blocks_mut(dst)?),
+        GgmlType::Q8K => kquants::quantize_row_q8_k(src, as_blocks_mut(dst)?),
     }
     Ok(())
 }
@@ -781,9 +796,13 @@ mod tests {
             Err(KernelError::NotBlockMultiple { .. })
         ));
         assert!(matches!(
-            dequantize_row(GgmlType::Q4K, &[0; 144], &mut vec![0.0; 256]),
-            Err(KernelError::Unsupported { .. })
+            dequantize_row(GgmlType::Q4K, &[0; 144], &mut vec![0.0; 255]),
+            Err(KernelError::NotBlockMultiple { .. })
         ));
+        assert_eq!(
+            quantize_row(GgmlType::Q6K, &[0.0; 256], &mut [0; 209]),
+            Err(KernelError::Length { what: "destination row", expected: 210, got: 209 })
+        );
         let x: Vec<f32> = (0..4).map(|i| i as f32 * 0.5).collect();
         for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
             let mut b = vec![0u8; ty.type_size() * 4];

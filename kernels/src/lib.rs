@@ -6,11 +6,18 @@
 //! - [`formats`]: the block structs (`BlockQ4_0` .. `BlockQ8_1`), views of tensor bytes as
 //!   blocks, and the scalar reference quantization/dequantization of F32, F16, BF16, Q4_0, Q4_1,
 //!   Q5_0, Q5_1, Q8_0 and Q8_1, bit-exact with ggml's reference C (`quantize_row_*_ref`,
-//!   `dequantize_row_*`) and gguf-py (`tests/known_vectors.rs` checks vectors made by gguf-py).
-//! - [`QuantizedActs`] (module `act`): activations quantized to Q8_0/Q8_1 values for the
-//!   integer dot products.
+//!   `dequantize_row_*`) and gguf-py (`tests/known_vectors.rs` checks vectors made by gguf-py
+//!   and by ggml's C); [`formats::quantize_row`] and [`formats::dequantize_row`] take every type.
+//! - [`kquants`]: the k-quant blocks (`BlockQ2K` .. `BlockQ6K`, and `BlockQ8K`), 256 weights
+//!   each, with their reference quantizers (ggml's scale searches, `nearest_int`) and
+//!   dequantizers, bit-exact with ggml's C (checked against vectors it made).
+//! - [`QuantizedActs`] (module `act`): activations quantized for the integer dot products, to
+//!   Q8_0/Q8_1 values or, for the k-quants, to Q8_K ([`ActFormat`]).
 //! - [`dot`]: dot products of one weight row with one activation row, scalar reference and
-//!   AVX2 tiles of several rows by several tokens.
+//!   AVX2 tiles of several rows by several tokens; [`dot::act_format`] says which activations a
+//!   weight type takes.
+//! - [`kdot`]: the same for Q2_K .. Q6_K weights with Q8_K activations (reached through
+//!   [`dot`]'s entry points and [`fn@matmul`]).
 //! - [`mod@matmul`]: weight matrix ([`WeightView`]) times a batch of activations, split across the
 //!   pool; also the embedding-row lookup.
 //! - [`ops`]: RMSNorm, RoPE (ggml's NORM and NEOX layouts), softmax, SiLU/SwiGLU,
@@ -46,7 +53,8 @@
 //!
 //! Every SIMD kernel has a scalar reference, and tests run each path the machine supports
 //! against it: integer parts of the quantized dot products bit for bit, float parts within
-//! rounding bounds stated in each module. Paths: scalar and AVX2+FMA+F16C. **AVX-512 (and
+//! rounding bounds stated in each module (for the k-quants, in [`kdot`]). Paths: scalar and
+//! AVX2+FMA+F16C. **AVX-512 (and
 //! VNNI) kernels are pending a machine to test them on**: [`IsaLevel::Avx512`] is detected and
 //! currently runs the AVX2 kernels, and each dispatch point is where an AVX-512 branch would go.
 //! Writing them without running them would ship untested code to the CI machines that have
@@ -65,6 +73,8 @@ pub mod cpu;
 pub mod dot;
 mod error;
 pub mod formats;
+pub mod kdot;
+pub mod kquants;
 pub mod matmul;
 pub mod ops;
 pub mod pool;
@@ -72,7 +82,7 @@ pub mod pool;
 mod simd;
 pub mod types;
 
-pub use act::{ActRow, QuantizedActs};
+pub use act::{ActFormat, ActRow, QuantizedActs};
 pub use cpu::{Isa, IsaLevel};
 pub use error::KernelError;
 pub use half::f16;

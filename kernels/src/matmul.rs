@@ -3,9 +3,10 @@
 //! A weight matrix is `rows x cols` row-major, as GGUF stores it (`ne0 = cols` contiguous), and
 //! `out = x W^T`: for each token `t` and row `r`, `out[t * rows + r] = dot(W[r], x[t])`.
 //!
-//! Quantized weights take activations quantized once per call ([`QuantizedActs`]); callers that
-//! multiply the same input by several matrices (Q, K and V; gate and up) can quantize once
-//! themselves and call [`matmul_quantized`]. Rows are split across the pool in chunks; inside a
+//! Quantized weights take activations quantized once per call ([`QuantizedActs`], in Q8_0/Q8_1 or,
+//! for the k-quants, Q8_K format); callers that multiply the same input by several matrices (Q,
+//! K and V; gate and up) of one activation format can quantize once themselves and call
+//! [`matmul_quantized`]. Rows are split across the pool in chunks; inside a
 //! chunk the kernels work on tiles of rows x tokens so each weight block is read and decoded
 //! once per 4 tokens; for batches, blocks of 64 rows by 64 tokens keep both the rows' weights
 //! and the tokens' quants in L2 while they meet.
@@ -15,7 +16,7 @@ use std::marker::PhantomData;
 
 use crate::act::{ActRow, QuantizedActs};
 use crate::cpu::Isa;
-use crate::dot::{f_rows, q_rows, uses_quantized_acts};
+use crate::dot::{act_format, f_rows, q_rows, uses_quantized_acts};
 use crate::error::check_len;
 use crate::formats::dequantize_row;
 use crate::pool::ThreadPool;
@@ -147,20 +148,20 @@ pub fn matmul_on(
 ) -> Result<(), KernelError> {
     check_len("activations", n_tokens * w.cols, x.len())?;
     check_len("output", n_tokens * w.rows, out.len())?;
-    match uses_quantized_acts(w.ty) {
-        Some(true) => ACTS.with(|cell| match cell.try_borrow_mut() {
+    match (uses_quantized_acts(w.ty), act_format(w.ty)) {
+        (Some(true), Some(format)) => ACTS.with(|cell| match cell.try_borrow_mut() {
             Ok(mut acts) => {
-                acts.quantize_on(isa, pool, x, n_tokens, w.cols)?;
+                acts.quantize_as_on(isa, format, pool, x, n_tokens, w.cols)?;
                 matmul_quantized_on(isa, pool, w, &acts, out)
             }
             // Re-entered from inside a task: use a fresh buffer.
             Err(_) => {
                 let mut acts = QuantizedActs::new();
-                acts.quantize_on(isa, pool, x, n_tokens, w.cols)?;
+                acts.quantize_as_on(isa, format, pool, x, n_tokens, w.cols)?;
                 matmul_quantized_on(isa, pool, w, &acts, out)
             }
         }),
-        Some(false) => {
+        (Some(false), _) => {
             let xs: Vec<&[f32]> =
                 if w.cols == 0 { vec![&[]; n_tokens] } else { x.chunks_exact(w.cols).collect() };
             let row_bytes = w.row_bytes();
@@ -176,11 +177,12 @@ pub fn matmul_on(
                 Ok(())
             })
         }
-        None => Err(KernelError::Unsupported { ty: w.ty, op: "matmul" }),
+        _ => Err(KernelError::Unsupported { ty: w.ty, op: "matmul" }),
     }
 }
 
-/// [`matmul`] with activations already quantized (for weights of a quantized type).
+/// [`matmul`] with activations already quantized (for weights of a quantized type), in the
+/// format the weights take ([`crate::dot::act_format`]).
 pub fn matmul_quantized(
     pool: &ThreadPool,
     w: &WeightView<'_>,
@@ -198,8 +200,20 @@ pub fn matmul_quantized_on(
     acts: &QuantizedActs,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    if uses_quantized_acts(w.ty) != Some(true) {
-        return Err(KernelError::Unsupported { ty: w.ty, op: "matmul with quantized activations" });
+    match act_format(w.ty) {
+        None => {
+            return Err(KernelError::Unsupported {
+                ty: w.ty,
+                op: "matmul with quantized activations",
+            })
+        }
+        Some(f) if f != acts.format() => {
+            return Err(KernelError::Unsupported {
+                ty: w.ty,
+                op: "matmul with activations quantized to another format",
+            })
+        }
+        Some(_) => {}
     }
     check_len("activation columns", w.cols, acts.cols())?;
     let n_tokens = acts.n_tokens();
@@ -291,6 +305,7 @@ fn parallel_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::act::ActFormat;
     use crate::dot;
     use crate::formats::quantize_row;
 
@@ -320,10 +335,17 @@ mod tests {
             GgmlType::Q5_0,
             GgmlType::Q5_1,
             GgmlType::Q8_0,
+            GgmlType::Q2K,
+            GgmlType::Q3K,
+            GgmlType::Q4K,
+            GgmlType::Q5K,
+            GgmlType::Q6K,
             GgmlType::F32,
             GgmlType::F16,
             GgmlType::BF16,
         ] {
+            // The k-quants need whole super-blocks.
+            let cols = if dot::act_format(ty) == Some(ActFormat::Q8K) { 512 } else { cols };
             let (_, wb) = weights(ty, rows, cols, 1);
             let w = WeightView::new(ty, rows, cols, &wb).unwrap();
             for n_tokens in [1, 3, 4, 9, 70] {
@@ -332,7 +354,9 @@ mod tests {
                 let mut want = vec![0.0; n_tokens * rows];
                 let mut bound = vec![0.0; n_tokens * rows];
                 let mut acts = QuantizedActs::new();
-                acts.quantize(&pool, &x, n_tokens, cols).unwrap();
+                if let Some(f) = dot::act_format(ty) {
+                    acts.quantize_as(f, &pool, &x, n_tokens, cols).unwrap();
+                }
                 let mut wrow = vec![0.0; cols];
                 for t in 0..n_tokens {
                     let xt = &x[t * cols..][..cols];
@@ -403,12 +427,23 @@ mod tests {
             matmul(&pool, &w, &[0.0; 64], 1, &mut out[..1]),
             Err(KernelError::Length { what: "output", .. })
         ));
-        let k = vec![0u8; 144];
-        let wk = WeightView::new(GgmlType::Q4K, 1, 256, &k).unwrap();
+        let k = vec![0u8; 292];
+        let wk = WeightView::new(GgmlType::Q8K, 1, 256, &k).unwrap();
         assert!(matches!(
             matmul(&pool, &wk, &[0.0; 256], 1, &mut out[..1]),
             Err(KernelError::Unsupported { .. })
         ));
+        // Activations in the wrong format for the weights.
+        let k = vec![0u8; 144];
+        let wk = WeightView::new(GgmlType::Q4K, 1, 256, &k).unwrap();
+        let mut acts = QuantizedActs::new();
+        acts.quantize(&pool, &[0.0; 256], 1, 256).unwrap();
+        assert!(matches!(
+            matmul_quantized(&pool, &wk, &acts, &mut out[..1]),
+            Err(KernelError::Unsupported { .. })
+        ));
+        // Q4_K rows must be whole super-blocks.
+        assert!(WeightView::new(GgmlType::Q4K, 2, 64, &[0; 72]).is_err());
     }
 
     #[test]

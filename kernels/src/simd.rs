@@ -99,7 +99,6 @@ pub(crate) fn hsum_ps(v: __m256) -> f32 {
 }
 
 /// Sum of eight i32 lanes.
-#[cfg(test)]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
