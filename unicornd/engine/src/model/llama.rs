@@ -3,12 +3,10 @@
 //! SwiGLU feed-forward, and the token embedding as output projection when `output.weight` is
 //! absent.
 
-use unicorn_kernels::ops::RopeMode;
-
 use super::transformer::{Spec, Transformer};
 use super::{HParams, ModelError};
 use crate::gguf::GgufFile;
 
 pub(crate) fn load(gguf: &GgufFile, hp: &HParams) -> Result<Transformer, ModelError> {
-    Transformer::load(gguf, hp, Spec { rope_mode: RopeMode::Norm })
+    Transformer::load(gguf, hp, Spec::llama(hp))
 }

@@ -6,6 +6,7 @@
 //! such a file and a line in [`Model::load`]; `docs/architecture.md` walks through it.
 
 mod error;
+mod gemma3;
 mod hparams;
 mod kv;
 mod llama;
@@ -23,7 +24,7 @@ use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 
 /// Architectures this engine runs.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3";
 
 /// A loaded model: the file, its tokenizer, and the network over the file's bytes.
 #[derive(Debug)]
@@ -46,6 +47,7 @@ impl Model {
         let hp = HParams::read(&gguf, &arch, tokenizer.n_vocab())?;
         let net = match arch.as_str() {
             "llama" => llama::load(&gguf, &hp)?,
+            "gemma3" => gemma3::load(&gguf, &hp)?,
             other => {
                 return Err(ModelError::UnsupportedArch(other.to_owned(), SUPPORTED_ARCHITECTURES))
             }

@@ -6,18 +6,75 @@
 //! runs per sequence.
 
 use unicorn_kernels::attention::{attention, AttnParams};
-use unicorn_kernels::ops::{add_assign, rms_norm, swiglu, Rope, RopeMode};
+use unicorn_kernels::ops::{add_assign, geglu, rms_norm, scale, swiglu, Rope, RopeMode};
 use unicorn_kernels::{matmul, ThreadPool};
 
 use super::weights::{vector, Matrix};
 use super::{HParams, KvState, ModelError};
 use crate::gguf::GgufFile;
 
-/// How an architecture's block differs from the plain llama block.
+/// How an architecture's block differs from the plain llama block. `Spec::llama` is the plain
+/// block; an architecture file changes the fields it needs.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(crate) struct Spec {
     /// Which pairs of each head RoPE rotates.
     pub rope_mode: RopeMode,
+    /// Token embeddings are multiplied by `sqrt(n_embd)` (Gemma).
+    pub embed_scale: bool,
+    /// Each head of Q and K goes through RMSNorm (`attn_q_norm`, `attn_k_norm`) before RoPE.
+    pub qk_norm: bool,
+    /// The attention and feed-forward outputs go through RMSNorm (`post_attention_norm`,
+    /// `post_ffw_norm`) before their residual additions.
+    pub post_norms: bool,
+    pub ffn: Ffn,
+    /// What `q . k` is multiplied by.
+    pub attn_scale: f32,
+    /// Layers with local (sliding-window) attention, if any.
+    pub swa: Option<SlidingWindow>,
+    /// Final logits become `cap * tanh(logits / cap)`.
+    pub final_softcap: Option<f32>,
+}
+
+/// The gated feed-forward's activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Ffn {
+    /// `silu(gate) * up` (SwiGLU).
+    Silu,
+    /// `gelu_tanh(gate) * up` (GeGLU).
+    GeluTanh,
+}
+
+/// Local attention on most layers, global on every `pattern`-th.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct SlidingWindow {
+    /// A query sees the keys less than `window` positions behind it.
+    pub window: usize,
+    /// Layer `i` is global when `i % pattern == pattern - 1`, local otherwise.
+    pub pattern: usize,
+    /// RoPE base of the local layers (the global ones use `rope.freq_base`).
+    pub rope_base: f32,
+}
+
+impl SlidingWindow {
+    fn is_local(&self, layer: usize) -> bool {
+        layer % self.pattern != self.pattern - 1
+    }
+}
+
+impl Spec {
+    /// The plain llama block for a model of shape `hp`.
+    pub fn llama(hp: &HParams) -> Spec {
+        Spec {
+            rope_mode: RopeMode::Norm,
+            embed_scale: false,
+            qk_norm: false,
+            post_norms: false,
+            ffn: Ffn::Silu,
+            attn_scale: 1.0 / (hp.head_dim as f32).sqrt(),
+            swa: None,
+            final_softcap: None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -31,6 +88,12 @@ struct Layer {
     w_gate: Matrix,
     w_up: Matrix,
     w_down: Matrix,
+    /// With `Spec::qk_norm`.
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    /// With `Spec::post_norms`.
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
 }
 
 /// Weights and shape of a transformer. The matrices point into the model file's bytes, which
@@ -77,7 +140,18 @@ impl Transformer {
         let layers = (0..hp.n_layer)
             .map(|i| {
                 let n = |s: &str| format!("blk.{i}.{s}.weight");
+                let opt = |on: bool, s: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+                    if on {
+                        vector(gguf, &n(s), len).map(Some)
+                    } else {
+                        Ok(None)
+                    }
+                };
                 Ok(Layer {
+                    q_norm: opt(spec.qk_norm, "attn_q_norm", hp.head_dim)?,
+                    k_norm: opt(spec.qk_norm, "attn_k_norm", hp.head_dim)?,
+                    post_attn_norm: opt(spec.post_norms, "post_attention_norm", d)?,
+                    post_ffn_norm: opt(spec.post_norms, "post_ffw_norm", d)?,
                     attn_norm: vector(gguf, &n("attn_norm"), d)?,
                     wq: Matrix::load(gguf, &n("attn_q"), qd, d)?,
                     wk: Matrix::load(gguf, &n("attn_k"), kvd, d)?,
@@ -133,39 +207,66 @@ impl Transformer {
             pos.extend(s.kv.n_past()..s.kv.n_past() + s.tokens.len());
         }
 
+        let spec = &self.spec;
         let mut x = vec![0.0f32; n * d];
         for (row, &t) in x.chunks_exact_mut(d).zip(seqs.iter().flat_map(|s| s.tokens.iter())) {
             self.tok_embd.row(bytes, t as usize, row)?;
         }
+        if spec.embed_scale {
+            scale(&mut x, (d as f32).sqrt());
+        }
         let rope = Rope {
-            mode: self.spec.rope_mode,
+            mode: spec.rope_mode,
             n_dims: hp.rope_dims,
             freq_base: hp.rope_base,
             freq_scale: hp.rope_scale,
         };
-        // One (cos, sin) table per token, shared by every layer.
-        let mut rope_tab = vec![0.0f32; n * hp.rope_dims];
-        for (tab, &p) in rope_tab.chunks_exact_mut(hp.rope_dims.max(1)).zip(&pos) {
-            rope.cache(p, tab);
-        }
+        // One (cos, sin) table per token, shared by every layer (two when local layers use
+        // another base).
+        let tables = |rope: &Rope| {
+            let mut tab = vec![0.0f32; n * hp.rope_dims];
+            for (t, &p) in tab.chunks_exact_mut(hp.rope_dims.max(1)).zip(&pos) {
+                rope.cache(p, t);
+            }
+            tab
+        };
+        let rope_global = tables(&rope);
+        let rope_local = spec.swa.map(|w| {
+            let local = Rope { freq_base: w.rope_base, freq_scale: 1.0, ..rope };
+            (local, tables(&local))
+        });
 
         let mut h = vec![0.0f32; n * d];
         let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
         let mut attn = vec![0.0f32; n * qd];
         let mut o = vec![0.0f32; n * d];
         let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
-        let attn_scale = 1.0 / (hd as f32).sqrt();
+        let mut normed = Vec::new();
 
         for (li, l) in self.layers.iter().enumerate() {
+            let local = spec.swa.filter(|w| w.is_local(li));
             rms_norm(&x, &mut h, d, Some(&l.attn_norm), hp.rms_eps);
             matmul(pool, &l.wq.view(bytes)?, &h, n, &mut q)?;
             matmul(pool, &l.wk.view(bytes)?, &h, n, &mut k)?;
             matmul(pool, &l.wv.view(bytes)?, &h, n, &mut v)?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                // Every head of every token is a row of `head_dim` values.
+                normed.resize(q.len(), 0.0);
+                rms_norm(&q, &mut normed, hd, Some(qn), hp.rms_eps);
+                std::mem::swap(&mut q, &mut normed);
+                normed.resize(k.len(), 0.0);
+                rms_norm(&k, &mut normed, hd, Some(kn), hp.rms_eps);
+                std::mem::swap(&mut k, &mut normed);
+            }
+            let (rope_l, rope_tab) = match (&local, &rope_local) {
+                (Some(_), Some((r, tab))) => (r, tab),
+                _ => (&rope, &rope_global),
+            };
             for t in 0..n {
                 let tab = &rope_tab[t * hp.rope_dims..][..hp.rope_dims];
                 if hp.rope_dims > 0 {
-                    rope.apply(tab, &mut q[t * qd..][..qd], hd);
-                    rope.apply(tab, &mut k[t * kvd..][..kvd], hd);
+                    rope_l.apply(tab, &mut q[t * qd..][..qd], hd);
+                    rope_l.apply(tab, &mut k[t * kvd..][..kvd], hd);
                 }
             }
             for (s, &t0) in seqs.iter_mut().zip(&starts) {
@@ -178,11 +279,11 @@ impl Transformer {
                 let m = s.tokens.len();
                 let params = AttnParams {
                     n_head: hp.n_head,
-                    scale: attn_scale,
+                    scale: spec.attn_scale,
                     pos0: pos[t0],
                     kv_len: pos[t0] + m,
                     causal: true,
-                    window: None,
+                    window: local.map(|w| w.window),
                     softcap: None,
                 };
                 let cache = s.kv.layer(li);
@@ -190,16 +291,30 @@ impl Transformer {
                 attention(pool, qs, m, &cache, &params, outs)?;
             }
             matmul(pool, &l.wo.view(bytes)?, &attn, n, &mut o)?;
-            add_assign(&mut x, &o);
+            if let Some(w) = &l.post_attn_norm {
+                rms_norm(&o, &mut h, d, Some(w), hp.rms_eps);
+                add_assign(&mut x, &h);
+            } else {
+                add_assign(&mut x, &o);
+            }
 
             rms_norm(&x, &mut h, d, Some(&l.ffn_norm), hp.rms_eps);
             matmul(pool, &l.w_gate.view(bytes)?, &h, n, &mut gate)?;
             matmul(pool, &l.w_up.view(bytes)?, &h, n, &mut up)?;
-            // swiglu(gate, up) into gate's storage would alias; `up` takes the result.
-            let act = up.clone();
-            swiglu(&gate, &act, &mut up);
-            matmul(pool, &l.w_down.view(bytes)?, &up, n, &mut o)?;
-            add_assign(&mut x, &o);
+            // The gated activation of (gate, up) goes into `gate`'s storage via a copy of up.
+            normed.clear();
+            normed.extend_from_slice(&gate);
+            match spec.ffn {
+                Ffn::Silu => swiglu(&normed, &up, &mut gate),
+                Ffn::GeluTanh => geglu(&normed, &up, &mut gate),
+            }
+            matmul(pool, &l.w_down.view(bytes)?, &gate, n, &mut o)?;
+            if let Some(w) = &l.post_ffn_norm {
+                rms_norm(&o, &mut h, d, Some(w), hp.rms_eps);
+                add_assign(&mut x, &h);
+            } else {
+                add_assign(&mut x, &o);
+            }
         }
 
         // Logits only for the rows that want them.
@@ -222,10 +337,16 @@ impl Transformer {
         for &r in &rows {
             sel.extend_from_slice(&x[r * d..][..d]);
         }
-        let mut normed = vec![0.0f32; sel.len()];
+        normed.clear();
+        normed.resize(sel.len(), 0.0);
         rms_norm(&sel, &mut normed, d, Some(&self.output_norm), hp.rms_eps);
         out.resize(rows.len() * hp.n_vocab, 0.0);
         matmul(pool, &self.output.view(bytes)?, &normed, rows.len(), out)?;
+        if let Some(cap) = spec.final_softcap {
+            for v in out.iter_mut() {
+                *v = cap * (*v / cap).tanh();
+            }
+        }
         Ok(())
     }
 }
