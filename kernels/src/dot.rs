@@ -588,8 +588,11 @@ pub(crate) mod avx2 {
         nb: usize,
         /// `s_by_tile` of the first `full` tokens.
         st: Vec<[f32; T]>,
-        /// `s_by_tile::<1>` of the rest.
+        /// `s_by_tile` of the rest (fewer than `T` tokens, one tile of their own), by their
+        /// number: a batch of 2 or 3 leftover tokens shares each decoded weight block too.
         st1: Vec<[f32; 1]>,
+        st2: Vec<[f32; 2]>,
+        st3: Vec<[f32; 3]>,
     }
 
     /// Every token against rows `r0..r0 + R`: tiles of `T` tokens, then one at a time.
@@ -616,13 +619,29 @@ pub(crate) mod avx2 {
             }
             t += T;
         }
-        while t < acts.len() {
-            let k = t - tk.full;
-            let o = tile::<B, R, 1>(wr, &[&acts[t]], &tk.st1[k * nb..][..nb], t == 0);
+        let first = t == 0;
+        let mut out = |o: &[&[f32]]| {
             for (i, orow) in o.iter().enumerate() {
-                emit(r0 + i, t, orow[0]);
+                for (j, &v) in orow.iter().enumerate() {
+                    emit(r0 + i, t + j, v);
+                }
             }
-            t += 1;
+        };
+        match acts.len() - t {
+            0 => {}
+            1 => {
+                let o = tile::<B, R, 1>(wr, &[&acts[t]], &tk.st1[..nb], first);
+                out(&o.each_ref().map(|r| &r[..]));
+            }
+            2 => {
+                let o = tile::<B, R, 2>(wr, &[&acts[t], &acts[t + 1]], &tk.st2[..nb], first);
+                out(&o.each_ref().map(|r| &r[..]));
+            }
+            _ => {
+                let at = [&acts[t], &acts[t + 1], &acts[t + 2]];
+                let o = tile::<B, R, 3>(wr, &at, &tk.st3[..nb], first);
+                out(&o.each_ref().map(|r| &r[..]));
+            }
         }
     }
 
@@ -636,12 +655,16 @@ pub(crate) mod avx2 {
     ) -> Result<(), KernelError> {
         let nb = row_bytes / std::mem::size_of::<B>();
         let full = acts.len() / T * T;
+        let rest = &acts[full..];
+        debug_assert!(rest.len() < T && T <= 4, "leftover tiles hold at most 3 tokens");
         let tk = Tokens::<T> {
             acts,
             full,
             nb,
             st: s_by_tile::<T>(&acts[..full], nb),
-            st1: s_by_tile::<1>(&acts[full..], nb),
+            st1: if rest.len() == 1 { s_by_tile::<1>(rest, nb) } else { Vec::new() },
+            st2: if rest.len() == 2 { s_by_tile::<2>(rest, nb) } else { Vec::new() },
+            st3: if rest.len() == 3 { s_by_tile::<3>(rest, nb) } else { Vec::new() },
         };
         let row = |r: usize| as_blocks::<B>(&w[r * row_bytes..(r + 1) * row_bytes]);
         let mut r = rows.start;
@@ -669,10 +692,13 @@ pub(crate) mod avx2 {
         rows: Range<usize>,
         emit: &mut dyn FnMut(usize, usize, f32),
     ) -> Result<(), KernelError> {
-        if acts.len() == 1 {
-            drive::<B, 4, 1>(w, row_bytes, acts, rows, emit)
-        } else {
-            drive::<B, 2, 4>(w, row_bytes, acts, rows, emit)
+        // Tiles by batch size: four rows for one or two tokens (each decoded weight block
+        // serves every token of the tile), two rows by four tokens for larger batches, whose
+        // leftover tokens form one smaller tile.
+        match acts.len() {
+            1 => drive::<B, 4, 1>(w, row_bytes, acts, rows, emit),
+            2 => drive::<B, 4, 2>(w, row_bytes, acts, rows, emit),
+            _ => drive::<B, 2, 4>(w, row_bytes, acts, rows, emit),
         }
     }
 

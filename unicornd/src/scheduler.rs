@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -121,10 +121,9 @@ pub struct Finished {
 #[derive(Debug)]
 pub enum Event {
     Finished(Finished),
-    /// A model load for `session`'s request `request` ended.
+    /// The load of the model file `identity` ended.
     Loaded {
-        session: u64,
-        request: u32,
+        identity: crate::models::FileIdentity,
         result: Result<Box<crate::models::LoadedModel>, Error>,
     },
 }
@@ -282,7 +281,11 @@ pub const INTERACTIVE_YIELD: usize = 32;
 ///   single-token decodes into steps (no prompt chunks), so realtime tokens never wait behind
 ///   a long step; while interactive work is about, normal and background prompts share
 ///   `INTERACTIVE_YIELD` tokens per step.
-fn plan(items: &[Item], served: &HashMap<u64, u64>, urgent: Option<Priority>) -> Vec<(usize, usize)> {
+fn plan(
+    items: &[Item],
+    served: &HashMap<u64, u64>,
+    urgent: Option<Priority>,
+) -> Vec<(usize, usize)> {
     let mut eligible: Vec<usize> = Vec::new();
     let mut by_age: Vec<usize> = (0..items.len()).collect();
     by_age.sort_by_key(|&i| items[i].seq);
@@ -327,11 +330,27 @@ fn plan(items: &[Item], served: &HashMap<u64, u64>, urgent: Option<Priority>) ->
     step
 }
 
+/// How long a step waits for clients of the last step whose next token has not arrived yet.
+const BATCH_WAIT: std::time::Duration = std::time::Duration::from_micros(400);
+
+/// Distinct contexts with a job queued.
+fn contexts_waiting(queue: &[Running]) -> usize {
+    let mut seen: Vec<*const Context> = queue.iter().map(|r| Arc::as_ptr(&r.job.ctx)).collect();
+    seen.sort_unstable();
+    seen.dedup();
+    seen.len()
+}
+
 /// How long realtime or interactive work counts as "about" after its last job was queued: the
 /// gap between one token's completion and the client's next submission.
 const URGENT_WINDOW: std::time::Duration = std::time::Duration::from_millis(200);
 
-fn engine_main(threads: usize, rx: Receiver<DecodeJob>, events: Arc<Events>, stats: Arc<EngineStats>) {
+fn engine_main(
+    threads: usize,
+    rx: Receiver<DecodeJob>,
+    events: Arc<Events>,
+    stats: Arc<EngineStats>,
+) {
     let pool = ThreadPool::new(threads);
     let mut queue: Vec<Running> = Vec::new();
     let mut next_seq = 0u64;
@@ -339,6 +358,8 @@ fn engine_main(threads: usize, rx: Receiver<DecodeJob>, events: Arc<Events>, sta
     let mut served: HashMap<u64, u64> = HashMap::new();
     // The most urgent class seen lately, and until when it counts as about.
     let mut urgent: Option<(Priority, std::time::Instant)> = None;
+    // Contexts whose single-token decodes the last step ran.
+    let mut last_decoders = 0usize;
     let mut logits = Vec::new();
     loop {
         if queue.is_empty() {
@@ -353,6 +374,21 @@ fn engine_main(threads: usize, rx: Receiver<DecodeJob>, events: Arc<Events>, sta
         while let Ok(job) = rx.try_recv() {
             queue.push(Running { job, seq: next_seq, done: 0, started_at: None });
             next_seq += 1;
+        }
+        // Clients decoding token by token submit their next token a round trip after the last
+        // step ends. Waiting a moment for those of the last step who are not back yet keeps the
+        // steps full: each step costs milliseconds, the wait a fraction of one.
+        let deadline = std::time::Instant::now() + BATCH_WAIT;
+        while contexts_waiting(&queue) < last_decoders {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(job) => {
+                    queue.push(Running { job, seq: next_seq, done: 0, started_at: None });
+                    next_seq += 1;
+                }
+                Err(RecvTimeoutError::Timeout) => break,
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
         }
         // A step boundary: jobs cancelled meanwhile (or of a session that ended) are dropped.
         let mut i = 0;
@@ -372,7 +408,8 @@ fn engine_main(threads: usize, rx: Receiver<DecodeJob>, events: Arc<Events>, sta
         stats.queued.store(queue.len(), Ordering::Relaxed);
         let now = std::time::Instant::now();
         let about = urgent.filter(|(_, until)| now < *until).map(|(p, _)| p);
-        let top = queue.iter().map(|r| r.job.priority).filter(|p| *p <= Priority::Interactive).min();
+        let top =
+            queue.iter().map(|r| r.job.priority).filter(|p| *p <= Priority::Interactive).min();
         if let Some(top) = top {
             // A class stays "about" for a window after its last job; a more urgent one takes
             // over at once.
@@ -390,6 +427,7 @@ fn engine_main(threads: usize, rx: Receiver<DecodeJob>, events: Arc<Events>, sta
         if step.iter().filter(|(_, take)| *take > 0).count() > 1 {
             stats.batched_steps.fetch_add(1, Ordering::Relaxed);
         }
+        last_decoders = step.iter().filter(|&&(i, _)| queue[i].job.tokens.len() == 1).count();
         for v in served.values_mut() {
             *v /= 2;
         }
@@ -612,7 +650,10 @@ mod tests {
         ];
         let step = plan(&items, &HashMap::new(), None);
         // Realtime, then normal, then the background prompts in chunks within the budget.
-        assert_eq!(step, vec![(2, 1), (3, 1), (0, PREFILL_CHUNK), (1, STEP_TOKENS - 2 - PREFILL_CHUNK)]);
+        assert_eq!(
+            step,
+            vec![(2, 1), (3, 1), (0, PREFILL_CHUNK), (1, STEP_TOKENS - 2 - PREFILL_CHUNK)]
+        );
         // While realtime work is about, the others only decode single tokens.
         let step = plan(&items, &HashMap::new(), Some(Priority::Realtime));
         assert_eq!(step, vec![(2, 1), (3, 1)]);
@@ -647,7 +688,8 @@ mod tests {
 
     #[test]
     fn jobs_without_tokens_still_get_their_turn() {
-        let items = [item(1, Priority::Normal, 1, 0, STEP_TOKENS * 4), item(2, Priority::Normal, 2, 1, 0)];
+        let items =
+            [item(1, Priority::Normal, 1, 0, STEP_TOKENS * 4), item(2, Priority::Normal, 2, 1, 0)];
         let step = plan(&items, &HashMap::new(), None);
         assert!(step.contains(&(1, 0)), "{step:?}");
     }

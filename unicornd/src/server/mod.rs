@@ -139,6 +139,8 @@ pub struct Server {
     engine: Engine,
     events: Arc<Events>,
     registry: Registry,
+    /// Model loads in progress, by file, with the sessions (and requests) waiting for each.
+    loads: HashMap<models::FileIdentity, Vec<(u64, u32)>>,
     daemon_uid: u32,
 }
 
@@ -207,6 +209,7 @@ impl Server {
             engine,
             events,
             registry: Registry::default(),
+            loads: HashMap::new(),
             daemon_uid: nix::unistd::geteuid().as_raw(),
         })
     }
@@ -244,7 +247,8 @@ impl Server {
                 if self.prepare_sleep() {
                     continue;
                 }
-                let keep_alive = Duration::from_secs(u64::from(self.config.policy.daemon.model_keep_alive_s));
+                let keep_alive =
+                    Duration::from_secs(u64::from(self.config.policy.daemon.model_keep_alive_s));
                 let unload_in = self.registry.sweep(Instant::now(), keep_alive);
                 self.sleep_timeout(unload_in)
             };
@@ -579,15 +583,23 @@ impl Server {
             return Ok(Some((Reply::ModelLoaded(m.info(handle, true)), m.vocab.as_raw_fd())));
         }
         self.active_mut(id)?.loading = Some(rid);
+        // Another session is loading this very file: wait for that copy rather than make one.
+        if let Some(waiters) = self.loads.get_mut(&identity) {
+            waiters.push((id, rid));
+            return Ok(None);
+        }
+        self.loads.insert(identity, vec![(id, rid)]);
         let events = self.events.clone();
         let daemon_uid = self.daemon_uid;
-        std::thread::Builder::new()
-            .name("unicorn-loader".into())
-            .spawn(move || {
-                let result = models::load(fd, identity, uid, daemon_uid).map(Box::new);
-                events.push(Event::Loaded { session: id, request: rid, result });
-            })
-            .map_err(|e| Error::os("starting a loader thread", e))?;
+        let spawned = std::thread::Builder::new().name("unicorn-loader".into()).spawn(move || {
+            let result = models::load(fd, identity, uid, daemon_uid).map(Box::new);
+            events.push(Event::Loaded { identity, result });
+        });
+        if let Err(e) = spawned {
+            self.loads.remove(&identity);
+            self.active_mut(id)?.loading = None;
+            return Err(Error::os("starting a loader thread", e));
+        }
         Ok(None)
     }
 
@@ -665,43 +677,53 @@ impl Server {
                         Err(e) => self.disconnect(f.session, e),
                     }
                 }
-                Event::Loaded { session, request, result } => {
-                    self.model_loaded(session, request, result)
-                }
+                Event::Loaded { identity, result } => self.model_loaded(identity, result),
             }
         }
     }
 
-    fn model_loaded(&mut self, id: u64, rid: u32, result: Result<Box<models::LoadedModel>, Error>) {
-        let Some(a) = self.sessions.get_mut(&id).and_then(|s| s.active.as_mut()) else {
-            return; // the session ended while its model loaded; the model is dropped
-        };
-        a.loading = None;
-        let sent = match result {
-            Err(e) => {
-                log::info!("session {id}: model load failed: {}", e.message());
-                self.send(id, rid, &error_reply(e), &[])
-            }
+    /// A loader thread finished: every session that asked for this file gets its answer.
+    fn model_loaded(
+        &mut self,
+        identity: models::FileIdentity,
+        result: Result<Box<models::LoadedModel>, Error>,
+    ) {
+        let waiters = self.loads.remove(&identity).unwrap_or_default();
+        let model = match result {
             Ok(m) => {
                 let (m, shared) = self.registry.insert(*m);
-                let Some(a) = self.sessions.get_mut(&id).and_then(|s| s.active.as_mut()) else {
-                    return;
-                };
-                let handle = a.add_model(m.clone());
                 log::info!(
-                    "session {id}: loaded model {:?} ({}, {} bytes, {}, {})",
+                    "loaded model {:?} ({}, {} bytes, {}, {}) for {} session(s)",
                     m.model.name(),
                     m.model.file_type(),
                     m.size,
                     m.storage.name(),
-                    &m.digest[..16]
+                    &m.digest[..16],
+                    waiters.len()
                 );
-                let reply = Reply::ModelLoaded(m.info(handle, shared));
-                self.send(id, rid, &reply, &[m.vocab.as_raw_fd()])
+                Ok((m, shared))
+            }
+            Err(e) => {
+                log::info!("model load failed: {}", e.message());
+                Err(e)
             }
         };
-        if let Err(e) = sent {
-            self.disconnect(id, e);
+        for (k, (id, rid)) in waiters.into_iter().enumerate() {
+            let Some(a) = self.sessions.get_mut(&id).and_then(|s| s.active.as_mut()) else {
+                continue; // the session ended while the model loaded
+            };
+            a.loading = None;
+            let sent = match &model {
+                Err(e) => self.send(id, rid, &error_reply(e.clone()), &[]),
+                Ok((m, shared)) => {
+                    let handle = a.add_model(m.clone());
+                    let reply = Reply::ModelLoaded(m.info(handle, *shared || k > 0));
+                    self.send(id, rid, &reply, &[m.vocab.as_raw_fd()])
+                }
+            };
+            if let Err(e) = sent {
+                self.disconnect(id, e);
+            }
         }
     }
 
