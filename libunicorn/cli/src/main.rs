@@ -1,6 +1,7 @@
 //! `unicorn`: the command-line client of unicornd.
 
 mod bench;
+mod bench_clients;
 mod chat;
 mod generate;
 mod spawn;
@@ -60,6 +61,10 @@ enum Command {
         /// Send this one message, print the answer and exit.
         #[arg(short = 'p', long)]
         prompt: Option<String>,
+        /// Chat template: `chatml`, `gemma`, or a Jinja file [default: the model's own, else by
+        /// architecture].
+        #[arg(long, value_name = "NAME|FILE")]
+        chat_template: Option<String>,
     },
     /// Measure the round trip of empty jobs through the shared-memory rings.
     Ping {
@@ -114,6 +119,23 @@ enum BenchWhat {
         repeat: u32,
         /// Untimed runs first.
         #[arg(long, default_value_t = 1)]
+        warmup: u32,
+    },
+    /// One client of `scripts/bench clients`: prefills, prints `ready`, waits for a line on
+    /// stdin, decodes greedily one token at a time, prints one JSON line (latencies, tokens/s,
+    /// start and end time, its memory), then waits for another line before it exits.
+    DecodeWorker {
+        /// Model file [default: the default model from the model cache].
+        #[arg(short = 'm', long, value_name = "FILE")]
+        model: Option<PathBuf>,
+        /// Tokens to decode after the barrier (timed).
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+        tokens: u32,
+        /// Prompt tokens prefilled before the barrier.
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
+        prompt_tokens: u32,
+        /// Tokens decoded before the barrier (untimed).
+        #[arg(long, default_value_t = 4)]
         warmup: u32,
     },
 }
@@ -195,9 +217,15 @@ fn run(cli: Cli) -> Result<()> {
             let client = spawn::connect_with_threads(&opts, spawn, sampling.threads)?;
             generate::run(client, &sampling, &prompt, json)
         }
-        Command::Chat { sampling, system, prompt } => {
+        Command::Chat { sampling, system, prompt, chat_template } => {
             let client = spawn::connect_with_threads(&opts, spawn, sampling.threads)?;
-            chat::run(client, &sampling, system.as_deref(), prompt.as_deref())
+            chat::run(
+                client,
+                &sampling,
+                system.as_deref(),
+                prompt.as_deref(),
+                chat_template.as_deref(),
+            )
         }
         Command::Bench {
             what: BenchWhat::Model { model, prefill, decode, decode_prompt, repeat, warmup },
@@ -212,6 +240,19 @@ fn run(cli: Cli) -> Result<()> {
                 warmup: warmup as usize,
             };
             bench::model(client, &args)
+        }
+        Command::Bench {
+            what: BenchWhat::DecodeWorker { model, tokens, prompt_tokens, warmup },
+        } => {
+            let opts = ClientOptions { name: "unicorn-bench-worker".into(), ..opts };
+            let client = spawn::connect(&opts, spawn)?;
+            let args = bench_clients::DecodeWorkerArgs {
+                model: generate::resolve_model(model.as_deref())?,
+                tokens: tokens as usize,
+                prompt_tokens: prompt_tokens as usize,
+                warmup: warmup as usize,
+            };
+            bench_clients::decode_worker(client, &args)
         }
         Command::Bench { what: BenchWhat::Rings { rounds, samples, batch, jobs } } => bench::run(
             &opts,
@@ -253,7 +294,10 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             println!("  {:<4} {} [{used}] {}", kind.name(), d.name, d.detail);
         }
     }
-    println!("compute threads: {}", st.threads);
+    println!(
+        "compute threads: {}; engine queue: {} job(s); {} steps, {} of them batching several contexts",
+        st.threads, st.engine_queue, st.engine_steps, st.engine_batched_steps
+    );
     println!("models:");
     if st.models.is_empty() {
         println!("  none loaded");
@@ -273,7 +317,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
     }
     println!("sessions:");
     println!(
-        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9}",
+        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9} {:>6}",
         "ID",
         "PID",
         "UID",
@@ -286,12 +330,13 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
         "BUFFERS",
         "MODELS",
         "CONTEXTS",
-        "TOKENS"
+        "TOKENS",
+        "TOK/S"
     );
     for s in &st.sessions {
         let me = if s.id == own_session { " (this command)" } else { "" };
         println!(
-            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9}{me}",
+            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9} {:>6}{me}",
             s.id,
             s.pid,
             s.uid,
@@ -305,6 +350,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             s.models,
             format!("{} ({} pos)", s.contexts, s.kv_tokens),
             s.tokens_decoded,
+            format!("{:.1}", s.token_rate),
         );
     }
 }
@@ -320,6 +366,9 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
         "sessions_disconnected": st.sessions_disconnected,
         "jobs_completed": st.jobs_completed,
         "threads": st.threads,
+        "engine_queue": st.engine_queue,
+        "engine_steps": st.engine_steps,
+        "engine_batched_steps": st.engine_batched_steps,
         "this_session": own_session,
         "models": st.models.iter().map(|m| serde_json::json!({
             "name": m.name, "arch": m.arch, "file_type": m.file_type, "size_bytes": m.size_bytes,
@@ -335,6 +384,7 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
             "jobs_in_flight": s.jobs_in_flight, "buffers": s.buffers,
             "buffer_bytes": s.buffer_bytes, "models": s.models, "contexts": s.contexts,
             "kv_tokens": s.kv_tokens, "tokens_decoded": s.tokens_decoded,
+            "tokens_per_s": s.token_rate,
         })).collect::<Vec<_>>(),
     })
 }

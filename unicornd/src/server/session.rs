@@ -377,7 +377,12 @@ impl Active {
 
     /// Registers a client memfd as a buffer after checking its seals, size and the limits;
     /// `others` is what the user's other sessions hold in buffers.
-    pub fn register_buffer(&mut self, fd: OwnedFd, size: u64, others: u64) -> Result<(u32, u64), Error> {
+    pub fn register_buffer(
+        &mut self,
+        fd: OwnedFd,
+        size: u64,
+        others: u64,
+    ) -> Result<(u32, u64), Error> {
         let limits = self.policy.limits;
         if self.buffers.len() as u64 >= u64::from(limits.max_buffers) {
             return Err(Error::new(
@@ -397,7 +402,8 @@ impl Active {
             ));
         }
         let total = self.buffer_bytes.checked_add(size);
-        let Some(total) = total.filter(|t| t.saturating_add(others) <= limits.max_buffer_bytes) else {
+        let Some(total) = total.filter(|t| t.saturating_add(others) <= limits.max_buffer_bytes)
+        else {
             return Err(Error::new(
                 Status::LimitExceeded,
                 format!(
@@ -535,7 +541,12 @@ impl Active {
 
     /// Checks the user's context limits for one more context of `n_ctx` positions, given what
     /// the user holds in all sessions (`contexts`, `kv_tokens`).
-    pub fn check_context_room(&self, n_ctx: u32, contexts: u64, kv_tokens: u64) -> Result<(), Error> {
+    pub fn check_context_room(
+        &self,
+        n_ctx: u32,
+        contexts: u64,
+        kv_tokens: u64,
+    ) -> Result<(), Error> {
         let l = self.policy.limits;
         if contexts >= u64::from(l.max_contexts) {
             return Err(Error::new(
