@@ -11,21 +11,37 @@ use unicorn_kernels::ThreadPool;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    let Some(path) = args.get(1) else {
+        eprintln!("usage: batch_bench MODEL.gguf [THREADS]");
+        std::process::exit(2);
+    };
     let threads: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
-    let model = Model::load(GgufFile::open(&args[1]).expect("open")).expect("load");
+    let model = match GgufFile::open(path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| Model::load(f).map_err(|e| e.to_string()))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("batch_bench: {path}: {e}");
+            std::process::exit(1);
+        }
+    };
     let pool = ThreadPool::new(threads);
     let prompt: Vec<u32> = (100..116).collect();
     for n in [1usize, 2, 4, 8] {
         let mut kvs: Vec<_> = (0..n).map(|_| model.new_state(512, KvType::F16).unwrap()).collect();
         let mut out = Vec::new();
         for kv in kvs.iter_mut() {
-            model.forward(&pool, &mut [Seq { kv, tokens: &prompt, logits: Logits::Last }], &mut out).unwrap();
+            model
+                .forward(&pool, &mut [Seq { kv, tokens: &prompt, logits: Logits::Last }], &mut out)
+                .unwrap();
         }
         let steps = 64;
         let t0 = Instant::now();
         for s in 0..steps {
             let toks = [200 + s as u32];
-            let mut seqs: Vec<Seq<'_>> = kvs.iter_mut().map(|kv| Seq { kv, tokens: &toks, logits: Logits::Last }).collect();
+            let mut seqs: Vec<Seq<'_>> =
+                kvs.iter_mut().map(|kv| Seq { kv, tokens: &toks, logits: Logits::Last }).collect();
             model.forward(&pool, &mut seqs, &mut out).unwrap();
         }
         let per = t0.elapsed().as_secs_f64() / steps as f64;
