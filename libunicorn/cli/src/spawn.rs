@@ -34,7 +34,12 @@ pub fn connect_with_threads(
         }
         Err(e) => return Err(anyhow!("{e}")),
     }
-    let socket = opts.socket.clone().unwrap_or_else(unicorn::user_socket_path);
+    // The daemon goes where this command looked first: the named socket, else the user one.
+    let socket = opts
+        .socket
+        .clone()
+        .or_else(|| std::env::var_os(unicorn::SOCKET_ENV).map(PathBuf::from))
+        .unwrap_or_else(unicorn::user_socket_path);
     start_user_daemon(&socket, threads)?;
     let deadline = Instant::now() + START_TIMEOUT;
     let opts = ClientOptions { socket: Some(socket.clone()), ..opts.clone() };

@@ -148,19 +148,28 @@ impl Client {
             None => socket_candidates(),
         };
         let mut tried = Vec::new();
+        // A daemon that is there but refuses us says more than a socket that is missing: its
+        // status wins, so that callers (and the CLI's auto-spawn) do not mistake it for none.
+        let mut status = Status::NoDaemon;
         for path in &candidates {
             match connect_socket(path) {
                 Ok(fd) => return Client::handshake(fd, path, opts),
-                Err(e) => tried.push(format!("{}: {}", path.display(), e.message())),
+                Err(e) => {
+                    if status == Status::NoDaemon {
+                        status = e.status();
+                    }
+                    tried.push(format!("{}: {}", path.display(), e.message()));
+                }
             }
         }
-        Err(Error::new(
-            Status::NoDaemon,
-            format!(
-                "no unicornd answered ({}); start one with `unicornd --user`",
-                tried.join("; ")
-            ),
-        ))
+        let hint = match status {
+            Status::NoDaemon => "start one with `unicornd --user`",
+            Status::PermissionDenied => {
+                "ask to be added to group `unicorn`, or start your own with `unicornd --user`"
+            }
+            _ => "see the daemon's log",
+        };
+        Err(Error::new(status, format!("no unicornd answered ({}); {hint}", tried.join("; "))))
     }
 
     fn handshake(ctrl: OwnedFd, path: &Path, opts: &ClientOptions) -> Result<Client> {
