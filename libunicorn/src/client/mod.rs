@@ -162,14 +162,15 @@ impl Client {
                 }
             }
         }
-        let hint = match status {
-            Status::NoDaemon => "start one with `unicornd --user`",
-            Status::PermissionDenied => {
-                "ask to be added to group `unicorn`, or start your own with `unicornd --user`"
-            }
-            _ => "see the daemon's log",
+        let (what, hint) = match status {
+            Status::NoDaemon => ("no unicornd answered", "start one with `unicornd --user`"),
+            Status::PermissionDenied => (
+                "unicornd refused this user",
+                "ask to be added to group `unicorn`, or start your own with `unicornd --user`",
+            ),
+            _ => ("could not connect to unicornd", "see the daemon's log"),
         };
-        Err(Error::new(status, format!("no unicornd answered ({}); {hint}", tried.join("; "))))
+        Err(Error::new(status, format!("{what} ({}); {hint}", tried.join("; "))))
     }
 
     fn handshake(ctrl: OwnedFd, path: &Path, opts: &ClientOptions) -> Result<Client> {
