@@ -11,14 +11,23 @@
 //! operation: per block an exact integer sum `sumi`, then an f32 accumulation of
 //! `d_w * d_a * sumi (+ m_w * s_a)` in block order.
 //!
-//! The AVX2 kernels compute the same per-block integer sums exactly (tests compare them bit for
-//! bit), and differ only in the float accumulation: eight lane-wise partial sums with fused
-//! multiply-adds, added at the end. The float results therefore agree with the reference to
-//! within rounding of a sum of `n` terms, `|simd - ref| <= 2 (n + 8) eps sum|terms|` with `n` the
-//! number of blocks (elements for float weights) and `eps = 2^-23`; tests check that bound.
+//! The AVX2 kernels for Q4_0 .. Q8_0 compute the same per-block integer sums exactly and then
+//! the same float operations in the same order, so their results equal the reference bit for
+//! bit, whatever the batch and the tile a (row, token) pair lands in. They work on tiles of
+//! eight (row, token) pairs: eight rows by one token, four by two, two by four or one by eight.
+//! Each 128-bit half of a vector carries one pair's sixteen weights and activations (the row's
+//! block is decoded once for the tile's tokens), `maddubs` multiplies, and a short tree of
+//! unpacks and adds (in i16 as far as the weights' range allows) gives the eight pairs' exact
+//! block sums in the eight lanes of one vector; the float steps then run once per block for
+//! all eight. The activations come packed per product ([`PackedActs`]): tokens in tiles of
+//! 8, 4, 2 or 1 with the quants of two tokens interleaved by half block, and `d`, `s` and the
+//! quant sums per block in the tiles' lane order.
 //!
-//! The kernels work on tiles of `R` weight rows by `T` tokens, so one weight block is decoded
-//! once and used for `T` tokens, and one activation block loaded once for `R` rows.
+//! The float kernels (and the k-quants, see [`crate::kdot`]) differ from the reference in the
+//! float accumulation only: eight lane-wise partial sums with fused multiply-adds, added at the
+//! end. Their results agree with the reference to within rounding of a sum of `n` terms,
+//! `|simd - ref| <= 2 (n + 8) eps sum|terms|` with `n` the number of elements (blocks for the
+//! k-quants) and `eps = 2^-23`; tests check that bound.
 
 use crate::act::{ActFormat, ActRow, QuantizedActs};
 use crate::cpu::Isa;
@@ -101,12 +110,11 @@ pub(crate) fn q_rows(
     if kdot::is_k(ty) {
         return kdot::k_rows(isa, ty, w, row_bytes, acts, rows, emit);
     }
-    #[cfg(target_arch = "x86_64")]
-    if isa.avx2() {
-        // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
-        return unsafe { avx2::q_rows(ty, w, row_bytes, acts, rows, emit) };
+    if packs(isa, ty) {
+        let mut p = PackedActs::default();
+        p.pack(acts);
+        return q_rows_packed(isa, ty, w, row_bytes, acts, &p, rows, emit);
     }
-    let _ = isa;
     for r in rows {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
         for (t, a) in acts.iter().enumerate() {
@@ -122,6 +130,199 @@ pub(crate) fn q_rows(
         }
     }
     Ok(())
+}
+
+/// Whether products of `ty` weights on `isa` take [`PackedActs`] ([`q_rows_packed`]).
+pub(crate) fn packs(isa: Isa, ty: GgmlType) -> bool {
+    cfg!(target_arch = "x86_64")
+        && isa.avx2()
+        && matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+        )
+}
+
+/// As [`q_rows`] for weights that [`packs`] accepts, with `acts` packed by
+/// [`PackedActs::pack`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn q_rows_packed<E: FnMut(usize, usize, f32) + ?Sized>(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &[ActRow<'_>],
+    p: &PackedActs,
+    rows: std::ops::Range<usize>,
+    emit: &mut E,
+) -> Result<(), KernelError> {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
+        return unsafe { avx2::q_rows_packed(ty, w, row_bytes, acts, p, rows, emit) };
+    }
+    let _ = (isa, w, row_bytes, acts, p, rows, emit);
+    Err(KernelError::Unsupported { ty, op: "packed activations without AVX2" })
+}
+
+/// Thirty-two quants, aligned for a vector load.
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Q32(pub(crate) [i8; 32]);
+
+/// One block of a token tile, in the tile's lane order ([`lane_map`]): the tokens' `d`, `s`
+/// and sums of the 32 quants (zero for padding).
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Lanes {
+    pub(crate) d: [f32; 8],
+    pub(crate) s: [f32; 8],
+    pub(crate) sum: [i32; 8],
+}
+
+/// Tokens `t0 .. t0 + real` of a batch as one tile of `width` (1, 2, 4 or 8; the tokens past
+/// `real` padding), its quants at `q_at` and lanes at `l_at` of [`PackedActs`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct TokenTile {
+    pub(crate) t0: usize,
+    pub(crate) real: usize,
+    pub(crate) width: usize,
+    pub(crate) q_at: usize,
+    pub(crate) l_at: usize,
+}
+
+/// Row (within a row tile) and token (within a token tile of `width`) of each output lane of the
+/// AVX2 tiles; rows from [`tile_rows`] on mark unused lanes.
+pub(crate) const fn lane_map(width: usize) -> ([usize; 8], [usize; 8]) {
+    match width {
+        8 => ([0; 8], [0, 1, 2, 3, 4, 5, 6, 7]),
+        4 => ([0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 3, 0, 1, 2, 3]),
+        2 => ([0, 1, 2, 3, 0, 1, 2, 3], [0, 0, 0, 0, 1, 1, 1, 1]),
+        _ => ([0, 1, 4, 4, 2, 3, 4, 4], [0; 8]),
+    }
+}
+
+/// Rows of a tile of `width` tokens: eight (row, token) pairs, but four rows for a single
+/// token, whose tiles stream the weights from memory (more rows at once measure slower there).
+pub(crate) const fn tile_rows(width: usize) -> usize {
+    if width == 1 {
+        4
+    } else {
+        8 / width
+    }
+}
+
+/// 32-byte chunks of quants per block of a packed token tile of `width` (none for one token,
+/// whose tiles read the activation row).
+pub(crate) const fn per_block(width: usize) -> usize {
+    match width {
+        1 => 0,
+        2 => 2,
+        _ => 8,
+    }
+}
+
+/// The token tiles of a batch of `n`: `(width, real tokens)`, whole tiles of eight, then the
+/// rest as one or two smaller tiles (three tokens and seven padded to the next width, where
+/// a split would cost more passes over the weights than the padding wastes).
+pub(crate) fn token_tiles(n: usize) -> impl Iterator<Item = (usize, usize)> {
+    let rest: &[(usize, usize)] = match n % 8 {
+        0 => &[],
+        1 => &[(1, 1)],
+        2 => &[(2, 2)],
+        3 => &[(4, 3)],
+        4 => &[(4, 4)],
+        5 => &[(4, 4), (1, 1)],
+        6 => &[(4, 4), (2, 2)],
+        _ => &[(8, 7)],
+    };
+    std::iter::repeat_n((8, 8), n / 8).chain(rest.iter().copied())
+}
+
+/// A batch of Q8_0-format activations laid out for the AVX2 tiles of Q4_0 .. Q8_0 weights,
+/// built once per product and read by every task. Per token tile of two or more tokens and
+/// block: the quants as 32-byte chunks (tiles of four or eight: eight chunks, chunk `k` holding
+/// quants `4k .. 4k + 4` of each token in its 32-bit lanes as [`lane_map`] orders them; tiles of
+/// two: `[t lo | t' lo]`, `[t hi | t' hi]` with `lo` quants 0-15 and `hi` 16-31), and one
+/// [`Lanes`]. A single token's tile reads the activation row and takes its blocks' quant sums
+/// from `sums`.
+#[derive(Debug, Default)]
+pub(crate) struct PackedActs {
+    pub(crate) nb: usize,
+    pub(crate) tiles: Vec<TokenTile>,
+    pub(crate) q: Vec<Q32>,
+    pub(crate) lanes: Vec<Lanes>,
+    pub(crate) sums: Vec<i32>,
+}
+
+impl PackedActs {
+    /// Packs `acts` (Q8_0 format, all of one length), reusing this buffer's memory.
+    pub(crate) fn pack(&mut self, acts: &[ActRow<'_>]) {
+        let nb = acts.first().map_or(0, |a| a.d.len());
+        self.nb = nb;
+        self.tiles.clear();
+        let (mut t0, mut nq, mut nl, mut ns) = (0, 0, 0, 0);
+        for (width, real) in token_tiles(acts.len()) {
+            let l_at = if width == 1 { ns } else { nl };
+            self.tiles.push(TokenTile { t0, real, width, q_at: nq, l_at });
+            t0 += real;
+            nq += nb * per_block(width);
+            if width == 1 {
+                ns += nb;
+            } else {
+                nl += nb;
+            }
+        }
+        self.q.clear();
+        self.q.resize(nq, Q32([0; 32]));
+        self.lanes.clear();
+        self.lanes.resize(nl, Lanes::default());
+        self.sums.clear();
+        self.sums.resize(ns, 0);
+        let qsum = |q: &[i8]| q.iter().map(|&x| i32::from(x)).sum::<i32>();
+        for t in &self.tiles {
+            let toks = &acts[t.t0..t.t0 + t.real];
+            if t.width == 1 {
+                for (s, q) in
+                    self.sums[t.l_at..t.l_at + nb].iter_mut().zip(toks[0].qs.chunks_exact(QK))
+                {
+                    *s = qsum(q);
+                }
+                continue;
+            }
+            let (_, lt) = lane_map(t.width);
+            let per = per_block(t.width);
+            for b in 0..nb {
+                let mut sums = [0i32; 8];
+                let qb = &mut self.q[t.q_at + b * per..][..per];
+                for (i, a) in toks.iter().enumerate() {
+                    let src: &[i8; 32] = a.qs[32 * b..32 * b + 32].try_into().unwrap();
+                    sums[i] = qsum(src);
+                    if t.width == 2 {
+                        for (h, c) in qb.iter_mut().enumerate() {
+                            c.0[16 * i..16 * i + 16].copy_from_slice(&src[16 * h..16 * h + 16]);
+                        }
+                        continue;
+                    }
+                    // Token i's lanes: i, and for four tokens also 4 + i.
+                    for (k, c) in qb.iter_mut().enumerate() {
+                        let quarter = &src[4 * k..4 * k + 4];
+                        c.0[4 * i..4 * i + 4].copy_from_slice(quarter);
+                        if t.width == 4 {
+                            c.0[16 + 4 * i..20 + 4 * i].copy_from_slice(quarter);
+                        }
+                    }
+                }
+                let l = &mut self.lanes[t.l_at + b];
+                for (k, &i) in lt.iter().enumerate() {
+                    if i < t.real {
+                        l.d[k] = toks[i].d[b];
+                        l.s[k] = toks[i].s[b];
+                        l.sum[k] = sums[i];
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// As [`q_rows`] for float weights and f32 activations (each `x[t]` one token of `cols`).
@@ -328,146 +529,285 @@ pub(crate) mod avx2 {
 
     use super::*;
     use crate::formats::{Block, BlockQ8_0};
+    #[cfg(test)]
+    use crate::simd::store_i32x8;
     use crate::simd::{
-        f16_1, f16x2, hsum_ps, load_bf16x8_le, load_f16x8_le, load_f32x8, load_f32x8_le,
-        load_i8x32, load_u8x16,
+        hsum_ps, load_bf16x8_le, load_f16x8_le, load_f32x8, load_f32x8_le, load_i32x8, load_i8x16,
+        load_i8x32, load_u8x16, store_f32x8,
     };
 
+    /// Rows a drive works through for every token tile before moving on: their weights stay
+    /// in L2 while each token tile passes over them (a multiple of every row tile).
+    const ROW_BLOCK: usize = 64;
+
     /// A weight block the AVX2 kernels can decode.
+    ///
+    /// A block's 32 weights go into `maddubs` as two vectors, elements 0-15 (`lo`) and 16-31
+    /// (`hi`), each 128-bit half of a vector holding one (row, token) pair's sixteen: the same
+    /// row twice ([`Avx2Block::split1`], paired with two tokens) or two rows
+    /// ([`Avx2Block::split2`], paired with one token twice).
     pub(crate) trait Avx2Block: Block {
-        /// `quants` are signed (use the sign trick) rather than unsigned.
+        /// Signed weights (Q8_0), multiplied through the sign trick and widened at once. The
+        /// others are unsigned bytes below 32, their offset taken off through the activations'
+        /// sums afterwards.
         const SIGNED: bool;
-        /// The block has a minimum `m` multiplying the activation's `s`.
-        const HAS_MIN: bool;
-        /// The 32 weights in element order: i8 when `SIGNED`, else u8 below 32.
+        /// `log2` of the offset subtracted from the unsigned weights (8 for Q4_0, 16 for Q5_0),
+        /// or `None`.
+        const OFFSET_SHIFT: Option<i32>;
+        /// Pair-wise i16 additions the unsigned products allow before they must be widened: with
+        /// weights below 16, sums of 16 products stay within i16 (|sum| <= 16 * 15 * 128); below
+        /// 32, sums of 8.
+        const LEVELS: u32;
+        /// The float steps of one block, as the scalar reference writes them.
+        const FORM: Form;
+        /// The block's first four bytes, little-endian: `d` in the low half and, for blocks with
+        /// a minimum, `m` in the high half (else whatever bytes follow `d`).
+        fn head(&self) -> i32;
+        /// Elements 0-15 of the block in both halves of `lo`, 16-31 in both halves of `hi`.
         ///
         /// # Safety
         ///
         /// The CPU supports AVX2+FMA+F16C.
-        unsafe fn quants(&self) -> __m256i;
-        /// `(d, m)`, `m` 0 without a minimum.
+        unsafe fn split1(&self) -> (__m256i, __m256i);
+        /// As `split1` with block `a` in the low halves and `b` in the high halves.
         ///
         /// # Safety
         ///
-        /// As for `quants`.
-        unsafe fn dm(&self) -> (f32, f32);
+        /// As for `split1`.
+        unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i);
+        /// Quarter `k` (elements `4k .. 4k + 4`) of the block in every 32-bit lane of vector
+        /// `k`.
+        ///
+        /// # Safety
+        ///
+        /// As for `split1`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn quarters1(&self) -> [__m256i; 8] {
+            // SAFETY: the caller's.
+            let (lo, hi) = unsafe { self.split1() };
+            spread(lo, hi)
+        }
+        /// As `quarters1` with block `a` in the low halves and `b` in the high halves.
+        ///
+        /// # Safety
+        ///
+        /// As for `split1`.
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn quarters2(a: &Self, b: &Self) -> [__m256i; 8] {
+            // SAFETY: the caller's.
+            let (lo, hi) = unsafe { Self::split2(a, b) };
+            spread(lo, hi)
+        }
     }
 
+    /// The quarters of a split block: dword `k % 4` of `lo` (`k < 4`) or `hi` in every lane
+    /// of its half.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn nibbles(qs: &[u8; 16]) -> __m256i {
-        let q = load_u8x16(qs);
-        let m = _mm_set1_epi8(0x0f);
-        let lo = _mm_and_si128(q, m);
-        let hi = _mm_and_si128(_mm_srli_epi16::<4>(q), m);
-        _mm256_set_m128i(hi, lo)
+    fn spread(lo: __m256i, hi: __m256i) -> [__m256i; 8] {
+        [
+            _mm256_shuffle_epi32::<0x00>(lo),
+            _mm256_shuffle_epi32::<0x55>(lo),
+            _mm256_shuffle_epi32::<0xaa>(lo),
+            _mm256_shuffle_epi32::<0xff>(lo),
+            _mm256_shuffle_epi32::<0x00>(hi),
+            _mm256_shuffle_epi32::<0x55>(hi),
+            _mm256_shuffle_epi32::<0xaa>(hi),
+            _mm256_shuffle_epi32::<0xff>(hi),
+        ]
     }
 
-    /// Byte `j` is 0x10 when bit `j` of `qh` is set.
+    /// The order of the float operations of one block, which must be the scalar reference's
+    /// (`sumi` is the block's integer sum, `da` and `s` the activation's scale and sum).
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(crate) enum Form {
+        /// `sumf += (sumi * d) * da` (Q4_0).
+        SumiD,
+        /// `sumf += (d * da) * sumi` (Q5_0, Q8_0).
+        DdSumi,
+        /// `sumf += ((d * da) * sumi + m * s)` (Q4_1, Q5_1).
+        DdSumiMin,
+    }
+
+    /// Sixteen nibbles of `q` (low ones in `lo`, high ones in `hi`).
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn high_bits(qh: [u8; 4]) -> __m256i {
-        let x = _mm256_set1_epi32(i32::from_le_bytes(qh));
-        let spread = _mm256_shuffle_epi8(
-            x,
-            _mm256_set_epi64x(
-                0x0303_0303_0303_0303,
-                0x0202_0202_0202_0202,
-                0x0101_0101_0101_0101,
-                0,
-            ),
-        );
+    fn nibbles2(q: __m256i) -> (__m256i, __m256i) {
+        let m = _mm256_set1_epi8(0x0f);
+        (_mm256_and_si256(q, m), _mm256_and_si256(_mm256_srli_epi16::<4>(q), m))
+    }
+
+    /// 0x10 in the bytes whose bit of `qh` is set: for `lo`, bits 0-15 of each 128-bit half's
+    /// `qh` (broadcast in `x`), for `hi` bits 16-31.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn high_bits2(x: __m256i) -> (__m256i, __m256i) {
         let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        let sel = |ctl: __m256i| {
+            let spread = _mm256_shuffle_epi8(x, ctl);
+            let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
+            _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+        };
+        let lo = _mm256_set_epi64x(0x0101_0101_0101_0101, 0, 0x0101_0101_0101_0101, 0);
+        let hi = _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+        );
+        (sel(lo), sel(hi))
+    }
+
+    /// The sixteen bytes of `a` in the low half and of `b` in the high half.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn pair16(a: &[u8; 16], b: &[u8; 16]) -> __m256i {
+        _mm256_set_m128i(load_u8x16(b), load_u8x16(a))
+    }
+
+    /// The sixteen bytes of `a` in both halves.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn both16(a: &[u8; 16]) -> __m256i {
+        _mm256_broadcastsi128_si256(load_u8x16(a))
+    }
+
+    fn half(qs: &[i8; 32], h: usize) -> &[i8; 16] {
+        qs[16 * h..16 * h + 16].try_into().unwrap()
     }
 
     impl Avx2Block for BlockQ4_0 {
-        const SIGNED: bool = true;
-        const HAS_MIN: bool = false;
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn quants(&self) -> __m256i {
-            _mm256_sub_epi8(nibbles(&self.qs), _mm256_set1_epi8(8))
+        const SIGNED: bool = false;
+        const OFFSET_SHIFT: Option<i32> = Some(3);
+        const LEVELS: u32 = 2;
+        const FORM: Form = Form::SumiD;
+        #[inline]
+        fn head(&self) -> i32 {
+            i32::from_le_bytes([self.d[0], self.d[1], self.qs[0], self.qs[1]])
         }
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dm(&self) -> (f32, f32) {
-            (f16_1(self.d), 0.0)
+        #[inline]
+        unsafe fn split1(&self) -> (__m256i, __m256i) {
+            nibbles2(both16(&self.qs))
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i) {
+            nibbles2(pair16(&a.qs, &b.qs))
         }
     }
 
     impl Avx2Block for BlockQ4_1 {
         const SIGNED: bool = false;
-        const HAS_MIN: bool = true;
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn quants(&self) -> __m256i {
-            nibbles(&self.qs)
+        const OFFSET_SHIFT: Option<i32> = None;
+        const LEVELS: u32 = 2;
+        const FORM: Form = Form::DdSumiMin;
+        #[inline]
+        fn head(&self) -> i32 {
+            i32::from_le_bytes([self.d[0], self.d[1], self.m[0], self.m[1]])
         }
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dm(&self) -> (f32, f32) {
-            let v = f16x2(self.d, self.m);
-            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+        #[inline]
+        unsafe fn split1(&self) -> (__m256i, __m256i) {
+            nibbles2(both16(&self.qs))
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i) {
+            nibbles2(pair16(&a.qs, &b.qs))
         }
     }
 
     impl Avx2Block for BlockQ5_0 {
-        const SIGNED: bool = true;
-        const HAS_MIN: bool = false;
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn quants(&self) -> __m256i {
-            let q = _mm256_or_si256(nibbles(&self.qs), high_bits(self.qh));
-            _mm256_sub_epi8(q, _mm256_set1_epi8(16))
+        const SIGNED: bool = false;
+        const OFFSET_SHIFT: Option<i32> = Some(4);
+        const LEVELS: u32 = 1;
+        const FORM: Form = Form::DdSumi;
+        #[inline]
+        fn head(&self) -> i32 {
+            i32::from_le_bytes([self.d[0], self.d[1], self.qh[0], self.qh[1]])
         }
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dm(&self) -> (f32, f32) {
-            (f16_1(self.d), 0.0)
+        #[inline]
+        unsafe fn split1(&self) -> (__m256i, __m256i) {
+            let (lo, hi) = nibbles2(both16(&self.qs));
+            let (hl, hh) = high_bits2(_mm256_set1_epi32(i32::from_le_bytes(self.qh)));
+            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i) {
+            let (lo, hi) = nibbles2(pair16(&a.qs, &b.qs));
+            let x = _mm256_set_m128i(
+                _mm_set1_epi32(i32::from_le_bytes(b.qh)),
+                _mm_set1_epi32(i32::from_le_bytes(a.qh)),
+            );
+            let (hl, hh) = high_bits2(x);
+            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
         }
     }
 
     impl Avx2Block for BlockQ5_1 {
         const SIGNED: bool = false;
-        const HAS_MIN: bool = true;
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn quants(&self) -> __m256i {
-            _mm256_or_si256(nibbles(&self.qs), high_bits(self.qh))
+        const OFFSET_SHIFT: Option<i32> = None;
+        const LEVELS: u32 = 1;
+        const FORM: Form = Form::DdSumiMin;
+        #[inline]
+        fn head(&self) -> i32 {
+            i32::from_le_bytes([self.d[0], self.d[1], self.m[0], self.m[1]])
         }
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dm(&self) -> (f32, f32) {
-            let v = f16x2(self.d, self.m);
-            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+        #[inline]
+        unsafe fn split1(&self) -> (__m256i, __m256i) {
+            let (lo, hi) = nibbles2(both16(&self.qs));
+            let (hl, hh) = high_bits2(_mm256_set1_epi32(i32::from_le_bytes(self.qh)));
+            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+        }
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i) {
+            let (lo, hi) = nibbles2(pair16(&a.qs, &b.qs));
+            let x = _mm256_set_m128i(
+                _mm_set1_epi32(i32::from_le_bytes(b.qh)),
+                _mm_set1_epi32(i32::from_le_bytes(a.qh)),
+            );
+            let (hl, hh) = high_bits2(x);
+            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
         }
     }
 
     impl Avx2Block for BlockQ8_0 {
         const SIGNED: bool = true;
-        const HAS_MIN: bool = false;
-        #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn quants(&self) -> __m256i {
-            load_i8x32(&self.qs)
+        const OFFSET_SHIFT: Option<i32> = None;
+        const LEVELS: u32 = 0;
+        const FORM: Form = Form::DdSumi;
+        #[inline]
+        fn head(&self) -> i32 {
+            i32::from_le_bytes([self.d[0], self.d[1], self.qs[0] as u8, self.qs[1] as u8])
         }
         #[target_feature(enable = "avx2,fma,f16c")]
-        unsafe fn dm(&self) -> (f32, f32) {
-            (f16_1(self.d), 0.0)
+        #[inline]
+        unsafe fn split1(&self) -> (__m256i, __m256i) {
+            let h = |i: usize| _mm256_broadcastsi128_si256(load_i8x16(half(&self.qs, i)));
+            (h(0), h(1))
         }
-    }
-
-    /// The unsigned factor of `maddubs` for a block's weights: `|w|` when signed.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn weight_factor<B: Avx2Block>(q: __m256i) -> __m256i {
-        if B::SIGNED {
-            _mm256_sign_epi8(q, q)
-        } else {
-            q
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i) {
+            let h =
+                |i: usize| _mm256_set_m128i(load_i8x16(half(&b.qs, i)), load_i8x16(half(&a.qs, i)));
+            (h(0), h(1))
         }
-    }
-
-    /// Eight i32 partial sums of `w . a` for one block; `wf = weight_factor(q)`. Exact: no
-    /// pair of products can saturate i16 (|w| <= 128, |a| <= 127).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn block_dot<B: Avx2Block>(q: __m256i, wf: __m256i, a: __m256i) -> __m256i {
-        let a = if B::SIGNED { _mm256_sign_epi8(a, q) } else { a };
-        _mm256_madd_epi16(_mm256_maddubs_epi16(wf, a), _mm256_set1_epi16(1))
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        unsafe fn quarters1(&self) -> [__m256i; 8] {
+            std::array::from_fn(|k| {
+                let q: [i8; 4] = self.qs[4 * k..4 * k + 4].try_into().unwrap();
+                _mm256_set1_epi32(i32::from_le_bytes(q.map(|x| x as u8)))
+            })
+        }
     }
 
     /// Bytes beyond the end of the current row tile that the tile prefetches.
@@ -481,35 +821,223 @@ pub(crate) mod avx2 {
         _mm_prefetch::<_MM_HINT_T0>(p.cast())
     }
 
-    /// One `R` rows x `T` tokens tile over whole rows. With `prefetch_next`, the rows must be
-    /// contiguous in memory, and while working the tile hints the bytes that follow them into
-    /// cache, since the hardware prefetcher alone leaves a streaming matvec at about half the
-    /// memory bandwidth.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    fn tile<B: Avx2Block, const R: usize, const T: usize>(
-        w: &[&[B]; R],
-        a: &[&ActRow<'_>; T],
-        s_t: &[[f32; T]],
-        prefetch_next: bool,
-    ) -> [[f32; T]; R] {
-        let nb = w[0].len();
-        let mut aq: [&[[i8; 32]]; T] = [&[]; T];
-        let mut ad: [&[f32]; T] = [&[]; T];
-        for t in 0..T {
-            aq[t] = &a[t].qs.as_chunks::<32>().0[..nb];
-            ad[t] = &a[t].d[..nb];
+    fn load_q32(q: &Q32) -> __m256i {
+        load_i8x32(&q.0)
+    }
+
+    /// A row's split weights ready for `maddubs`: the unsigned factors, and for signed blocks
+    /// the weights whose signs go onto the activations.
+    #[derive(Clone, Copy)]
+    struct Split {
+        lo: __m256i,
+        hi: __m256i,
+        slo: __m256i,
+        shi: __m256i,
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn ready<B: Avx2Block>((lo, hi): (__m256i, __m256i)) -> Split {
+        if B::SIGNED {
+            Split { lo: _mm256_sign_epi8(lo, lo), hi: _mm256_sign_epi8(hi, hi), slo: lo, shi: hi }
+        } else {
+            Split { lo, hi, slo: lo, shi: hi }
         }
-        let s_t = &s_t[..nb];
-        let mut wr: [&[B]; R] = [&[]; R];
-        for r in 0..R {
+    }
+
+    /// One vector of two pairs' products, before the reduction: i16 sums of four products
+    /// (unsigned weights), or i32 sums of eight (signed). Exact: no `maddubs` pair can saturate
+    /// (|w| <= 128, |a| <= 127, so |pair| <= 32512), and unsigned weights below 32 leave room
+    /// for the sum of the two.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn products<B: Avx2Block>(w: &Split, alo: __m256i, ahi: __m256i) -> __m256i {
+        if B::SIGNED {
+            let ones = _mm256_set1_epi16(1);
+            let plo = _mm256_maddubs_epi16(w.lo, _mm256_sign_epi8(alo, w.slo));
+            let phi = _mm256_maddubs_epi16(w.hi, _mm256_sign_epi8(ahi, w.shi));
+            _mm256_add_epi32(_mm256_madd_epi16(plo, ones), _mm256_madd_epi16(phi, ones))
+        } else {
+            _mm256_add_epi16(_mm256_maddubs_epi16(w.lo, alo), _mm256_maddubs_epi16(w.hi, ahi))
+        }
+    }
+
+    /// Eight (row, token) pairs' exact block sums from quarters: `w[k]` the weights' quarter
+    /// `k` ([`Avx2Block::quarters1`] or `quarters2`) and `a[k]` the tokens' quants `4k .. 4k + 4`
+    /// in the 32-bit lanes matching the weights' (each lane one pair). The products' i16 lanes
+    /// add up vertically, sixteen products each for weights below 16 (|sum| <= 16 * 15 * 128),
+    /// eight below 32, and signed ones are widened at once; a final `madd` gives each lane's
+    /// sum.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn quarters<B: Avx2Block>(w: &[__m256i; 8], a: &[Q32]) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        let a: &[Q32; 8] = a.try_into().unwrap();
+        let p = |k: usize| {
+            let ak = load_q32(&a[k]);
+            if B::SIGNED {
+                let u = _mm256_sign_epi8(w[k], w[k]);
+                _mm256_madd_epi16(_mm256_maddubs_epi16(u, _mm256_sign_epi8(ak, w[k])), ones)
+            } else {
+                _mm256_maddubs_epi16(w[k], ak)
+            }
+        };
+        if B::SIGNED {
+            let s = |x: __m256i, y: __m256i| _mm256_add_epi32(x, y);
+            s(s(s(p(0), p(1)), s(p(2), p(3))), s(s(p(4), p(5)), s(p(6), p(7))))
+        } else {
+            let s = |x: __m256i, y: __m256i| _mm256_add_epi16(x, y);
+            let x0 = s(s(p(0), p(1)), s(p(2), p(3)));
+            let x1 = s(s(p(4), p(5)), s(p(6), p(7)));
+            if B::LEVELS >= 2 {
+                _mm256_madd_epi16(s(x0, x1), ones)
+            } else {
+                _mm256_add_epi32(_mm256_madd_epi16(x0, ones), _mm256_madd_epi16(x1, ones))
+            }
+        }
+    }
+
+    /// The four vectors of `products` to eight exact i32 sums: lane `k` holds the low-half pair
+    /// of `v[k]`, lane `4 + k` the high-half pair.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn reduce<B: Avx2Block>(v: [__m256i; 4]) -> __m256i {
+        if B::SIGNED {
+            // Each half of `v[k]` holds four i32 partial sums of its pair.
+            let s01 = _mm256_add_epi32(
+                _mm256_unpacklo_epi32(v[0], v[1]),
+                _mm256_unpackhi_epi32(v[0], v[1]),
+            );
+            let s23 = _mm256_add_epi32(
+                _mm256_unpacklo_epi32(v[2], v[3]),
+                _mm256_unpackhi_epi32(v[2], v[3]),
+            );
+            return _mm256_add_epi32(
+                _mm256_unpacklo_epi64(s01, s23),
+                _mm256_unpackhi_epi64(s01, s23),
+            );
+        }
+        let ones = _mm256_set1_epi16(1);
+        // Each half of `v[k]` holds eight i16 partial sums (of four products) of its pair; per
+        // half `a01` alternates v[0]'s and v[1]'s sums of eight products.
+        let a01 =
+            _mm256_add_epi16(_mm256_unpacklo_epi16(v[0], v[1]), _mm256_unpackhi_epi16(v[0], v[1]));
+        let a23 =
+            _mm256_add_epi16(_mm256_unpacklo_epi16(v[2], v[3]), _mm256_unpackhi_epi16(v[2], v[3]));
+        if B::LEVELS >= 2 {
+            // Sums of sixteen: words [v0, v1, v2, v3, v0, v1, v2, v3] per half; pair each pair's
+            // two words and widen.
+            let b =
+                _mm256_add_epi16(_mm256_unpacklo_epi32(a01, a23), _mm256_unpackhi_epi32(a01, a23));
+            let ctl = _mm256_set_epi8(
+                15, 14, 7, 6, 13, 12, 5, 4, 11, 10, 3, 2, 9, 8, 1, 0, //
+                15, 14, 7, 6, 13, 12, 5, 4, 11, 10, 3, 2, 9, 8, 1, 0,
+            );
+            _mm256_madd_epi16(_mm256_shuffle_epi8(b, ctl), ones)
+        } else {
+            // Widen the sums of eight: group each pair's four words, add them in twos, then the
+            // two halves' results.
+            let ctl = _mm256_set_epi8(
+                15, 14, 11, 10, 7, 6, 3, 2, 13, 12, 9, 8, 5, 4, 1, 0, //
+                15, 14, 11, 10, 7, 6, 3, 2, 13, 12, 9, 8, 5, 4, 1, 0,
+            );
+            let c01 = _mm256_castsi256_ps(_mm256_madd_epi16(_mm256_shuffle_epi8(a01, ctl), ones));
+            let c23 = _mm256_castsi256_ps(_mm256_madd_epi16(_mm256_shuffle_epi8(a23, ctl), ones));
+            _mm256_add_epi32(
+                _mm256_castps_si256(_mm256_shuffle_ps::<0b10_00_10_00>(c01, c23)),
+                _mm256_castps_si256(_mm256_shuffle_ps::<0b11_01_11_01>(c01, c23)),
+            )
+        }
+    }
+
+    /// The weights' `d` (and `m`) in lane order from the heads of the tile's rows: for a tile of
+    /// `K` tokens, `h` holds its `8 / K` rows' heads.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn row_scales<const K: usize>(h: &[i32; 8]) -> (__m256, __m256) {
+        // Word `2i` of `x` is row i's `d`, word `2i + 1` its `m`.
+        let words = |x: __m128i, ctl: __m128i| _mm256_cvtph_ps(_mm_shuffle_epi8(x, ctl));
+        match K {
+            8 => {
+                let y = _mm256_cvtph_ps(_mm_set1_epi32(h[0]));
+                (_mm256_permute_ps::<0b00_00_00_00>(y), _mm256_permute_ps::<0b01_01_01_01>(y))
+            }
+            4 => {
+                // Rows [0, 0, 0, 0 | 1, 1, 1, 1].
+                let x = _mm_set_epi32(0, 0, h[1], h[0]);
+                let d = _mm_set_epi8(5, 4, 5, 4, 5, 4, 5, 4, 1, 0, 1, 0, 1, 0, 1, 0);
+                let m = _mm_set_epi8(7, 6, 7, 6, 7, 6, 7, 6, 3, 2, 3, 2, 3, 2, 3, 2);
+                (words(x, d), words(x, m))
+            }
+            2 => {
+                // Rows [0, 1, 2, 3] in each half.
+                let x = _mm_set_epi32(h[3], h[2], h[1], h[0]);
+                let d = _mm_set_epi8(13, 12, 9, 8, 5, 4, 1, 0, 13, 12, 9, 8, 5, 4, 1, 0);
+                let m = _mm_set_epi8(15, 14, 11, 10, 7, 6, 3, 2, 15, 14, 11, 10, 7, 6, 3, 2);
+                (words(x, d), words(x, m))
+            }
+            _ => {
+                // Rows [0, 1, 4, 5 | 2, 3, 6, 7].
+                let ya = _mm256_cvtph_ps(_mm_set_epi32(h[3], h[2], h[1], h[0]));
+                let yb = _mm256_cvtph_ps(_mm_set_epi32(h[7], h[6], h[5], h[4]));
+                (
+                    _mm256_shuffle_ps::<0b10_00_10_00>(ya, yb),
+                    _mm256_shuffle_ps::<0b11_01_11_01>(ya, yb),
+                )
+            }
+        }
+    }
+
+    /// A single token's quants (as halves), scales, sums and quant sums.
+    type OneToken<'a> = (&'a [[i8; 16]], &'a [f32], &'a [f32], &'a [i32]);
+
+    /// What a tile reads of its tokens: for two or more, their packed quants and lanes; for one,
+    /// the activation row itself and its blocks' quant sums.
+    #[derive(Clone, Copy)]
+    struct TileActs<'a> {
+        q: &'a [Q32],
+        lanes: &'a [Lanes],
+        one: Option<(&'a ActRow<'a>, &'a [i32])>,
+    }
+
+    /// One tile over whole rows: `K` tokens by `tile_rows(K)` rows `w`, as the lanes of
+    /// [`lane_map`]. Every lane gets exactly the scalar reference's value: the block's exact
+    /// integer sum (quarters for four or eight tokens, the split-half products and their
+    /// reduction for one or two), then the reference's float steps in block order. With
+    /// `prefetch_next`, the rows must be contiguous in memory, and the tile hints the bytes that
+    /// follow them into cache while working (from [`PREFETCH_AHEAD`] beyond them, the same
+    /// number of lines every block, which predicts better than one hint per line),
+    /// since the hardware prefetcher alone leaves a streaming matvec at about half the memory
+    /// bandwidth.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn tile<B: Avx2Block, const K: usize>(
+        w: &[&[B]; 8],
+        nb: usize,
+        src: TileActs<'_>,
+        prefetch_next: bool,
+    ) -> [f32; 8] {
+        let rows = tile_rows(K);
+        let mut wr: [&[B]; 8] = [&[]; 8];
+        for r in 0..rows {
             wr[r] = &w[r][..nb];
         }
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        // The minimum's term, one lane per token so it vectorizes over the tile's tokens.
-        let mut mins = [[0.0f32; T]; R];
-        let step = R * std::mem::size_of::<B>();
-        let pf_base = w[R - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        let (q, lanes) = if K == 1 {
+            (&[][..], &[][..])
+        } else {
+            (&src.q[..nb * per_block(K)], &src.lanes[..nb])
+        };
+        let (aq, ad, asum, aqsum): OneToken<'_> = match src.one {
+            Some((a, s)) if K == 1 => {
+                (&a.qs.as_chunks::<16>().0[..2 * nb], &a.d[..nb], &a.s[..nb], &s[..nb])
+            }
+            _ => (&[], &[], &[], &[]),
+        };
+        let mut acc = _mm256_setzero_ps();
+        let step = rows * std::mem::size_of::<B>();
+        let pf_base = w[rows - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
         for b in 0..nb {
             if prefetch_next {
                 let p = pf_base.wrapping_add(b * step);
@@ -517,206 +1045,180 @@ pub(crate) mod avx2 {
                     prefetch(p.wrapping_add(k * 64));
                 }
             }
-            let mut av = [_mm256_setzero_si256(); T];
-            for t in 0..T {
-                av[t] = load_i8x32(&aq[t][b]);
+            let mut h = [0i32; 8];
+            for r in 0..rows {
+                h[r] = wr[r][b].head();
             }
-            for r in 0..R {
-                let blk = &wr[r][b];
-                // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
-                let q = unsafe { blk.quants() };
-                // SAFETY: as above.
-                let (d, m) = unsafe { blk.dm() };
-                let wf = weight_factor::<B>(q);
-                let dv = _mm256_set1_ps(d);
-                for t in 0..T {
-                    let p = block_dot::<B>(q, wf, av[t]);
-                    let scale = _mm256_mul_ps(dv, _mm256_broadcast_ss(&ad[t][b]));
-                    acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc[r][t]);
+            let raw = match K {
+                8 | 4 => {
+                    let w = if K == 8 {
+                        // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
+                        unsafe { wr[0][b].quarters1() }
+                    } else {
+                        // SAFETY: as above.
+                        unsafe { B::quarters2(&wr[0][b], &wr[1][b]) }
+                    };
+                    quarters::<B>(&w, &q[b * 8..(b + 1) * 8])
                 }
-                if B::HAS_MIN {
-                    for t in 0..T {
-                        mins[r][t] += m * s_t[b][t];
+                2 => {
+                    let qb = &q[b * 2..(b + 1) * 2];
+                    let (alo, ahi) = (load_q32(&qb[0]), load_q32(&qb[1]));
+                    let mut v = [_mm256_setzero_si256(); 4];
+                    for r in 0..4 {
+                        // SAFETY: as above.
+                        let s = ready::<B>(unsafe { wr[r][b].split1() });
+                        v[r] = products::<B>(&s, alo, ahi);
                     }
+                    reduce::<B>(v)
                 }
+                _ => {
+                    let (alo, ahi) = (both16_i8(&aq[2 * b]), both16_i8(&aq[2 * b + 1]));
+                    // Row pairs (0, 2) and (1, 3), as `row_scales` orders them; lanes 2, 3, 6
+                    // and 7 stay zero.
+                    let mut v = [_mm256_setzero_si256(); 4];
+                    for (k, (ra, rb)) in [(0, 2), (1, 3)].into_iter().enumerate() {
+                        // SAFETY: as above.
+                        let s = ready::<B>(unsafe { B::split2(&wr[ra][b], &wr[rb][b]) });
+                        v[k] = products::<B>(&s, alo, ahi);
+                    }
+                    reduce::<B>(v)
+                }
+            };
+            let (da, sa, qsum) = if K == 1 {
+                (_mm256_set1_ps(ad[b]), _mm256_set1_ps(asum[b]), _mm256_set1_epi32(aqsum[b]))
+            } else {
+                let l = &lanes[b];
+                (load_f32x8(&l.d), load_f32x8(&l.s), load_i32x8(&l.sum))
+            };
+            let mut sumi = raw;
+            if let Some(shift) = B::OFFSET_SHIFT {
+                sumi = _mm256_sub_epi32(sumi, _mm256_sll_epi32(qsum, _mm_cvtsi32_si128(shift)));
             }
+            let f = _mm256_cvtepi32_ps(sumi);
+            let (dw, mw) = row_scales::<K>(&h);
+            let term = match B::FORM {
+                Form::SumiD => _mm256_mul_ps(_mm256_mul_ps(f, dw), da),
+                Form::DdSumi => _mm256_mul_ps(_mm256_mul_ps(dw, da), f),
+                Form::DdSumiMin => {
+                    _mm256_add_ps(_mm256_mul_ps(_mm256_mul_ps(dw, da), f), _mm256_mul_ps(mw, sa))
+                }
+            };
+            acc = _mm256_add_ps(acc, term);
         }
-        let mut out = [[0.0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = hsum_ps(acc[r][t]) + mins[r][t];
-            }
-        }
+        let mut out = [0.0f32; 8];
+        store_f32x8(&mut out, acc);
         out
     }
 
-    #[cfg(test)]
-    use crate::simd::hsum_epi32;
+    /// The sixteen quants `a` in both halves.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn both16_i8(a: &[i8; 16]) -> __m256i {
+        _mm256_broadcastsi128_si256(load_i8x16(a))
+    }
 
-    /// Per-block integer sums through the same decode and `block_dot` as the tiles.
+    /// Per-block integer sums through the same decode, products and reduction as the
+    /// single-token tiles.
     #[cfg(test)]
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) fn block_isums<B: Avx2Block>(w: &[B], a: &ActRow<'_>) -> Vec<i32> {
+        let aq = a.qs.as_chunks::<16>().0;
         let mut out = Vec::with_capacity(w.len());
-        for (blk, aq) in w.iter().zip(a.qs.as_chunks::<32>().0) {
+        for (b, blk) in w.iter().enumerate() {
+            let (alo, ahi) = (both16_i8(&aq[2 * b]), both16_i8(&aq[2 * b + 1]));
             // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
-            let q = unsafe { blk.quants() };
-            let wf = weight_factor::<B>(q);
-            out.push(hsum_epi32(block_dot::<B>(q, wf, load_i8x32(aq))));
+            let s = ready::<B>(unsafe { B::split2(blk, blk) });
+            let v = products::<B>(&s, alo, ahi);
+            let mut sumi = reduce::<B>([v; 4]);
+            if let Some(shift) = B::OFFSET_SHIFT {
+                let qsum: i32 = a.qs[32 * b..32 * b + 32].iter().map(|&x| i32::from(x)).sum();
+                let off = _mm256_sll_epi32(_mm256_set1_epi32(qsum), _mm_cvtsi32_si128(shift));
+                sumi = _mm256_sub_epi32(sumi, off);
+            }
+            let mut lanes = [0i32; 8];
+            store_i32x8(&mut lanes, sumi);
+            assert!(lanes.iter().all(|&x| x == lanes[0]), "every lane holds the same pair");
+            out.push(lanes[0]);
         }
         out
     }
 
-    /// The activations' `s` regrouped by tiles of `T` tokens: entry `[tile * nb + b][i]` is
-    /// block `b`'s `s` of token `tile * T + i` (zero past the last token).
-    fn s_by_tile<const T: usize>(acts: &[ActRow<'_>], nb: usize) -> Vec<[f32; T]> {
-        let tiles = acts.len().div_ceil(T);
-        let mut st = vec![[0.0f32; T]; tiles * nb];
-        for (t, a) in acts.iter().enumerate() {
-            for (b, &s) in a.s[..nb].iter().enumerate() {
-                st[(t / T) * nb + b][t % T] = s;
-            }
-        }
-        st
-    }
-
-    /// The tokens of one `drive` call, with their `s` regrouped for the tiles.
-    struct Tokens<'a, 'b, const T: usize> {
-        acts: &'a [ActRow<'b>],
-        /// Tokens covered by whole tiles of `T`.
-        full: usize,
-        nb: usize,
-        /// `s_by_tile` of the first `full` tokens.
-        st: Vec<[f32; T]>,
-        /// `s_by_tile` of the rest (fewer than `T` tokens, one tile of their own), by their
-        /// number: a batch of 2 or 3 leftover tokens shares each decoded weight block too.
-        st1: Vec<[f32; 1]>,
-        st2: Vec<[f32; 2]>,
-        st3: Vec<[f32; 3]>,
-    }
-
-    /// Every token against rows `r0..r0 + R`: tiles of `T` tokens, then one at a time.
+    /// Rows `rows` against every token of `p` (packed from `acts`): per block of 64 rows, each
+    /// token tile in turn over all of the block's rows, in row tiles of `tile_rows(width)` (the
+    /// last one's missing rows repeating its last row, their outputs dropped).
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn row_tile<B: Avx2Block, const R: usize, const T: usize>(
-        wr: &[&[B]; R],
-        r0: usize,
-        tk: &Tokens<'_, '_, T>,
-        emit: &mut dyn FnMut(usize, usize, f32),
-    ) {
-        let (acts, nb) = (tk.acts, tk.nb);
-        let mut t = 0;
-        while t < tk.full {
-            let mut at: [&ActRow<'_>; T] = [&acts[t]; T];
-            for (i, x) in at.iter_mut().enumerate() {
-                *x = &acts[t + i];
-            }
-            let o = tile::<B, R, T>(wr, &at, &tk.st[(t / T) * nb..][..nb], t == 0);
-            for (i, orow) in o.iter().enumerate() {
-                for (j, &v) in orow.iter().enumerate() {
-                    emit(r0 + i, t + j, v);
-                }
-            }
-            t += T;
-        }
-        let first = t == 0;
-        let mut out = |o: &[&[f32]]| {
-            for (i, orow) in o.iter().enumerate() {
-                for (j, &v) in orow.iter().enumerate() {
-                    emit(r0 + i, t + j, v);
-                }
-            }
-        };
-        match acts.len() - t {
-            0 => {}
-            1 => {
-                let o = tile::<B, R, 1>(wr, &[&acts[t]], &tk.st1[..nb], first);
-                out(&o.each_ref().map(|r| &r[..]));
-            }
-            2 => {
-                let o = tile::<B, R, 2>(wr, &[&acts[t], &acts[t + 1]], &tk.st2[..nb], first);
-                out(&o.each_ref().map(|r| &r[..]));
-            }
-            _ => {
-                let at = [&acts[t], &acts[t + 1], &acts[t + 2]];
-                let o = tile::<B, R, 3>(wr, &at, &tk.st3[..nb], first);
-                out(&o.each_ref().map(|r| &r[..]));
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn drive<B: Avx2Block, const R: usize, const T: usize>(
+    fn drive<B: Avx2Block, E: FnMut(usize, usize, f32) + ?Sized>(
         w: &[u8],
         row_bytes: usize,
         acts: &[ActRow<'_>],
+        p: &PackedActs,
         rows: Range<usize>,
-        emit: &mut dyn FnMut(usize, usize, f32),
+        emit: &mut E,
     ) -> Result<(), KernelError> {
         let nb = row_bytes / std::mem::size_of::<B>();
-        let full = acts.len() / T * T;
-        let rest = &acts[full..];
-        debug_assert!(rest.len() < T && T <= 4, "leftover tiles hold at most 3 tokens");
-        let tk = Tokens::<T> {
-            acts,
-            full,
-            nb,
-            st: s_by_tile::<T>(&acts[..full], nb),
-            st1: if rest.len() == 1 { s_by_tile::<1>(rest, nb) } else { Vec::new() },
-            st2: if rest.len() == 2 { s_by_tile::<2>(rest, nb) } else { Vec::new() },
-            st3: if rest.len() == 3 { s_by_tile::<3>(rest, nb) } else { Vec::new() },
-        };
+        check_len("activation blocks", nb, p.nb)?;
         let row = |r: usize| as_blocks::<B>(&w[r * row_bytes..(r + 1) * row_bytes]);
-        let mut r = rows.start;
-        while r < rows.end {
-            if r + R <= rows.end {
-                let mut wr: [&[B]; R] = [&[]; R];
-                for (i, x) in wr.iter_mut().enumerate() {
-                    *x = row(r + i)?;
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r1 = (r0 + ROW_BLOCK).min(rows.end);
+            for (i, t) in p.tiles.iter().enumerate() {
+                let first = i == 0;
+                let src = if t.width == 1 {
+                    TileActs {
+                        q: &[],
+                        lanes: &[],
+                        one: Some((&acts[t.t0], &p.sums[t.l_at..t.l_at + nb])),
+                    }
+                } else {
+                    TileActs {
+                        q: &p.q[t.q_at..t.q_at + nb * per_block(t.width)],
+                        lanes: &p.lanes[t.l_at..t.l_at + nb],
+                        one: None,
+                    }
+                };
+                let per = tile_rows(t.width);
+                let (lr, lt) = lane_map(t.width);
+                let mut r = r0;
+                while r < r1 {
+                    let mut wr: [&[B]; 8] = [&[]; 8];
+                    for (k, x) in wr.iter_mut().take(per).enumerate() {
+                        *x = row((r + k).min(r1 - 1))?;
+                    }
+                    let o = match t.width {
+                        8 => tile::<B, 8>(&wr, nb, src, first),
+                        4 => tile::<B, 4>(&wr, nb, src, first),
+                        2 => tile::<B, 2>(&wr, nb, src, first),
+                        _ => tile::<B, 1>(&wr, nb, src, first),
+                    };
+                    for (k, &v) in o.iter().enumerate() {
+                        if lr[k] < per && r + lr[k] < r1 && lt[k] < t.real {
+                            emit(r + lr[k], t.t0 + lt[k], v);
+                        }
+                    }
+                    r += per;
                 }
-                row_tile::<B, R, T>(&wr, r, &tk, emit);
-                r += R;
-            } else {
-                row_tile::<B, 1, T>(&[row(r)?], r, &tk, emit);
-                r += 1;
             }
+            r0 = r1;
         }
         Ok(())
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn drive_any<B: Avx2Block>(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &[ActRow<'_>],
-        rows: Range<usize>,
-        emit: &mut dyn FnMut(usize, usize, f32),
-    ) -> Result<(), KernelError> {
-        // Tiles by batch size: four rows for one or two tokens (each decoded weight block
-        // serves every token of the tile), two rows by four tokens for larger batches, whose
-        // leftover tokens form one smaller tile.
-        match acts.len() {
-            1 => drive::<B, 4, 1>(w, row_bytes, acts, rows, emit),
-            2 => drive::<B, 4, 2>(w, row_bytes, acts, rows, emit),
-            _ => drive::<B, 2, 4>(w, row_bytes, acts, rows, emit),
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn q_rows(
+    pub(crate) fn q_rows_packed<E: FnMut(usize, usize, f32) + ?Sized>(
         ty: GgmlType,
         w: &[u8],
         row_bytes: usize,
         acts: &[ActRow<'_>],
+        p: &PackedActs,
         rows: Range<usize>,
-        emit: &mut dyn FnMut(usize, usize, f32),
+        emit: &mut E,
     ) -> Result<(), KernelError> {
         match ty {
-            GgmlType::Q4_0 => drive_any::<BlockQ4_0>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q4_1 => drive_any::<BlockQ4_1>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q5_0 => drive_any::<BlockQ5_0>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q5_1 => drive_any::<BlockQ5_1>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q8_0 => drive_any::<BlockQ8_0>(w, row_bytes, acts, rows, emit),
+            GgmlType::Q4_0 => drive::<BlockQ4_0, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q4_1 => drive::<BlockQ4_1, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q5_0 => drive::<BlockQ5_0, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q5_1 => drive::<BlockQ5_1, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q8_0 => drive::<BlockQ8_0, E>(w, row_bytes, acts, p, rows, emit),
             _ => Err(KernelError::Unsupported { ty, op: "quantized dot product" }),
         }
     }

@@ -32,6 +32,7 @@
 
 use crate::act::{ActFormat, ActRow};
 use crate::cpu::Isa;
+use crate::dot::{token_tiles, Q32};
 use crate::error::check_len;
 use crate::formats::{as_blocks, f16_le};
 use crate::kquants::{
@@ -67,12 +68,11 @@ pub(crate) fn k_rows(
     rows: std::ops::Range<usize>,
     emit: &mut dyn FnMut(usize, usize, f32),
 ) -> Result<(), KernelError> {
-    #[cfg(target_arch = "x86_64")]
     if isa.avx2() {
-        // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
-        return unsafe { avx2::k_rows(ty, w, row_bytes, acts, rows, emit) };
+        let mut p = KPacked::default();
+        p.pack(acts);
+        return k_rows_packed(isa, ty, w, row_bytes, acts, &p, rows, emit);
     }
-    let _ = isa;
     for r in rows {
         let wr = &w[r * row_bytes..(r + 1) * row_bytes];
         for (t, a) in acts.iter().enumerate() {
@@ -88,6 +88,147 @@ pub(crate) fn k_rows(
         }
     }
     Ok(())
+}
+
+/// As [`k_rows`] on AVX2, with `acts` packed by [`KPacked::pack`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn k_rows_packed<E: FnMut(usize, usize, f32) + ?Sized>(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &[ActRow<'_>],
+    p: &KPacked,
+    rows: std::ops::Range<usize>,
+    emit: &mut E,
+) -> Result<(), KernelError> {
+    #[cfg(target_arch = "x86_64")]
+    if isa.avx2() {
+        // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
+        return unsafe { avx2::k_rows_packed(ty, w, row_bytes, acts, p, rows, emit) };
+    }
+    let _ = (isa, w, row_bytes, acts, p, rows, emit);
+    Err(KernelError::Unsupported { ty, op: "packed k-quant activations without AVX2" })
+}
+
+/// A token tile of [`KPacked`]: tokens `t0 .. t0 + real` as a tile of `width` (1, 2, 4 or 8; the
+/// tokens past `real` padding), its quarters at `q_at`, pairs of sums at `b_at` and scales at
+/// `l_at`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KTokenTile {
+    pub(crate) t0: usize,
+    pub(crate) real: usize,
+    pub(crate) width: usize,
+    pub(crate) q_at: usize,
+    pub(crate) b_at: usize,
+    pub(crate) l_at: usize,
+}
+
+/// Row (within a row tile) and token (within a token tile of `width`) of each output lane of the
+/// AVX2 k-quant tiles: a tile of `width` tokens covers `8 / width` rows.
+pub(crate) const fn lane_map(width: usize) -> ([usize; 8], [usize; 8]) {
+    match width {
+        8 => ([0; 8], [0, 1, 2, 3, 4, 5, 6, 7]),
+        4 => ([0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 3, 0, 1, 2, 3]),
+        2 => ([0, 0, 1, 1, 2, 2, 3, 3], [0, 1, 0, 1, 0, 1, 0, 1]),
+        _ => ([0, 1, 2, 3, NO_ROW, NO_ROW, NO_ROW, NO_ROW], [0; 8]),
+    }
+}
+
+/// The row of an unused lane in [`lane_map`].
+pub(crate) const NO_ROW: usize = usize::MAX / 2;
+
+/// Rows of a tile of `width` tokens.
+pub(crate) const fn tile_rows(width: usize) -> usize {
+    if width == 1 {
+        4
+    } else {
+        8 / width
+    }
+}
+
+/// A batch of Q8_K activations laid out for the AVX2 k-quant tiles, built once per product and
+/// read by every task. Per token tile of four or eight tokens and block: per chunk of 32, per
+/// group of four tokens and quarter `k` (0-3), 32 bytes holding the four tokens' quants
+/// `4k .. 4k + 4` of the chunk in the low half and `16 + 4k ..` in the high half; then eight
+/// vectors of the tokens' `bsums` in pairs (pair `p`: sums `2p` and `2p + 1`), one token per
+/// 32-bit lane as [`lane_map`] orders them. Every tile has each block's `d` in lane order.
+/// Tiles of one or two tokens read the activation rows themselves.
+#[derive(Debug, Default)]
+pub(crate) struct KPacked {
+    pub(crate) nb: usize,
+    pub(crate) tiles: Vec<KTokenTile>,
+    pub(crate) q: Vec<Q32>,
+    pub(crate) bs: Vec<Q32>,
+    pub(crate) d: Vec<[f32; 8]>,
+}
+
+impl KPacked {
+    /// Packs `acts` (Q8_K format, all of one length), reusing this buffer's memory.
+    pub(crate) fn pack(&mut self, acts: &[ActRow<'_>]) {
+        let nb = acts.first().map_or(0, |a| a.d.len());
+        self.nb = nb;
+        self.tiles.clear();
+        let (mut t0, mut nq, mut nbs, mut nl) = (0, 0, 0, 0);
+        for (width, real) in token_tiles(acts.len()) {
+            self.tiles.push(KTokenTile { t0, real, width, q_at: nq, b_at: nbs, l_at: nl });
+            t0 += real;
+            if width >= 4 {
+                nq += nb * 8 * width;
+                nbs += nb * 8;
+            }
+            nl += nb;
+        }
+        self.q.clear();
+        self.q.resize(nq, Q32([0; 32]));
+        self.bs.clear();
+        self.bs.resize(nbs, Q32([0; 32]));
+        self.d.clear();
+        self.d.resize(nl, [0.0; 8]);
+        for t in &self.tiles {
+            let toks = &acts[t.t0..t.t0 + t.real];
+            let (_, lt) = lane_map(t.width);
+            for b in 0..nb {
+                for (k, &i) in lt.iter().enumerate() {
+                    if i < t.real {
+                        self.d[t.l_at + b][k] = toks[i].d[b];
+                    }
+                }
+                if t.width < 4 {
+                    continue;
+                }
+                let groups = t.width / 4;
+                for (i, a) in toks.iter().enumerate() {
+                    let (g, lane) = (i / 4, i % 4);
+                    for c in 0..8 {
+                        let src = &a.qs[QK_K * b + 32 * c..][..32];
+                        for k in 0..4 {
+                            let dst = &mut self.q[t.q_at + ((b * 8 + c) * groups + g) * 4 + k].0;
+                            dst[4 * lane..4 * lane + 4].copy_from_slice(&src[4 * k..4 * k + 4]);
+                            dst[16 + 4 * lane..20 + 4 * lane]
+                                .copy_from_slice(&src[16 + 4 * k..20 + 4 * k]);
+                        }
+                    }
+                }
+                for (k, &i) in lt.iter().enumerate() {
+                    if i >= t.real {
+                        continue;
+                    }
+                    let bsums = &toks[i].bsums[16 * b..16 * b + 16];
+                    for p in 0..8 {
+                        let dst = &mut self.bs[t.b_at + b * 8 + p].0;
+                        let (lo, hi) = (bsums[2 * p].to_le_bytes(), bsums[2 * p + 1].to_le_bytes());
+                        dst[4 * k..4 * k + 4].copy_from_slice(&[
+                            lo[0] as i8,
+                            lo[1] as i8,
+                            hi[0] as i8,
+                            hi[1] as i8,
+                        ]);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The scalar reference dot products, operation for operation as ggml's generic C.
@@ -348,7 +489,11 @@ pub(crate) mod avx2 {
     use super::*;
     use crate::dot::avx2::{prefetch, PREFETCH_AHEAD};
     use crate::formats::Block;
-    use crate::simd::{f16_1, f16x2, hsum_ps, load_i8x32, load_u8x16};
+    use crate::simd::{f16_1, f16x2, load_f32x8, load_i8x32, load_u8x16, store_f32x8};
+
+    /// Rows a drive works through for every token tile before moving on (a multiple of every
+    /// row tile).
+    const ROW_BLOCK: usize = 64;
 
     /// What a k-quant block's chunks of 32 weights are decoded from, prepared once per block
     /// and row. A chunk is 32 unsigned quants (bytes below 64) and the 16-bit factors `madd`
@@ -381,6 +526,8 @@ pub(crate) mod avx2 {
     pub(crate) trait Avx2KBlock: Block {
         /// `coef` holds minimums, subtracted with `dmin`, rather than offsets added to `isum`.
         const HAS_MIN: bool;
+        /// The largest quant a chunk holds.
+        const MAX_Q: u32;
         /// The per-block state.
         ///
         /// # Safety
@@ -544,6 +691,7 @@ pub(crate) mod avx2 {
 
     impl Avx2KBlock for BlockQ2K {
         const HAS_MIN: bool = true;
+        const MAX_Q: u32 = 3;
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn prep(&self) -> Prep {
             let s = load_u8x16(&self.scales);
@@ -568,6 +716,7 @@ pub(crate) mod avx2 {
 
     impl Avx2KBlock for BlockQ3K {
         const HAS_MIN: bool = false;
+        const MAX_Q: u32 = 7;
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn prep(&self) -> Prep {
             let (src, w) = sources16::<true>(q3_k_scale_bytes(&self.scales));
@@ -590,6 +739,7 @@ pub(crate) mod avx2 {
 
     impl Avx2KBlock for BlockQ4K {
         const HAS_MIN: bool = true;
+        const MAX_Q: u32 = 15;
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn prep(&self) -> Prep {
             prep_k4(&self.scales, self.d, self.dmin)
@@ -603,6 +753,7 @@ pub(crate) mod avx2 {
 
     impl Avx2KBlock for BlockQ5K {
         const HAS_MIN: bool = true;
+        const MAX_Q: u32 = 31;
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn prep(&self) -> Prep {
             Prep { bits: load_u8x32(&self.qh), ..prep_k4(&self.scales, self.d, self.dmin) }
@@ -617,6 +768,7 @@ pub(crate) mod avx2 {
 
     impl Avx2KBlock for BlockQ6K {
         const HAS_MIN: bool = false;
+        const MAX_Q: u32 = 63;
         #[target_feature(enable = "avx2,fma,f16c")]
         unsafe fn prep(&self) -> Prep {
             let (sc, w) = sources16::<true>(load_i8x16(&self.scales));
@@ -678,79 +830,6 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// One `R` rows x `T` tokens tile over whole rows; `prefetch_next` as in [`crate::dot`]'s
-    /// tiles (the rows contiguous, the bytes after them hinted into cache while working).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn tile<B: Avx2KBlock, const R: usize, const T: usize>(
-        w: &[&[B]; R],
-        a: &[&ActRow<'_>; T],
-        prefetch_next: bool,
-    ) -> [[f32; T]; R] {
-        let nb = w[0].len();
-        let mut aq: [&[[i8; 32]]; T] = [&[]; T];
-        let mut ad: [&[f32]; T] = [&[]; T];
-        let mut ab: [&[i16]; T] = [&[]; T];
-        for t in 0..T {
-            aq[t] = &a[t].qs.as_chunks::<32>().0[..8 * nb];
-            ad[t] = &a[t].d[..nb];
-            ab[t] = &a[t].bsums[..16 * nb];
-        }
-        let mut wr: [&[B]; R] = [&[]; R];
-        for r in 0..R {
-            wr[r] = &w[r][..nb];
-        }
-        let mut acc = [[_mm256_setzero_ps(); T]; R];
-        let step = R * std::mem::size_of::<B>();
-        let pf_base = w[R - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
-        for b in 0..nb {
-            if prefetch_next {
-                let p = pf_base.wrapping_add(b * step);
-                for k in 0..step.div_ceil(64) {
-                    prefetch(p.wrapping_add(k * 64));
-                }
-            }
-            let mut prep = [Prep::zero(); R];
-            for r in 0..R {
-                // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
-                prep[r] = unsafe { wr[r][b].prep() };
-            }
-            let mut isum = [[_mm256_setzero_si256(); T]; R];
-            let step_in = (&wr, b, &prep, &aq);
-            chunk_step::<B, 0, R, T>(step_in, &mut isum);
-            chunk_step::<B, 1, R, T>(step_in, &mut isum);
-            chunk_step::<B, 2, R, T>(step_in, &mut isum);
-            chunk_step::<B, 3, R, T>(step_in, &mut isum);
-            chunk_step::<B, 4, R, T>(step_in, &mut isum);
-            chunk_step::<B, 5, R, T>(step_in, &mut isum);
-            chunk_step::<B, 6, R, T>(step_in, &mut isum);
-            chunk_step::<B, 7, R, T>(step_in, &mut isum);
-            for t in 0..T {
-                let bs = load_i16x16(&ab[t][16 * b..]);
-                let da = ad[t][b];
-                for r in 0..R {
-                    let extra = _mm256_madd_epi16(prep[r].coef, bs);
-                    let dd = _mm256_set1_ps(prep[r].d * da);
-                    if B::HAS_MIN {
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][t]), dd, acc[r][t]);
-                        let dm = _mm256_set1_ps(prep[r].dmin * da);
-                        acc[r][t] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(extra), dm, acc[r][t]);
-                    } else {
-                        let i = _mm256_add_epi32(isum[r][t], extra);
-                        acc[r][t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), dd, acc[r][t]);
-                    }
-                }
-            }
-        }
-        let mut out = [[0.0f32; T]; R];
-        for r in 0..R {
-            for t in 0..T {
-                out[r][t] = hsum_ps(acc[r][t]);
-            }
-        }
-        out
-    }
-
     #[cfg(test)]
     use crate::simd::hsum_epi32;
 
@@ -786,90 +865,349 @@ pub(crate) mod avx2 {
         out
     }
 
-    /// Every token of `acts` (a multiple of `T` of them) against rows `rows`, in tiles of `R`
-    /// rows (single rows at the end) by `T` tokens; `emit` gets token indices plus `t0`.
+    /// Eight i32 vectors to their lane sums: lane `i` of the result is the sum of `v[i]`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    fn drive<B: Avx2KBlock, const R: usize, const T: usize>(
-        w: &[u8],
-        row_bytes: usize,
-        acts: &[ActRow<'_>],
-        t0: usize,
-        rows: Range<usize>,
-        prefetch_next: bool,
-        emit: &mut dyn FnMut(usize, usize, f32),
-    ) -> Result<(), KernelError> {
-        debug_assert!(acts.len().is_multiple_of(T));
-        let row = |r: usize| as_blocks::<B>(&w[r * row_bytes..(r + 1) * row_bytes]);
-        let mut r = rows.start;
-        while r < rows.end {
-            let n = if r + R <= rows.end { R } else { 1 };
-            for (k, at) in acts.as_chunks::<T>().0.iter().enumerate() {
-                let at: [&ActRow<'_>; T] = at.each_ref();
-                let first = prefetch_next && k == 0;
-                let emit_tile = |o: &[[f32; T]], emit: &mut dyn FnMut(usize, usize, f32)| {
-                    for (i, orow) in o.iter().enumerate() {
-                        for (j, &v) in orow.iter().enumerate() {
-                            emit(r + i, t0 + T * k + j, v);
-                        }
-                    }
-                };
-                if n == R {
-                    let mut wr: [&[B]; R] = [&[]; R];
-                    for (i, x) in wr.iter_mut().enumerate() {
-                        *x = row(r + i)?;
-                    }
-                    emit_tile(&tile::<B, R, T>(&wr, &at, first), emit);
+    #[inline]
+    fn reduce8(v: [__m256i; 8]) -> __m256i {
+        let pair = |x: __m256i, y: __m256i| {
+            _mm256_add_epi32(_mm256_unpacklo_epi32(x, y), _mm256_unpackhi_epi32(x, y))
+        };
+        let quad = |x: __m256i, y: __m256i| {
+            _mm256_add_epi32(_mm256_unpacklo_epi64(x, y), _mm256_unpackhi_epi64(x, y))
+        };
+        let lo = quad(pair(v[0], v[1]), pair(v[2], v[3]));
+        let hi = quad(pair(v[4], v[5]), pair(v[6], v[7]));
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(lo, hi),
+            _mm256_permute2x128_si256::<0x31>(lo, hi),
+        )
+    }
+
+    /// Two vectors of per-half partial sums `[x lo | x hi]`, `[y lo | y hi]` (four lanes each) to
+    /// `[x lo + x hi | y lo + y hi]`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn fold_halves(x: __m256i, y: __m256i) -> __m256i {
+        _mm256_add_epi32(
+            _mm256_permute2x128_si256::<0x20>(x, y),
+            _mm256_permute2x128_si256::<0x31>(x, y),
+        )
+    }
+
+    /// The block's float step, the same for every tile: `acc + (d_w d_a) isum`, then minus
+    /// `(dmin_w d_a) msum` for types with minimums (for the others `msum` is in `isum`). One
+    /// (row, token) pair per lane; `dw` and `dmin` the rows' scales, `da` the tokens'.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn block_step<B: Avx2KBlock>(
+        acc: __m256,
+        isum: __m256i,
+        msum: __m256i,
+        (dw, dmin, da): (__m256, __m256, __m256),
+    ) -> __m256 {
+        if B::HAS_MIN {
+            let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dw, da), acc);
+            _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_mul_ps(dmin, da), acc)
+        } else {
+            let i = _mm256_add_epi32(isum, msum);
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_mul_ps(dw, da), acc)
+        }
+    }
+
+    /// Dword `K` of each half of `v` in all four dwords of that half.
+    macro_rules! dword {
+        ($v:expr, 0) => {
+            _mm256_shuffle_epi32::<0x00>($v)
+        };
+        ($v:expr, 1) => {
+            _mm256_shuffle_epi32::<0x55>($v)
+        };
+        ($v:expr, 2) => {
+            _mm256_shuffle_epi32::<0xaa>($v)
+        };
+        ($v:expr, 3) => {
+            _mm256_shuffle_epi32::<0xff>($v)
+        };
+    }
+
+    /// Chunk `C` of block `b` for a quarter tile of `W` tokens (one row by two groups of four
+    /// tokens, or two rows by one group): the row's chunk spread as quarters (`pshufd` gives
+    /// quarter `k` in the low half and `k + 4` in the high half, matching the packed
+    /// activations), products summed vertically in i16 (at most eight products of quants below
+    /// 32 per lane, four below 64) and multiplied by the chunk's factors, into `isum[unit]`:
+    /// per unit, the four tokens' sums of elements 0-15 in the low half and 16-31 in the high.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn quarter_chunk<B: Avx2KBlock, const C: usize, const W: usize>(
+        wr: &[&[B]; 8],
+        b: usize,
+        prep: &[Prep; 2],
+        q: &[Q32],
+        isum: &mut [__m256i; 2],
+    ) {
+        let (rows, groups) = (8 / W, W / 4);
+        for r in 0..rows {
+            // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
+            let (qv, f) = unsafe { wr[r][b].chunk::<C>(&prep[r]) };
+            let w = [dword!(qv, 0), dword!(qv, 1), dword!(qv, 2), dword!(qv, 3)];
+            for g in 0..groups {
+                let a = &q[(C * groups + g) * 4..][..4];
+                let p = |k: usize| _mm256_maddubs_epi16(w[k], load_i8x32(&a[k].0));
+                let s = if B::MAX_Q < 32 {
+                    let x = _mm256_add_epi16(
+                        _mm256_add_epi16(p(0), p(1)),
+                        _mm256_add_epi16(p(2), p(3)),
+                    );
+                    _mm256_madd_epi16(x, f)
                 } else {
-                    emit_tile(&tile::<B, 1, T>(&[row(r)?], &at, first), emit);
+                    _mm256_add_epi32(
+                        _mm256_madd_epi16(_mm256_add_epi16(p(0), p(1)), f),
+                        _mm256_madd_epi16(_mm256_add_epi16(p(2), p(3)), f),
+                    )
+                };
+                isum[r + g] = _mm256_add_epi32(isum[r + g], s);
+            }
+        }
+    }
+
+    /// The rows' `d` and `dmin` in lane order ([`lane_map`]) for a tile of `W` tokens.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn row_scales<const W: usize>(prep: &[Prep]) -> (__m256, __m256) {
+        let by = |f: &dyn Fn(&Prep) -> f32| -> __m256 {
+            match W {
+                8 => _mm256_set1_ps(f(&prep[0])),
+                4 => _mm256_set_m128(_mm_set1_ps(f(&prep[1])), _mm_set1_ps(f(&prep[0]))),
+                2 => {
+                    let (a, b, c, d) = (f(&prep[0]), f(&prep[1]), f(&prep[2]), f(&prep[3]));
+                    _mm256_setr_ps(a, a, b, b, c, c, d, d)
+                }
+                _ => {
+                    let v: [f32; 4] = std::array::from_fn(|i| f(&prep[i]));
+                    _mm256_setr_ps(v[0], v[1], v[2], v[3], 0.0, 0.0, 0.0, 0.0)
                 }
             }
-            r += n;
-        }
-        Ok(())
+        };
+        (by(&|p| p.d), by(&|p| p.dmin))
     }
 
-    /// Rows `rows` against every token: one token with four rows at a time; batches in tiles
-    /// of one row by eight tokens (the row's chunks decoded once for eight tokens, and few
-    /// enough accumulators to stay in registers), the remainder by four, then one.
+    /// A tile of `W` = 8 or 4 packed tokens (one row by eight tokens, two rows by four) over
+    /// whole rows, as the eight lanes of [`lane_map`]: per block exact `isum` and `msum` per
+    /// (row, token) pair, then [`block_step`]. `prefetch_next` as in [`crate::dot`]'s tiles.
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn drive_any<B: Avx2KBlock>(
+    #[inline]
+    fn quarter_tile<B: Avx2KBlock, const W: usize>(
+        w: &[&[B]; 8],
+        t: &KTile<'_>,
+        prefetch_next: bool,
+    ) -> [f32; 8] {
+        let nb = t.d.len();
+        let rows = 8 / W;
+        let groups = W / 4;
+        let mut wr: [&[B]; 8] = [&[]; 8];
+        for r in 0..rows {
+            wr[r] = &w[r][..nb];
+        }
+        let q = &t.q[..nb * 32 * groups];
+        let bs = &t.bs[..nb * 8];
+        let mut acc = _mm256_setzero_ps();
+        let step = rows * std::mem::size_of::<B>();
+        let pf_base = w[rows - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        for b in 0..nb {
+            if prefetch_next {
+                let p = pf_base.wrapping_add(b * step);
+                for k in 0..step.div_ceil(64) {
+                    prefetch(p.wrapping_add(k * 64));
+                }
+            }
+            let mut prep = [Prep::zero(); 2];
+            for r in 0..rows {
+                // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
+                prep[r] = unsafe { wr[r][b].prep() };
+            }
+            let qb = &q[b * 32 * groups..(b + 1) * 32 * groups];
+            let mut isum = [_mm256_setzero_si256(); 2];
+            quarter_chunk::<B, 0, W>(&wr, b, &prep, qb, &mut isum);
+            quarter_chunk::<B, 1, W>(&wr, b, &prep, qb, &mut isum);
+            quarter_chunk::<B, 2, W>(&wr, b, &prep, qb, &mut isum);
+            quarter_chunk::<B, 3, W>(&wr, b, &prep, qb, &mut isum);
+            quarter_chunk::<B, 4, W>(&wr, b, &prep, qb, &mut isum);
+            quarter_chunk::<B, 5, W>(&wr, b, &prep, qb, &mut isum);
+            quarter_chunk::<B, 6, W>(&wr, b, &prep, qb, &mut isum);
+            quarter_chunk::<B, 7, W>(&wr, b, &prep, qb, &mut isum);
+            let isum = fold_halves(isum[0], isum[1]);
+            // msum: per pair p of groups of 16, the tokens' two sums (packed) times the rows'
+            // two factors, summed over the eight pairs.
+            let c1 = if W == 8 { prep[0].coef } else { prep[1].coef };
+            let clo = _mm256_permute2x128_si256::<0x20>(prep[0].coef, c1);
+            let chi = _mm256_permute2x128_si256::<0x31>(prep[0].coef, c1);
+            let bsb = &bs[b * 8..b * 8 + 8];
+            let m = |k: usize, c: __m256i| _mm256_madd_epi16(load_i8x32(&bsb[k].0), c);
+            let s0 = _mm256_add_epi32(m(0, dword!(clo, 0)), m(1, dword!(clo, 1)));
+            let s1 = _mm256_add_epi32(m(2, dword!(clo, 2)), m(3, dword!(clo, 3)));
+            let s2 = _mm256_add_epi32(m(4, dword!(chi, 0)), m(5, dword!(chi, 1)));
+            let s3 = _mm256_add_epi32(m(6, dword!(chi, 2)), m(7, dword!(chi, 3)));
+            let msum = _mm256_add_epi32(_mm256_add_epi32(s0, s1), _mm256_add_epi32(s2, s3));
+            let (dw, dmin) = row_scales::<W>(&prep[..rows]);
+            let da = load_f32x8(&t.d[b]);
+            acc = block_step::<B>(acc, isum, msum, (dw, dmin, da));
+        }
+        let mut out = [0.0f32; 8];
+        store_f32x8(&mut out, acc);
+        out
+    }
+
+    /// A tile of `W` = 2 or 1 tokens (four rows by two or by one) over whole rows, as the
+    /// lanes of [`lane_map`]: `R x T` lane-wise accumulations per block as `chunk_step`
+    /// makes them, reduced to exact `isum` and `msum` per pair, then [`block_step`].
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn row_tile<B: Avx2KBlock, const R: usize, const T: usize>(
+        w: &[&[B]; 8],
+        a: &[&ActRow<'_>; T],
+        d: &[[f32; 8]],
+        prefetch_next: bool,
+    ) -> [f32; 8] {
+        let nb = d.len();
+        let mut aq: [&[[i8; 32]]; T] = [&[]; T];
+        let mut ab: [&[i16]; T] = [&[]; T];
+        for t in 0..T {
+            aq[t] = &a[t].qs.as_chunks::<32>().0[..8 * nb];
+            ab[t] = &a[t].bsums[..16 * nb];
+        }
+        let mut wr: [&[B]; R] = [&[]; R];
+        for r in 0..R {
+            wr[r] = &w[r][..nb];
+        }
+        let mut acc = _mm256_setzero_ps();
+        let step = R * std::mem::size_of::<B>();
+        let pf_base = w[R - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        for b in 0..nb {
+            if prefetch_next {
+                let p = pf_base.wrapping_add(b * step);
+                for k in 0..step.div_ceil(64) {
+                    prefetch(p.wrapping_add(k * 64));
+                }
+            }
+            let mut prep = [Prep::zero(); R];
+            for r in 0..R {
+                // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
+                prep[r] = unsafe { wr[r][b].prep() };
+            }
+            let mut isum = [[_mm256_setzero_si256(); T]; R];
+            let step_in = (&wr, b, &prep, &aq);
+            chunk_step::<B, 0, R, T>(step_in, &mut isum);
+            chunk_step::<B, 1, R, T>(step_in, &mut isum);
+            chunk_step::<B, 2, R, T>(step_in, &mut isum);
+            chunk_step::<B, 3, R, T>(step_in, &mut isum);
+            chunk_step::<B, 4, R, T>(step_in, &mut isum);
+            chunk_step::<B, 5, R, T>(step_in, &mut isum);
+            chunk_step::<B, 6, R, T>(step_in, &mut isum);
+            chunk_step::<B, 7, R, T>(step_in, &mut isum);
+            // Lanes past R x T stay zero.
+            let mut iv = [_mm256_setzero_si256(); 8];
+            let mut mv = [_mm256_setzero_si256(); 8];
+            for t in 0..T {
+                let bs = load_i16x16(&ab[t][16 * b..]);
+                for r in 0..R {
+                    let extra = _mm256_madd_epi16(prep[r].coef, bs);
+                    iv[r * T + t] = isum[r][t];
+                    mv[r * T + t] = extra;
+                }
+            }
+            let (isum, msum) = if B::HAS_MIN {
+                (reduce8(iv), reduce8(mv))
+            } else {
+                (
+                    reduce8(std::array::from_fn(|i| _mm256_add_epi32(iv[i], mv[i]))),
+                    _mm256_setzero_si256(),
+                )
+            };
+            let (dw, dmin) = row_scales::<T>(&prep);
+            let da = load_f32x8(&d[b]);
+            acc = block_step::<B>(acc, isum, msum, (dw, dmin, da));
+        }
+        let mut out = [0.0f32; 8];
+        store_f32x8(&mut out, acc);
+        out
+    }
+
+    /// One token tile's packed activations, for [`quarter_tile`] and [`row_tile`].
+    pub(crate) struct KTile<'a> {
+        q: &'a [Q32],
+        bs: &'a [Q32],
+        d: &'a [[f32; 8]],
+    }
+
+    /// Rows `rows` against every token of `p` (packed from `acts`): per block of 64 rows, each
+    /// token tile in turn over all of the block's rows, in row tiles of `8 / width` (the last
+    /// one's missing rows repeating its last row, their outputs dropped).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn drive<B: Avx2KBlock, E: FnMut(usize, usize, f32) + ?Sized>(
         w: &[u8],
         row_bytes: usize,
         acts: &[ActRow<'_>],
+        p: &KPacked,
         rows: Range<usize>,
-        emit: &mut dyn FnMut(usize, usize, f32),
+        emit: &mut E,
     ) -> Result<(), KernelError> {
-        let n = acts.len();
-        let n8 = n / 8 * 8;
-        let n4 = n8 + (n - n8) / 4 * 4;
-        if n8 > 0 {
-            drive::<B, 1, 8>(w, row_bytes, &acts[..n8], 0, rows.clone(), true, emit)?;
-        }
-        if n4 > n8 {
-            drive::<B, 2, 4>(w, row_bytes, &acts[n8..n4], n8, rows.clone(), n8 == 0, emit)?;
-        }
-        if n > n4 {
-            drive::<B, 4, 1>(w, row_bytes, &acts[n4..], n4, rows, n4 == 0, emit)?;
+        let nb = row_bytes / std::mem::size_of::<B>();
+        check_len("activation blocks", nb, p.nb)?;
+        let row = |r: usize| as_blocks::<B>(&w[r * row_bytes..(r + 1) * row_bytes]);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            let r1 = (r0 + ROW_BLOCK).min(rows.end);
+            for (i, t) in p.tiles.iter().enumerate() {
+                let first = i == 0;
+                let kt = KTile {
+                    q: &p.q[t.q_at..t.q_at + if t.width >= 4 { nb * 8 * t.width } else { 0 }],
+                    bs: &p.bs[t.b_at..t.b_at + if t.width >= 4 { nb * 8 } else { 0 }],
+                    d: &p.d[t.l_at..t.l_at + nb],
+                };
+                let per = tile_rows(t.width);
+                let (lr, lt) = lane_map(t.width);
+                let at = |k: usize| &acts[t.t0 + k.min(t.real - 1)];
+                let mut r = r0;
+                while r < r1 {
+                    let mut wr: [&[B]; 8] = [&[]; 8];
+                    for (k, x) in wr.iter_mut().take(per).enumerate() {
+                        *x = row((r + k).min(r1 - 1))?;
+                    }
+                    let o = match t.width {
+                        8 => quarter_tile::<B, 8>(&wr, &kt, first),
+                        4 => quarter_tile::<B, 4>(&wr, &kt, first),
+                        2 => row_tile::<B, 4, 2>(&wr, &[at(0), at(1)], kt.d, first),
+                        _ => row_tile::<B, 4, 1>(&wr, &[at(0)], kt.d, first),
+                    };
+                    for (k, &v) in o.iter().enumerate() {
+                        if lr[k] < per && r + lr[k] < r1 && lt[k] < t.real {
+                            emit(r + lr[k], t.t0 + lt[k], v);
+                        }
+                    }
+                    r += per;
+                }
+            }
+            r0 = r1;
         }
         Ok(())
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn k_rows(
+    pub(crate) fn k_rows_packed<E: FnMut(usize, usize, f32) + ?Sized>(
         ty: GgmlType,
         w: &[u8],
         row_bytes: usize,
         acts: &[ActRow<'_>],
+        p: &KPacked,
         rows: Range<usize>,
-        emit: &mut dyn FnMut(usize, usize, f32),
+        emit: &mut E,
     ) -> Result<(), KernelError> {
         match ty {
-            GgmlType::Q2K => drive_any::<BlockQ2K>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q3K => drive_any::<BlockQ3K>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q4K => drive_any::<BlockQ4K>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q5K => drive_any::<BlockQ5K>(w, row_bytes, acts, rows, emit),
-            GgmlType::Q6K => drive_any::<BlockQ6K>(w, row_bytes, acts, rows, emit),
+            GgmlType::Q2K => drive::<BlockQ2K, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q3K => drive::<BlockQ3K, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q4K => drive::<BlockQ4K, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q5K => drive::<BlockQ5K, E>(w, row_bytes, acts, p, rows, emit),
+            GgmlType::Q6K => drive::<BlockQ6K, E>(w, row_bytes, acts, p, rows, emit),
             _ => Err(KernelError::Unsupported { ty, op: "k-quant dot product" }),
         }
     }

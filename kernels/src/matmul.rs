@@ -16,9 +16,12 @@ use std::marker::PhantomData;
 
 use crate::act::{ActRow, QuantizedActs};
 use crate::cpu::Isa;
-use crate::dot::{act_format, f_rows, q_rows, uses_quantized_acts};
+use crate::dot::{
+    act_format, f_rows, packs, q_rows, q_rows_packed, uses_quantized_acts, PackedActs,
+};
 use crate::error::check_len;
 use crate::formats::dequantize_row;
+use crate::kdot::{is_k, k_rows_packed, KPacked};
 use crate::pool::ThreadPool;
 use crate::{GgmlType, KernelError};
 
@@ -135,6 +138,8 @@ pub fn matmul(
 
 thread_local! {
     static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::new());
+    static PACKED: RefCell<PackedActs> = RefCell::new(PackedActs::default());
+    static KPACKED: RefCell<KPacked> = RefCell::new(KPacked::default());
 }
 
 /// [`matmul`] on a given instruction set.
@@ -222,6 +227,51 @@ pub fn matmul_quantized_on(
     let row_bytes = w.row_bytes();
     let data = w.data;
     let ty = w.ty;
+    if packs(isa, ty) {
+        // The tokens packed once for every task; the tasks' drives block rows and tokens.
+        let rows_of = &rows_of;
+        let run = |p: &PackedActs, out: &mut [f32]| {
+            parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
+                q_rows_packed(isa, ty, data, row_bytes, rows_of, p, rows, &mut |r, t, v| {
+                    sink.write(r, t, v)
+                })
+            })
+        };
+        return PACKED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut p) => {
+                p.pack(rows_of);
+                run(&p, out)
+            }
+            // Re-entered from inside a task: use a fresh buffer.
+            Err(_) => {
+                let mut p = PackedActs::default();
+                p.pack(rows_of);
+                run(&p, out)
+            }
+        });
+    }
+    if is_k(ty) && isa.avx2() {
+        let rows_of = &rows_of;
+        let run = |p: &KPacked, out: &mut [f32]| {
+            parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
+                k_rows_packed(isa, ty, data, row_bytes, rows_of, p, rows, &mut |r, t, v| {
+                    sink.write(r, t, v)
+                })
+            })
+        };
+        return KPACKED.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut p) => {
+                p.pack(rows_of);
+                run(&p, out)
+            }
+            // Re-entered from inside a task: use a fresh buffer.
+            Err(_) => {
+                let mut p = KPacked::default();
+                p.pack(rows_of);
+                run(&p, out)
+            }
+        });
+    }
     parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
         for (rs, ts) in blocks(rows, n_tokens) {
             let tb = ts.start;
@@ -277,14 +327,14 @@ fn parallel_rows(
     let len = out.len();
     let base = OutPtr(out.as_mut_ptr());
     let threads = pool.n_threads();
-    // Several chunks per thread for balance, in multiples of 4 rows for the row tiles, but
+    // Several chunks per thread for balance, in multiples of 8 rows for the row tiles, but
     // with at least ~32 row-tokens each: below a microsecond of work a chunk costs more in
     // hand-out than it gains in balance.
-    let min_rows = 32usize.div_ceil(n_tokens).next_multiple_of(4);
+    let min_rows = 32usize.div_ceil(n_tokens).next_multiple_of(8);
     let chunk = if threads == 1 {
         rows
     } else {
-        rows.div_ceil(threads * 8).next_multiple_of(4).max(min_rows)
+        rows.div_ceil(threads * 8).next_multiple_of(8).max(min_rows)
     };
     let n_chunks = rows.div_ceil(chunk);
     let err = std::sync::Mutex::new(None);
@@ -386,6 +436,61 @@ mod tests {
                         );
                         if isa == Isa::scalar() {
                             assert_eq!(g.to_bits(), e.to_bits(), "scalar path is the reference");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// Every shape of batch lands in some mix of token tiles (8, 4, 2, 1, padded) and row
+        /// tiles (whole, partial): each (row, token) must still get the scalar reference's
+        /// value (bit for bit for Q4_0 .. Q8_0, within the documented bound for the k-quants),
+        /// and a token's value must not depend on the batch it came in.
+        #[test]
+        fn batched_products_match_the_reference_and_the_token_alone(
+            rows in 1usize..41,
+            n_tokens in 1usize..20,
+            blocks in 1usize..4,
+            threads in 1usize..4,
+            seed in 0u64..1_000_000,
+        ) {
+            let pool = ThreadPool::new(threads);
+            for ty in [
+                GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0,
+                GgmlType::Q2K, GgmlType::Q3K, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K,
+            ] {
+                let exact = dot::act_format(ty) == Some(ActFormat::Q8_0);
+                let cols = blocks * if exact { 32 } else { 256 };
+                let (_, wb) = weights(ty, rows, cols, seed);
+                let w = WeightView::new(ty, rows, cols, &wb).unwrap();
+                let mut s = seed ^ 0x5eed;
+                // Mixed magnitudes, so that blocks get very different scales.
+                let x: Vec<f32> = (0..n_tokens * cols)
+                    .map(|i| lcg(&mut s) * if i % 97 < 3 { 200.0 } else { 2.0 })
+                    .collect();
+                let mut acts = QuantizedActs::new();
+                acts.quantize_as(dot::act_format(ty).unwrap(), &pool, &x, n_tokens, cols).unwrap();
+                for isa in Isa::all_supported() {
+                    let mut out = vec![f32::NAN; n_tokens * rows];
+                    matmul_on(isa, &pool, &w, &x, n_tokens, &mut out).unwrap();
+                    for t in 0..n_tokens {
+                        let mut alone = vec![f32::NAN; rows];
+                        matmul_on(isa, &pool, &w, &x[t * cols..][..cols], 1, &mut alone).unwrap();
+                        for r in 0..rows {
+                            let got = out[t * rows + r];
+                            let want = dot::vec_dot_q(Isa::scalar(), ty, w.row(r), acts.row(t)).unwrap();
+                            let terms = dot::scalar::abs_terms(ty, w.row(r), &acts.row(t)).unwrap();
+                            let bound = 2.0 * (cols / 32 + 8) as f32 * f32::EPSILON * terms;
+                            if exact || isa == Isa::scalar() {
+                                proptest::prop_assert_eq!(got.to_bits(), want.to_bits(), "{} {:?} r{} t{}/{}: {} vs {}", ty, isa, r, t, n_tokens, got, want);
+                            } else {
+                                proptest::prop_assert!((got - want).abs() <= bound, "{} {:?} r{} t{}/{}: {} vs {} (tol {})", ty, isa, r, t, n_tokens, got, want, bound);
+                            }
+                            proptest::prop_assert_eq!(got.to_bits(), alone[r].to_bits(), "{} {:?} r{} t{}/{}: batch vs alone", ty, isa, r, t, n_tokens);
                         }
                     }
                 }

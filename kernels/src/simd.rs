@@ -23,6 +23,21 @@ pub(crate) fn store_f32x8(p: &mut [f32; 8], v: __m256) {
     unsafe { _mm256_storeu_ps(p.as_mut_ptr(), v) }
 }
 
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) fn load_i32x8(p: &[i32; 8]) -> __m256i {
+    // SAFETY: `p` is 8 readable i32s; the load has no alignment requirement.
+    unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
+}
+
+#[cfg(test)]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) fn store_i32x8(p: &mut [i32; 8], v: __m256i) {
+    // SAFETY: `p` is 8 writable i32s; the store has no alignment requirement.
+    unsafe { _mm256_storeu_si256(p.as_mut_ptr().cast(), v) }
+}
+
 /// Eight f32 from 32 little-endian bytes at any alignment.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
@@ -48,6 +63,13 @@ pub(crate) fn load_bf16x8_le(p: &[u8; 16]) -> __m256 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 pub(crate) fn load_u8x16(p: &[u8; 16]) -> __m128i {
+    // SAFETY: `p` is 16 readable bytes; the load has no alignment requirement.
+    unsafe { _mm_loadu_si128(p.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) fn load_i8x16(p: &[i8; 16]) -> __m128i {
     // SAFETY: `p` is 16 readable bytes; the load has no alignment requirement.
     unsafe { _mm_loadu_si128(p.as_ptr().cast()) }
 }
