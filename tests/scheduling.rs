@@ -102,6 +102,36 @@ fn concurrent_clients_get_exactly_the_tokens_they_get_alone() {
 }
 
 #[test]
+fn clients_that_start_out_of_phase_end_up_sharing_steps() {
+    // A scheduler that starts a step as soon as one token is queued lets two token-by-token
+    // clients alternate for ever (each one's next token arrives while the other's step runs):
+    // one token per step, no batching. Start a short client in the middle of a long one's
+    // decoding and count the steps.
+    let d = Daemon::start();
+    let mut observer = d.client();
+    let (long, short) = (128u64, 48u64);
+    let mut a = greedy(&d, long as usize, "normal", PROMPTS[0]);
+    let mut b = greedy(&d, short as usize, "normal", PROMPTS[1]);
+    let before = observer.status().unwrap();
+    go(&mut a);
+    assert!(unicorn_tests::eventually(Duration::from_secs(30), || {
+        observer.status().unwrap().engine_steps >= before.engine_steps + 8
+    }));
+    go(&mut b);
+    let (tb, _) = result(b);
+    let (ta, _) = result(a);
+    assert_eq!((ta.len() as u64, tb.len() as u64), (long, short));
+    let after = observer.status().unwrap();
+    let steps = after.engine_steps - before.engine_steps;
+    let batched = after.engine_batched_steps - before.engine_batched_steps;
+    // Alternating takes long + short steps, none batched; sharing about long + 1.
+    assert!(
+        steps <= long + short / 2 && batched >= short / 2,
+        "{steps} steps ({batched} batched) for clients of {long} and {short} tokens"
+    );
+}
+
+#[test]
 fn a_realtime_client_keeps_its_latency_while_background_clients_saturate() {
     let mut d = Daemon::start_with_policy(Some("[limits]\nmax_priority = \"realtime\"\n"));
     let prompt = PROMPTS[0];

@@ -330,15 +330,14 @@ fn plan(
     step
 }
 
-/// How long a step waits for clients of the last step whose next token has not arrived yet.
+/// How long a step waits at most for clients of the last step whose next token has not
+/// arrived yet; never more than `1 / BATCH_WAIT_SHARE` of the last step's time.
 const BATCH_WAIT: std::time::Duration = std::time::Duration::from_micros(400);
+const BATCH_WAIT_SHARE: u32 = 8;
 
-/// Distinct contexts with a job queued.
-fn contexts_waiting(queue: &[Running]) -> usize {
-    let mut seen: Vec<*const Context> = queue.iter().map(|r| Arc::as_ptr(&r.job.ctx)).collect();
-    seen.sort_unstable();
-    seen.dedup();
-    seen.len()
+/// Whether every context in `decoders` has a job queued.
+fn all_back(queue: &[Running], decoders: &[usize]) -> bool {
+    decoders.iter().all(|&c| queue.iter().any(|r| Arc::as_ptr(&r.job.ctx) as usize == c))
 }
 
 /// How long realtime or interactive work counts as "about" after its last job was queued: the
@@ -358,8 +357,9 @@ fn engine_main(
     let mut served: HashMap<u64, u64> = HashMap::new();
     // The most urgent class seen lately, and until when it counts as about.
     let mut urgent: Option<(Priority, std::time::Instant)> = None;
-    // Contexts whose single-token decodes the last step ran.
-    let mut last_decoders = 0usize;
+    // Contexts whose single-token decodes the last step ran, and how long that step took.
+    let mut last_decoders: Vec<usize> = Vec::new();
+    let mut last_step = std::time::Duration::ZERO;
     let mut logits = Vec::new();
     loop {
         if queue.is_empty() {
@@ -377,9 +377,11 @@ fn engine_main(
         }
         // Clients decoding token by token submit their next token a round trip after the last
         // step ends. Waiting a moment for those of the last step who are not back yet keeps the
-        // steps full: each step costs milliseconds, the wait a fraction of one.
-        let deadline = std::time::Instant::now() + BATCH_WAIT;
-        while contexts_waiting(&queue) < last_decoders {
+        // steps full: each step costs milliseconds, the wait a fraction of one. It waits for
+        // those contexts by name, not for as many: two clients that arrived out of phase would
+        // otherwise alternate, one token per step, for ever.
+        let deadline = std::time::Instant::now() + BATCH_WAIT.min(last_step / BATCH_WAIT_SHARE);
+        while !all_back(&queue, &last_decoders) {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
                 Ok(job) => {
@@ -427,11 +429,17 @@ fn engine_main(
         if step.iter().filter(|(_, take)| *take > 0).count() > 1 {
             stats.batched_steps.fetch_add(1, Ordering::Relaxed);
         }
-        last_decoders = step.iter().filter(|&&(i, _)| queue[i].job.tokens.len() == 1).count();
+        last_decoders = step
+            .iter()
+            .filter(|&&(i, _)| queue[i].job.tokens.len() == 1)
+            .map(|&(i, _)| Arc::as_ptr(&queue[i].job.ctx) as usize)
+            .collect();
+        let began = std::time::Instant::now();
         for v in served.values_mut() {
             *v /= 2;
         }
         let finished = run_step(&pool, &mut queue, &step, &mut logits, &mut served);
+        last_step = began.elapsed();
         // Remove finished jobs, highest index first so the others keep their places.
         let mut done: Vec<(usize, Outcome)> = finished;
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
