@@ -150,34 +150,82 @@ pub fn attention_on(
     p: &AttnParams,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    let hd = kv.head_dim;
-    let cache_len = kv.n_kv_head * kv.n_ctx * hd;
-    check_len("K cache", cache_len, kv.k.len())?;
-    check_len("V cache", cache_len, kv.v.len())?;
-    check_len("queries", n_q * p.n_head * hd, q.len())?;
-    check_len("attention output", n_q * p.n_head * hd, out.len())?;
-    if kv.n_kv_head == 0 || !p.n_head.is_multiple_of(kv.n_kv_head) || p.kv_len > kv.n_ctx {
-        return Err(KernelError::Length {
-            what: "heads or kv_len",
-            expected: kv.n_kv_head.max(1) * (p.n_head / kv.n_kv_head.max(1)),
-            got: p.n_head,
-        });
+    attention_batch_on(isa, pool, &mut [Attend { q, n_q, kv: *kv, params: *p, out }])
+}
+
+/// One sequence's share of [`attention_batch`]: the arguments of [`attention`].
+#[derive(Debug)]
+pub struct Attend<'a> {
+    pub q: &'a [f32],
+    pub n_q: usize,
+    pub kv: KvCache<'a>,
+    pub params: AttnParams,
+    pub out: &'a mut [f32],
+}
+
+/// [`attention`] for several sequences (each over its own cache) as one parallel job: a batch
+/// of single-token decodes has few (query, KV head) pairs per sequence, often fewer than or not
+/// a multiple of the threads, but many together. Each output is exactly what [`attention`]
+/// gives for that sequence alone.
+///
+/// Errors, before computing anything, when any sequence's shapes are wrong.
+pub fn attention_batch(pool: &ThreadPool, seqs: &mut [Attend<'_>]) -> Result<(), KernelError> {
+    attention_batch_on(Isa::current(), pool, seqs)
+}
+
+/// [`attention_batch`] on a given instruction set.
+pub fn attention_batch_on(
+    isa: Isa,
+    pool: &ThreadPool,
+    seqs: &mut [Attend<'_>],
+) -> Result<(), KernelError> {
+    for a in seqs.iter() {
+        let (kv, p, hd) = (&a.kv, &a.params, a.kv.head_dim);
+        let cache_len = kv.n_kv_head * kv.n_ctx * hd;
+        check_len("K cache", cache_len, kv.k.len())?;
+        check_len("V cache", cache_len, kv.v.len())?;
+        check_len("queries", a.n_q * p.n_head * hd, a.q.len())?;
+        check_len("attention output", a.n_q * p.n_head * hd, a.out.len())?;
+        if kv.n_kv_head == 0 || !p.n_head.is_multiple_of(kv.n_kv_head) || p.kv_len > kv.n_ctx {
+            return Err(KernelError::Length {
+                what: "heads or kv_len",
+                expected: kv.n_kv_head.max(1) * (p.n_head / kv.n_kv_head.max(1)),
+                got: p.n_head,
+            });
+        }
     }
-    if n_q == 0 || p.n_head == 0 || hd == 0 {
-        return Ok(());
-    }
-    let group = p.n_head / kv.n_kv_head;
     // A task takes `per` heads of one query sharing a KV head: the whole group, so K and V are
     // read once per group, unless there would be fewer tasks than threads, in which case single
     // heads (each then reads its group's K and V again, mostly from cache).
-    let per = if n_q * kv.n_kv_head >= pool.n_threads() { group } else { 1 };
-    // Task `k` writes heads `k * per ..` of the flattened (query, head) order: contiguous.
-    let slices: Vec<std::sync::Mutex<&mut [f32]>> =
-        out.chunks_mut(per * hd).map(std::sync::Mutex::new).collect();
-    pool.run(slices.len(), |task| {
-        let (i, h0) = ((task * per) / p.n_head, (task * per) % p.n_head);
+    let pairs: usize = seqs.iter().map(|a| a.n_q * a.kv.n_kv_head).sum();
+    let whole_groups = pairs >= pool.n_threads();
+    // Task `k` of a sequence writes heads `k * per ..` of its flattened (query, head) order.
+    struct Task<'s> {
+        q: &'s [f32],
+        kv: &'s KvCache<'s>,
+        p: &'s AttnParams,
+        per: usize,
+        first_head: usize,
+        out: std::sync::Mutex<&'s mut [f32]>,
+    }
+    let mut tasks: Vec<Task<'_>> = Vec::new();
+    for Attend { q, n_q, kv, params: p, out } in seqs.iter_mut() {
+        let hd = kv.head_dim;
+        if *n_q == 0 || p.n_head == 0 || hd == 0 {
+            continue;
+        }
+        let per = if whole_groups { p.n_head / kv.n_kv_head } else { 1 };
+        for (k, o) in out.chunks_mut(per * hd).enumerate() {
+            let out = std::sync::Mutex::new(o);
+            tasks.push(Task { q, kv, p, per, first_head: k * per, out });
+        }
+    }
+    pool.run(tasks.len(), |t| {
+        let Task { q, kv, p, per, first_head, out } = &tasks[t];
+        let (hd, group) = (kv.head_dim, p.n_head / kv.n_kv_head);
+        let (i, h0) = (first_head / p.n_head, first_head % p.n_head);
         let qi = &q[(i * p.n_head + h0) * hd..][..per * hd];
-        let mut o = slices[task].lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
         attend_group(isa, qi, i, h0 / group, kv, p, &mut o);
     });
     Ok(())
@@ -531,6 +579,66 @@ mod tests {
                 attention_on(isa, &pool, &q, n_q, &kv, &p, &mut out).unwrap();
                 for (g, w) in out.iter().zip(&want) {
                     prop_assert!((f64::from(*g) - w).abs() < 2e-5, "{:?}: {} vs {}", isa, g, w);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        /// The daemon batches clients' decodes: a sequence's output must not depend on the
+        /// others in its batch (nor on how the tasks were cut, whole groups or single heads).
+        #[test]
+        fn a_batch_gives_each_sequence_what_it_gets_alone(
+            seed in 0u64..1000,
+            n_kv in 1usize..3,
+            group in 1usize..5,
+            shapes in prop::collection::vec((1usize..4, 0usize..30), 1..6),
+            threads in 1usize..4,
+        ) {
+            let (hd, n_ctx) = (16, 40);
+            let n_head = n_kv * group;
+            let mut s = seed;
+            let caches: Vec<(Vec<f16>, Vec<f16>)> = shapes
+                .iter()
+                .map(|_| {
+                    let mut r = || (0..n_kv * n_ctx * hd).map(|_| f16::from_f32(lcg(&mut s))).collect();
+                    (r(), r())
+                })
+                .collect();
+            let qs: Vec<Vec<f32>> =
+                shapes.iter().map(|&(n_q, _)| (0..n_q * n_head * hd).map(|_| lcg(&mut s) * 2.0).collect()).collect();
+            let kv_of = |i: usize| KvCache {
+                k: KvData::F16(&caches[i].0),
+                v: KvData::F16(&caches[i].1),
+                n_kv_head: n_kv,
+                n_ctx,
+                head_dim: hd,
+            };
+            let params = |i: usize| {
+                let (n_q, pos0) = shapes[i];
+                AttnParams { n_head, scale: 0.25, pos0, kv_len: pos0 + n_q, causal: true, window: None, softcap: None }
+            };
+            let pool = ThreadPool::new(threads);
+            for isa in Isa::all_supported() {
+                let alone: Vec<Vec<f32>> = (0..shapes.len())
+                    .map(|i| {
+                        let mut out = vec![f32::NAN; qs[i].len()];
+                        attention_on(isa, &pool, &qs[i], shapes[i].0, &kv_of(i), &params(i), &mut out).unwrap();
+                        out
+                    })
+                    .collect();
+                let mut outs: Vec<Vec<f32>> = qs.iter().map(|q| vec![f32::NAN; q.len()]).collect();
+                let mut batch: Vec<Attend<'_>> = outs
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, out)| Attend { q: &qs[i], n_q: shapes[i].0, kv: kv_of(i), params: params(i), out })
+                    .collect();
+                attention_batch_on(isa, &pool, &mut batch).unwrap();
+                drop(batch);
+                for (i, (a, b)) in alone.iter().zip(&outs).enumerate() {
+                    let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                    prop_assert!(same, "{:?}: sequence {} of {:?} differs in the batch", isa, i, shapes);
                 }
             }
         }

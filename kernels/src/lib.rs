@@ -86,6 +86,6 @@ pub use act::{ActFormat, ActRow, QuantizedActs};
 pub use cpu::{Isa, IsaLevel};
 pub use error::KernelError;
 pub use half::f16;
-pub use matmul::{matmul, matmul_quantized, WeightView};
+pub use matmul::{matmul, matmul_group, matmul_quantized, WeightView};
 pub use pool::{default_threads, ThreadPool};
 pub use types::GgmlType;

@@ -14,7 +14,7 @@
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use crate::act::{ActRow, QuantizedActs};
+use crate::act::{ActFormat, ActRow, QuantizedActs};
 use crate::cpu::Isa;
 use crate::dot::{
     act_format, f_rows, packs, q_rows, q_rows_packed, uses_quantized_acts, PackedActs,
@@ -138,8 +138,21 @@ pub fn matmul(
 
 thread_local! {
     static ACTS: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::new());
+    static ACTS_K: RefCell<QuantizedActs> = RefCell::new(QuantizedActs::new());
     static PACKED: RefCell<PackedActs> = RefCell::new(PackedActs::default());
     static KPACKED: RefCell<KPacked> = RefCell::new(KPacked::default());
+}
+
+/// Runs `f` on this thread's scratch buffer `key`, or on a fresh one when the buffer is in use
+/// (a product started from inside a task of another).
+fn with_scratch<T: Default, R>(
+    key: &'static std::thread::LocalKey<RefCell<T>>,
+    f: impl FnOnce(&mut T) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut t) => f(&mut t),
+        Err(_) => f(&mut T::default()),
+    })
 }
 
 /// [`matmul`] on a given instruction set.
@@ -151,39 +164,67 @@ pub fn matmul_on(
     n_tokens: usize,
     out: &mut [f32],
 ) -> Result<(), KernelError> {
-    check_len("activations", n_tokens * w.cols, x.len())?;
-    check_len("output", n_tokens * w.rows, out.len())?;
-    match (uses_quantized_acts(w.ty), act_format(w.ty)) {
-        (Some(true), Some(format)) => ACTS.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut acts) => {
-                acts.quantize_as_on(isa, format, pool, x, n_tokens, w.cols)?;
-                matmul_quantized_on(isa, pool, w, &acts, out)
-            }
-            // Re-entered from inside a task: use a fresh buffer.
-            Err(_) => {
-                let mut acts = QuantizedActs::new();
-                acts.quantize_as_on(isa, format, pool, x, n_tokens, w.cols)?;
-                matmul_quantized_on(isa, pool, w, &acts, out)
-            }
-        }),
-        (Some(false), _) => {
-            let xs: Vec<&[f32]> =
-                if w.cols == 0 { vec![&[]; n_tokens] } else { x.chunks_exact(w.cols).collect() };
-            let row_bytes = w.row_bytes();
-            let data = w.data;
-            let ty = w.ty;
-            parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
-                for (rs, ts) in blocks(rows, n_tokens) {
-                    let tb = ts.start;
-                    f_rows(isa, ty, data, row_bytes, &xs[ts], rs, &mut |r, t, v| {
-                        sink.write(r, tb + t, v)
-                    })?;
-                }
-                Ok(())
-            })
+    matmul_group_on(isa, pool, x, n_tokens, &mut [(*w, out)])
+}
+
+/// [`matmul`] for several matrices of the same input (Q, K and V; gate and up), as one
+/// parallel job: `group[m].1[t * rows_m + r] = dot(W_m[r], x[t])`. The input is quantized
+/// and packed once per activation format instead of once per matrix, and the rows of all the
+/// matrices are shared out together, so a small matrix does not leave threads idle at its end.
+/// Each output is exactly what [`matmul`] gives for that matrix alone.
+///
+/// Errors, before computing anything, when a weight type has no kernel or a length is wrong.
+pub fn matmul_group(
+    pool: &ThreadPool,
+    x: &[f32],
+    n_tokens: usize,
+    group: &mut [(WeightView<'_>, &mut [f32])],
+) -> Result<(), KernelError> {
+    matmul_group_on(Isa::current(), pool, x, n_tokens, group)
+}
+
+/// [`matmul_group`] on a given instruction set.
+pub fn matmul_group_on(
+    isa: Isa,
+    pool: &ThreadPool,
+    x: &[f32],
+    n_tokens: usize,
+    group: &mut [(WeightView<'_>, &mut [f32])],
+) -> Result<(), KernelError> {
+    let (mut q8_0, mut q8_k) = (false, false);
+    for (w, out) in group.iter() {
+        check_len("activations", n_tokens * w.cols, x.len())?;
+        check_len("output", n_tokens * w.rows, out.len())?;
+        match (uses_quantized_acts(w.ty), act_format(w.ty)) {
+            (Some(true), Some(ActFormat::Q8K)) => q8_k = true,
+            (Some(true), Some(_)) => q8_0 = true,
+            (Some(false), _) => {}
+            _ => return Err(KernelError::Unsupported { ty: w.ty, op: "matmul" }),
         }
-        _ => Err(KernelError::Unsupported { ty: w.ty, op: "matmul" }),
     }
+    let Some(cols) = group.first().map(|(w, _)| w.cols) else { return Ok(()) };
+    let quantize = |acts: &mut QuantizedActs, f: ActFormat, wanted: bool| {
+        if wanted {
+            acts.quantize_as_on(isa, f, pool, x, n_tokens, cols)
+        } else {
+            Ok(())
+        }
+    };
+    with_scratch(&ACTS, |a8| {
+        with_scratch(&ACTS_K, |ak| {
+            quantize(a8, ActFormat::Q8_0, q8_0)?;
+            quantize(ak, ActFormat::Q8K, q8_k)?;
+            let acts = |f: ActFormat| match f {
+                ActFormat::Q8K if q8_k => Some(&*ak),
+                ActFormat::Q8K => None,
+                _ if q8_0 => Some(&*a8),
+                _ => None,
+            };
+            let xs: Vec<&[f32]> =
+                if cols == 0 { vec![&[]; n_tokens] } else { x.chunks_exact(cols).collect() };
+            run_group(isa, pool, n_tokens, &xs, &acts, group)
+        })
+    })
 }
 
 /// [`matmul`] with activations already quantized (for weights of a quantized type), in the
@@ -223,64 +264,97 @@ pub fn matmul_quantized_on(
     check_len("activation columns", w.cols, acts.cols())?;
     let n_tokens = acts.n_tokens();
     check_len("output", n_tokens * w.rows, out.len())?;
-    let rows_of: Vec<ActRow<'_>> = (0..n_tokens).map(|t| acts.row(t)).collect();
-    let row_bytes = w.row_bytes();
-    let data = w.data;
-    let ty = w.ty;
-    if packs(isa, ty) {
-        // The tokens packed once for every task; the tasks' drives block rows and tokens.
-        let rows_of = &rows_of;
-        let run = |p: &PackedActs, out: &mut [f32]| {
-            parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
-                q_rows_packed(isa, ty, data, row_bytes, rows_of, p, rows, &mut |r, t, v| {
-                    sink.write(r, t, v)
-                })
+    run_group(isa, pool, n_tokens, &[], &|_| Some(acts), &mut [(*w, out)])
+}
+
+/// How a member of a group product gets its tokens.
+#[derive(Clone, Copy)]
+enum Tokens<'a> {
+    /// f32 rows, for float weights.
+    Float(&'a [&'a [f32]]),
+    /// Quantized rows, through the generic tiles.
+    Rows(&'a [ActRow<'a>]),
+    /// Quantized rows and their packing for the AVX2 tiles of Q4_0 .. Q8_0.
+    Packed(&'a [ActRow<'a>], &'a PackedActs),
+    /// Quantized rows and their packing for the AVX2 k-quant tiles.
+    KPacked(&'a [ActRow<'a>], &'a KPacked),
+}
+
+/// Runs the products of `group` (checked by the caller) as one parallel job: float members
+/// read `xs`, quantized ones `acts(their format)`, packed here once per format.
+fn run_group<'q>(
+    isa: Isa,
+    pool: &ThreadPool,
+    n_tokens: usize,
+    xs: &[&[f32]],
+    acts: &dyn Fn(ActFormat) -> Option<&'q QuantizedActs>,
+    group: &mut [(WeightView<'_>, &mut [f32])],
+) -> Result<(), KernelError> {
+    let rows_q8_0: Vec<ActRow<'_>> =
+        acts(ActFormat::Q8_0).map_or(Vec::new(), |a| (0..n_tokens).map(|t| a.row(t)).collect());
+    let rows_q8_k: Vec<ActRow<'_>> =
+        acts(ActFormat::Q8K).map_or(Vec::new(), |a| (0..n_tokens).map(|t| a.row(t)).collect());
+    let pack_q = group.iter().any(|(w, _)| packs(isa, w.ty));
+    let pack_k = isa.avx2() && group.iter().any(|(w, _)| is_k(w.ty));
+    with_scratch(&PACKED, |packed| {
+        with_scratch(&KPACKED, |kpacked| {
+            if pack_q {
+                packed.pack(&rows_q8_0);
+            }
+            if pack_k {
+                kpacked.pack(&rows_q8_k);
+            }
+            let (packed, kpacked) = (&*packed, &*kpacked);
+            let tokens = |ty: GgmlType| match act_format(ty) {
+                _ if uses_quantized_acts(ty) == Some(false) => Tokens::Float(xs),
+                Some(ActFormat::Q8K) if pack_k => Tokens::KPacked(&rows_q8_k, kpacked),
+                Some(ActFormat::Q8K) => Tokens::Rows(&rows_q8_k),
+                _ if packs(isa, ty) => Tokens::Packed(&rows_q8_0, packed),
+                _ => Tokens::Rows(&rows_q8_0),
+            };
+            parallel_group(pool, n_tokens, group, &|w, rows, sink| {
+                member_rows(isa, w, tokens(w.ty), n_tokens, rows, sink)
             })
-        };
-        return PACKED.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut p) => {
-                p.pack(rows_of);
-                run(&p, out)
-            }
-            // Re-entered from inside a task: use a fresh buffer.
-            Err(_) => {
-                let mut p = PackedActs::default();
-                p.pack(rows_of);
-                run(&p, out)
-            }
-        });
-    }
-    if is_k(ty) && isa.avx2() {
-        let rows_of = &rows_of;
-        let run = |p: &KPacked, out: &mut [f32]| {
-            parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
-                k_rows_packed(isa, ty, data, row_bytes, rows_of, p, rows, &mut |r, t, v| {
-                    sink.write(r, t, v)
-                })
-            })
-        };
-        return KPACKED.with(|cell| match cell.try_borrow_mut() {
-            Ok(mut p) => {
-                p.pack(rows_of);
-                run(&p, out)
-            }
-            // Re-entered from inside a task: use a fresh buffer.
-            Err(_) => {
-                let mut p = KPacked::default();
-                p.pack(rows_of);
-                run(&p, out)
-            }
-        });
-    }
-    parallel_rows(pool, w.rows, n_tokens, out, &|rows, sink| {
-        for (rs, ts) in blocks(rows, n_tokens) {
-            let tb = ts.start;
-            q_rows(isa, ty, data, row_bytes, &rows_of[ts], rs, &mut |r, t, v| {
-                sink.write(r, tb + t, v)
-            })?;
-        }
-        Ok(())
+        })
     })
+}
+/// Rows `rows` of `w` for every token, into `sink`.
+fn member_rows(
+    isa: Isa,
+    w: &WeightView<'_>,
+    tokens: Tokens<'_>,
+    n_tokens: usize,
+    rows: std::ops::Range<usize>,
+    sink: &Sink<'_>,
+) -> Result<(), KernelError> {
+    let (ty, data, row_bytes) = (w.ty, w.data, w.row_bytes());
+    let mut emit = |r, t, v| sink.write(r, t, v);
+    match tokens {
+        Tokens::Packed(acts, p) => {
+            q_rows_packed(isa, ty, data, row_bytes, acts, p, rows, &mut emit)
+        }
+        Tokens::KPacked(acts, p) => {
+            k_rows_packed(isa, ty, data, row_bytes, acts, p, rows, &mut emit)
+        }
+        Tokens::Float(xs) => {
+            for (rs, ts) in blocks(rows, n_tokens) {
+                let tb = ts.start;
+                f_rows(isa, ty, data, row_bytes, &xs[ts], rs, &mut |r, t, v| {
+                    sink.write(r, tb + t, v)
+                })?;
+            }
+            Ok(())
+        }
+        Tokens::Rows(acts) => {
+            for (rs, ts) in blocks(rows, n_tokens) {
+                let tb = ts.start;
+                q_rows(isa, ty, data, row_bytes, &acts[ts], rs, &mut |r, t, v| {
+                    sink.write(r, tb + t, v)
+                })?;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Where tasks write their outputs: `out[t * rows + r]`, each task owning whole rows.
@@ -309,40 +383,49 @@ struct OutPtr(*mut f32);
 // several threads disjoint.
 unsafe impl Sync for OutPtr {}
 
-/// A task's work: compute rows `rows` for every token into the sink.
-type RowsWork<'a> =
-    dyn Fn(std::ops::Range<usize>, &Sink<'_>) -> Result<(), KernelError> + Sync + 'a;
+/// A task's work: compute rows `rows` of a matrix for every token into the sink.
+type RowsWork<'a> = dyn Fn(&WeightView<'_>, std::ops::Range<usize>, &Sink<'_>) -> Result<(), KernelError>
+    + Sync
+    + 'a;
 
-/// Runs `work(rows, sink)` over chunks of `0..rows` in the pool; returns the first error.
-fn parallel_rows(
+/// Runs `work(w, rows, sink)` over chunks of every matrix's rows in the pool, all matrices in
+/// one job; returns the first error.
+fn parallel_group(
     pool: &ThreadPool,
-    rows: usize,
     n_tokens: usize,
-    out: &mut [f32],
+    group: &mut [(WeightView<'_>, &mut [f32])],
     work: &RowsWork<'_>,
 ) -> Result<(), KernelError> {
-    if rows == 0 || n_tokens == 0 {
+    if n_tokens == 0 {
         return Ok(());
     }
-    let len = out.len();
-    let base = OutPtr(out.as_mut_ptr());
     let threads = pool.n_threads();
+    let total: usize = group.iter().map(|(w, _)| w.rows).sum();
     // Several chunks per thread for balance, in multiples of 8 rows for the row tiles, but
     // with at least ~32 row-tokens each: below a microsecond of work a chunk costs more in
     // hand-out than it gains in balance.
     let min_rows = 32usize.div_ceil(n_tokens).next_multiple_of(8);
     let chunk = if threads == 1 {
-        rows
+        total.max(1)
     } else {
-        rows.div_ceil(threads * 8).next_multiple_of(8).max(min_rows)
+        total.div_ceil(threads * 8).next_multiple_of(8).max(min_rows)
     };
-    let n_chunks = rows.div_ceil(chunk);
+    let outs: Vec<(WeightView<'_>, OutPtr, usize)> =
+        group.iter_mut().map(|(w, out)| (*w, OutPtr(out.as_mut_ptr()), out.len())).collect();
+    let chunks: Vec<(usize, std::ops::Range<usize>)> = outs
+        .iter()
+        .enumerate()
+        .flat_map(|(m, (w, _, _))| {
+            (0..w.rows).step_by(chunk).map(move |r0| (m, r0..(r0 + chunk).min(w.rows)))
+        })
+        .collect();
     let err = std::sync::Mutex::new(None);
-    let base = &base;
-    pool.run(n_chunks, |i| {
-        let r = i * chunk..((i + 1) * chunk).min(rows);
-        let sink = Sink { ptr: base.0, rows, len, owned: r.clone(), _out: PhantomData };
-        if let Err(e) = work(r, &sink) {
+    pool.run(chunks.len(), |i| {
+        let (m, r) = (chunks[i].0, chunks[i].1.clone());
+        let (w, base, len) = &outs[m];
+        let sink =
+            Sink { ptr: base.0, rows: w.rows, len: *len, owned: r.clone(), _out: PhantomData };
+        if let Err(e) = work(w, r, &sink) {
             err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
         }
     });
@@ -493,6 +576,54 @@ mod tests {
                             proptest::prop_assert_eq!(got.to_bits(), alone[r].to_bits(), "{} {:?} r{} t{}/{}: batch vs alone", ty, isa, r, t, n_tokens);
                         }
                     }
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+        /// A group product (one quantization, one packing, one job for several matrices) gives
+        /// every matrix exactly what it gets alone, whatever the mix of types and formats.
+        #[test]
+        fn a_group_product_equals_its_members_alone(
+            types in proptest::collection::vec(0usize..7, 1..5),
+            rows in proptest::collection::vec(1usize..50, 5),
+            n_tokens in 1usize..12,
+            threads in 1usize..4,
+            seed in 0u64..1_000_000,
+        ) {
+            const TYPES: [GgmlType; 7] = [
+                GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_1,
+                GgmlType::Q4K, GgmlType::Q6K, GgmlType::F16,
+            ];
+            let pool = ThreadPool::new(threads);
+            let cols = 256;
+            let mats: Vec<(GgmlType, usize, Vec<u8>)> = types
+                .iter()
+                .zip(&rows)
+                .enumerate()
+                .map(|(i, (&k, &r))| (TYPES[k], r, weights(TYPES[k], r, cols, seed + i as u64).1))
+                .collect();
+            let mut s = seed ^ 0xabc;
+            let x: Vec<f32> = (0..n_tokens * cols).map(|_| lcg(&mut s) * 4.0).collect();
+            for isa in Isa::all_supported() {
+                let views: Vec<WeightView<'_>> = mats
+                    .iter()
+                    .map(|(ty, r, b)| WeightView::new(*ty, *r, cols, b).unwrap())
+                    .collect();
+                let mut outs: Vec<Vec<f32>> =
+                    views.iter().map(|w| vec![f32::NAN; n_tokens * w.rows()]).collect();
+                let mut group: Vec<(WeightView<'_>, &mut [f32])> =
+                    views.iter().copied().zip(outs.iter_mut().map(|o| o.as_mut_slice())).collect();
+                matmul_group_on(isa, &pool, &x, n_tokens, &mut group).unwrap();
+                drop(group);
+                for (w, got) in views.iter().zip(&outs) {
+                    let mut alone = vec![f32::NAN; got.len()];
+                    matmul_on(isa, &pool, w, &x, n_tokens, &mut alone).unwrap();
+                    let same = got.iter().zip(&alone).all(|(a, b)| a.to_bits() == b.to_bits());
+                    proptest::prop_assert!(same, "{} {:?}: group differs from alone", w.ty(), isa);
                 }
             }
         }

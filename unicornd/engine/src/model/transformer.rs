@@ -5,9 +5,9 @@
 //! sequences (continuous batching); only attention, which reads each sequence's own KV cache,
 //! runs per sequence.
 
-use unicorn_kernels::attention::{attention, AttnParams};
+use unicorn_kernels::attention::{attention_batch, Attend, AttnParams};
 use unicorn_kernels::ops::{add_assign, geglu, rms_norm, scale, swiglu, Rope, RopeMode};
-use unicorn_kernels::{matmul, ThreadPool};
+use unicorn_kernels::{matmul, matmul_group, ThreadPool};
 
 use super::weights::{vector, Matrix};
 use super::{HParams, KvState, ModelError};
@@ -246,9 +246,9 @@ impl Transformer {
         for (li, l) in self.layers.iter().enumerate() {
             let local = spec.swa.filter(|w| w.is_local(li));
             rms_norm(&x, &mut h, d, Some(&l.attn_norm), hp.rms_eps);
-            matmul(pool, &l.wq.view(bytes)?, &h, n, &mut q)?;
-            matmul(pool, &l.wk.view(bytes)?, &h, n, &mut k)?;
-            matmul(pool, &l.wv.view(bytes)?, &h, n, &mut v)?;
+            // One job for Q, K and V: the input quantized once, the threads kept busy.
+            let qkv = [l.wq.view(bytes)?, l.wk.view(bytes)?, l.wv.view(bytes)?];
+            matmul_group(pool, &h, n, &mut [(qkv[0], &mut q), (qkv[1], &mut k), (qkv[2], &mut v)])?;
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
                 // Every head of every token is a row of `head_dim` values.
                 normed.resize(q.len(), 0.0);
@@ -275,6 +275,10 @@ impl Transformer {
                     s.kv.store(li, pos[t], &k[t * kvd..][..kvd], &v[t * kvd..][..kvd]);
                 }
             }
+            // Every sequence's attention in one job: a batch of single-token decodes has few
+            // heads each.
+            let mut jobs = Vec::with_capacity(seqs.len());
+            let mut attn_rest = attn.as_mut_slice();
             for (s, &t0) in seqs.iter().zip(&starts) {
                 let m = s.tokens.len();
                 let params = AttnParams {
@@ -286,10 +290,12 @@ impl Transformer {
                     window: local.map(|w| w.window),
                     softcap: None,
                 };
-                let cache = s.kv.layer(li);
-                let (qs, outs) = (&q[t0 * qd..][..m * qd], &mut attn[t0 * qd..][..m * qd]);
-                attention(pool, qs, m, &cache, &params, outs)?;
+                let (out, rest) = std::mem::take(&mut attn_rest).split_at_mut(m * qd);
+                attn_rest = rest;
+                let q = &q[t0 * qd..][..m * qd];
+                jobs.push(Attend { q, n_q: m, kv: s.kv.layer(li), params, out });
             }
+            attention_batch(pool, &mut jobs)?;
             matmul(pool, &l.wo.view(bytes)?, &attn, n, &mut o)?;
             if let Some(w) = &l.post_attn_norm {
                 rms_norm(&o, &mut h, d, Some(w), hp.rms_eps);
@@ -299,8 +305,8 @@ impl Transformer {
             }
 
             rms_norm(&x, &mut h, d, Some(&l.ffn_norm), hp.rms_eps);
-            matmul(pool, &l.w_gate.view(bytes)?, &h, n, &mut gate)?;
-            matmul(pool, &l.w_up.view(bytes)?, &h, n, &mut up)?;
+            let (wg, wu) = (l.w_gate.view(bytes)?, l.w_up.view(bytes)?);
+            matmul_group(pool, &h, n, &mut [(wg, &mut gate), (wu, &mut up)])?;
             // The gated activation of (gate, up) goes into `gate`'s storage via a copy of up.
             normed.clear();
             normed.extend_from_slice(&gate);
