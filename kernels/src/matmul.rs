@@ -4,12 +4,12 @@
 //! `out = x W^T`: for each token `t` and row `r`, `out[t * rows + r] = dot(W[r], x[t])`.
 //!
 //! Quantized weights take activations quantized once per call ([`QuantizedActs`], in Q8_0/Q8_1 or,
-//! for the k-quants, Q8_K format); callers that multiply the same input by several matrices (Q,
-//! K and V; gate and up) of one activation format can quantize once themselves and call
-//! [`matmul_quantized`]. Rows are split across the pool in chunks; inside a
-//! chunk the kernels work on tiles of rows x tokens so each weight block is read and decoded
-//! once per 4 tokens; for batches, blocks of 64 rows by 64 tokens keep both the rows' weights
-//! and the tokens' quants in L2 while they meet.
+//! for the k-quants, Q8_K format), packed once per call for the AVX2 tiles; callers that
+//! multiply the same input by several matrices (Q, K and V; gate and up) use [`matmul_group`],
+//! which quantizes and packs once and runs all the matrices as one parallel job. Rows are split
+//! across the pool in chunks; inside a chunk the kernels work on tiles of rows x tokens so each
+//! weight block is read and decoded once for up to 8 tokens; for batches, blocks of 64 rows by
+//! 64 tokens keep both the rows' weights and the tokens' quants in L2 while they meet.
 
 use std::cell::RefCell;
 use std::marker::PhantomData;

@@ -16,8 +16,10 @@ pub enum KvType {
     F32,
 }
 
-/// f16 values are kept as their bits: a zeroed `Vec<u16>` comes from zeroed pages, which the
-/// kernel hands out lazily, so a large cache costs memory only as it fills.
+/// f16 values are kept as their bits. A context's whole cache (every layer's K and V) is one
+/// zeroed allocation: large enough that the allocator maps it from the kernel, whose zeroed
+/// pages are handed out lazily, so a cache costs memory only as its positions fill. (Per-layer
+/// buffers of a few dozen KiB would come from the heap, cleared, all of it resident at once.)
 #[derive(Debug)]
 enum Buf {
     F16(Vec<u16>),
@@ -32,17 +34,17 @@ impl Buf {
         }
     }
 
-    fn data(&self) -> KvData<'_> {
+    fn data(&self, r: std::ops::Range<usize>) -> KvData<'_> {
         match self {
-            Buf::F16(v) => KvData::F16(v.reinterpret_cast()),
-            Buf::F32(v) => KvData::F32(v),
+            Buf::F16(v) => KvData::F16(v[r].reinterpret_cast()),
+            Buf::F32(v) => KvData::F32(&v[r]),
         }
     }
 
-    fn data_mut(&mut self) -> KvDataMut<'_> {
+    fn data_mut(&mut self, r: std::ops::Range<usize>) -> KvDataMut<'_> {
         match self {
-            Buf::F16(v) => KvDataMut::F16(v.reinterpret_cast_mut()),
-            Buf::F32(v) => KvDataMut::F32(v),
+            Buf::F16(v) => KvDataMut::F16(v[r].reinterpret_cast_mut()),
+            Buf::F32(v) => KvDataMut::F32(&mut v[r]),
         }
     }
 }
@@ -54,7 +56,10 @@ pub struct KvState {
     n_head_kv: usize,
     head_dim: usize,
     ty: KvType,
-    layers: Vec<(Buf, Buf)>,
+    /// Per layer, K then V, each `n_head_kv x n_ctx x head_dim` values.
+    cache: Buf,
+    /// Values in one layer's K (or V).
+    per: usize,
     tokens: Vec<u32>,
 }
 
@@ -65,20 +70,20 @@ impl KvState {
             return Err(ModelError::BadHParam { key: "n_ctx".into(), message: "0 tokens".into() });
         }
         let per = hp.n_head_kv.checked_mul(n_ctx).and_then(|v| v.checked_mul(hp.head_dim));
-        let Some(per) = per else {
+        let total = per.and_then(|p| p.checked_mul(2)).and_then(|p| p.checked_mul(hp.n_layer));
+        let (Some(per), Some(total)) = (per, total) else {
             return Err(ModelError::BadHParam {
                 key: "n_ctx".into(),
                 message: format!("{n_ctx} too large"),
             });
         };
-        let layers =
-            (0..hp.n_layer).map(|_| (Buf::zeroed(ty, per), Buf::zeroed(ty, per))).collect();
         Ok(KvState {
             n_ctx,
             n_head_kv: hp.n_head_kv,
             head_dim: hp.head_dim,
             ty,
-            layers,
+            cache: Buf::zeroed(ty, total),
+            per,
             tokens: Vec::with_capacity(n_ctx.min(1 << 16)),
         })
     }
@@ -126,17 +131,23 @@ impl KvState {
     /// Stores one token's keys and values of `layer` at `pos`.
     pub(crate) fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (n_kv, n_ctx, hd) = (self.n_head_kv, self.n_ctx, self.head_dim);
-        let (kb, vb) = &mut self.layers[layer];
-        KvCache::store(kb.data_mut(), k, pos, n_kv, n_ctx, hd);
-        KvCache::store(vb.data_mut(), v, pos, n_kv, n_ctx, hd);
+        let (kr, vr) = self.ranges(layer);
+        KvCache::store(self.cache.data_mut(kr), k, pos, n_kv, n_ctx, hd);
+        KvCache::store(self.cache.data_mut(vr), v, pos, n_kv, n_ctx, hd);
+    }
+
+    /// Where `layer`'s K and V are in `cache`.
+    fn ranges(&self, layer: usize) -> (std::ops::Range<usize>, std::ops::Range<usize>) {
+        let k0 = 2 * layer * self.per;
+        (k0..k0 + self.per, k0 + self.per..k0 + 2 * self.per)
     }
 
     /// The cache of `layer`, for attention.
     pub(crate) fn layer(&self, layer: usize) -> KvCache<'_> {
-        let (k, v) = &self.layers[layer];
+        let (kr, vr) = self.ranges(layer);
         KvCache {
-            k: k.data(),
-            v: v.data(),
+            k: self.cache.data(kr),
+            v: self.cache.data(vr),
             n_kv_head: self.n_head_kv,
             n_ctx: self.n_ctx,
             head_dim: self.head_dim,
