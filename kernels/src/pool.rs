@@ -60,6 +60,8 @@ struct Shared {
     state: AtomicU64,
     job: AtomicPtr<Job<'static>>,
     shutdown: AtomicBool,
+    /// Set by [`ThreadPool::rest`]: idle workers park now instead of spinning.
+    rest: AtomicBool,
     sleeping: Vec<AtomicBool>,
     spin: Duration,
 }
@@ -91,6 +93,7 @@ impl ThreadPool {
             state: AtomicU64::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
             shutdown: AtomicBool::new(false),
+            rest: AtomicBool::new(false),
             sleeping: (0..n_workers).map(|_| AtomicBool::new(false)).collect(),
             spin,
         });
@@ -146,6 +149,7 @@ impl ThreadPool {
         };
         let job = Job { f: &f, n_tasks, next: AtomicUsize::new(0), panic: Mutex::new(None) };
         let sh = &*self.shared;
+        sh.rest.store(false, Ordering::Relaxed);
         let ptr: *const Job<'_> = &job;
         sh.job.store(ptr.cast_mut().cast(), Ordering::Release);
         // Open the next generation with nobody inside.
@@ -176,6 +180,16 @@ impl ThreadPool {
         if let Some(p) = p {
             panic::resume_unwind(p);
         }
+    }
+
+    /// Tells idle workers to park now rather than spin for the next job: for a caller that
+    /// knows the next job is far off (the daemon between steps, waiting for its clients), so
+    /// that spinning workers do not take the cores those clients need. The next [`run`] wakes
+    /// them as usual.
+    ///
+    /// [`run`]: ThreadPool::run
+    pub fn rest(&self) {
+        self.shared.rest.store(true, Ordering::Relaxed);
     }
 
     /// Splits `0..n` into at most `n_chunks` contiguous ranges of near-equal size and runs
@@ -225,7 +239,8 @@ fn worker(sh: &Shared, index: usize) {
                 break s;
             }
             polls = polls.wrapping_add(1);
-            if !polls.is_multiple_of(64) || spun_since.elapsed() < sh.spin {
+            let resting = sh.rest.load(Ordering::Relaxed);
+            if !polls.is_multiple_of(64) || (!resting && spun_since.elapsed() < sh.spin) {
                 std::hint::spin_loop();
                 continue;
             }
@@ -346,6 +361,33 @@ mod tests {
             }
         }
         assert_eq!(total.load(Ordering::Relaxed), 8_000);
+    }
+
+    #[test]
+    fn rest_parks_spinning_workers_and_the_next_job_wakes_them() {
+        // Workers that would spin for an hour park at once after `rest`.
+        let pool = ThreadPool::with_spin(3, Duration::from_secs(3600));
+        let count = AtomicU32::new(0);
+        pool.run(8, |_| {
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        let all_asleep = || pool.shared.sleeping.iter().all(|s| s.load(Ordering::SeqCst));
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!all_asleep(), "workers parked without rest");
+        pool.rest();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !all_asleep() {
+            assert!(Instant::now() < deadline, "workers still spinning after rest");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let busy = std::sync::Mutex::new(std::collections::HashSet::new());
+        pool.run(64, |_| {
+            busy.lock().unwrap().insert(std::thread::current().id());
+            std::thread::sleep(Duration::from_millis(1));
+            count.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(count.load(Ordering::Relaxed), 72);
+        assert!(busy.lock().unwrap().len() > 1, "the parked workers did not take tasks");
     }
 
     #[test]

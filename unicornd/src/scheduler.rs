@@ -362,7 +362,10 @@ fn engine_main(
     let mut last_step = std::time::Duration::ZERO;
     let mut logits = Vec::new();
     loop {
+        // Nothing to run until a client's next job arrives: the compute threads park rather
+        // than spin on cores that the event loop and the clients need for that round trip.
         if queue.is_empty() {
+            pool.rest();
             match rx.recv() {
                 Ok(job) => {
                     queue.push(Running { job, seq: next_seq, done: 0, started_at: None });
@@ -382,6 +385,7 @@ fn engine_main(
         // otherwise alternate, one token per step, for ever.
         let deadline = std::time::Instant::now() + BATCH_WAIT.min(last_step / BATCH_WAIT_SHARE);
         while !all_back(&queue, &last_decoders) {
+            pool.rest();
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match rx.recv_timeout(left) {
                 Ok(job) => {
