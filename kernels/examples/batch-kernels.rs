@@ -15,49 +15,14 @@
 //! where the SIMD path claims it, else within the documented bound (it prints the largest
 //! relative difference).
 
+mod common;
+
+use common::{lcg, make, view, Mat};
+
 use std::time::{Duration, Instant};
 
-use unicorn_kernels::formats::quantize_row;
 use unicorn_kernels::matmul::matmul_on;
-use unicorn_kernels::{GgmlType, Isa, ThreadPool, WeightView};
-
-struct Mat {
-    ty: GgmlType,
-    rows: usize,
-    cols: usize,
-    data: Vec<u8>,
-}
-
-fn lcg(s: &mut u64) -> f32 {
-    *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-}
-
-fn make(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Mat {
-    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
-    let mut data = vec![0u8; rows * rb];
-    let mut s = seed;
-    let mut row = vec![0.0f32; cols];
-    // Quantizing large matrices is slow; repeat a few distinct rows.
-    let distinct = rows.min(256);
-    let mut first = Vec::new();
-    for (i, dst) in data.chunks_mut(rb).enumerate() {
-        if i < distinct {
-            for v in row.iter_mut() {
-                *v = lcg(&mut s) * 0.1;
-            }
-            quantize_row(ty, &row, dst).unwrap();
-            first.extend_from_slice(dst);
-        } else {
-            dst.copy_from_slice(&first[(i % distinct) * rb..][..rb]);
-        }
-    }
-    Mat { ty, rows, cols, data }
-}
-
-fn view(m: &Mat) -> WeightView<'_> {
-    WeightView::new(m.ty, m.rows, m.cols, &m.data).unwrap()
-}
+use unicorn_kernels::{GgmlType, Isa, ThreadPool};
 
 /// Fastest seconds per call of `f` over at least `reps` calls after a warm-up.
 fn time(reps: usize, budget_ms: u64, mut f: impl FnMut()) -> f64 {

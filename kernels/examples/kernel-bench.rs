@@ -10,42 +10,15 @@
 //! up, down with the file's types, then the Q8_0 output projection), each layer with its own
 //! weights: an upper bound on decode speed with everything but the matrix products free.
 
+mod common;
+
+use common::{lcg, make, view, Mat};
+
 use std::time::{Duration, Instant};
 
 use unicorn_kernels::attention::{attention, AttnParams, KvCache, KvData};
-use unicorn_kernels::formats::quantize_row;
 use unicorn_kernels::ops::{self, Rope, RopeMode};
-use unicorn_kernels::{f16, matmul, GgmlType, Isa, ThreadPool, WeightView};
-
-struct Mat {
-    ty: GgmlType,
-    rows: usize,
-    cols: usize,
-    data: Vec<u8>,
-}
-
-fn lcg(s: &mut u64) -> f32 {
-    *s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    ((*s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-}
-
-fn make(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Mat {
-    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
-    let mut data = vec![0u8; rows * rb];
-    let mut s = seed;
-    let mut row = vec![0.0f32; cols];
-    for dst in data.chunks_mut(rb) {
-        for v in row.iter_mut() {
-            *v = lcg(&mut s) * 0.1;
-        }
-        quantize_row(ty, &row, dst).unwrap();
-    }
-    Mat { ty, rows, cols, data }
-}
-
-fn view(m: &Mat) -> WeightView<'_> {
-    WeightView::new(m.ty, m.rows, m.cols, &m.data).unwrap()
-}
+use unicorn_kernels::{f16, matmul, GgmlType, Isa, ThreadPool};
 
 /// Fastest seconds per call of `f` over at least `reps` calls after a warm-up: the minimum,
 /// not the median, because the machines this runs on are shared and other processes' time

@@ -660,6 +660,30 @@ pub(crate) mod avx2 {
         (sel(lo), sel(hi))
     }
 
+    /// A Q5 block's 32 quants (nibbles `qs`, fifth bits `qh`) as the low and high sixteen, each
+    /// in both 128-bit halves ([`Avx2Block::split1`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn five_bits1(qs: &[u8; 16], qh: [u8; 4]) -> (__m256i, __m256i) {
+        let (lo, hi) = nibbles2(both16(qs));
+        let (hl, hh) = high_bits2(_mm256_set1_epi32(i32::from_le_bytes(qh)));
+        (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+    }
+
+    /// Two Q5 blocks' quants, `a` in the low 128-bit halves and `b` in the high ones
+    /// ([`Avx2Block::split2`]).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn five_bits2(a: (&[u8; 16], [u8; 4]), b: (&[u8; 16], [u8; 4])) -> (__m256i, __m256i) {
+        let (lo, hi) = nibbles2(pair16(a.0, b.0));
+        let x = _mm256_set_m128i(
+            _mm_set1_epi32(i32::from_le_bytes(b.1)),
+            _mm_set1_epi32(i32::from_le_bytes(a.1)),
+        );
+        let (hl, hh) = high_bits2(x);
+        (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+    }
+
     /// The sixteen bytes of `a` in the low half and of `b` in the high half.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
@@ -732,20 +756,12 @@ pub(crate) mod avx2 {
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
         unsafe fn split1(&self) -> (__m256i, __m256i) {
-            let (lo, hi) = nibbles2(both16(&self.qs));
-            let (hl, hh) = high_bits2(_mm256_set1_epi32(i32::from_le_bytes(self.qh)));
-            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+            five_bits1(&self.qs, self.qh)
         }
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
         unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i) {
-            let (lo, hi) = nibbles2(pair16(&a.qs, &b.qs));
-            let x = _mm256_set_m128i(
-                _mm_set1_epi32(i32::from_le_bytes(b.qh)),
-                _mm_set1_epi32(i32::from_le_bytes(a.qh)),
-            );
-            let (hl, hh) = high_bits2(x);
-            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+            five_bits2((&a.qs, a.qh), (&b.qs, b.qh))
         }
     }
 
@@ -761,20 +777,12 @@ pub(crate) mod avx2 {
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
         unsafe fn split1(&self) -> (__m256i, __m256i) {
-            let (lo, hi) = nibbles2(both16(&self.qs));
-            let (hl, hh) = high_bits2(_mm256_set1_epi32(i32::from_le_bytes(self.qh)));
-            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+            five_bits1(&self.qs, self.qh)
         }
         #[target_feature(enable = "avx2,fma,f16c")]
         #[inline]
         unsafe fn split2(a: &Self, b: &Self) -> (__m256i, __m256i) {
-            let (lo, hi) = nibbles2(pair16(&a.qs, &b.qs));
-            let x = _mm256_set_m128i(
-                _mm_set1_epi32(i32::from_le_bytes(b.qh)),
-                _mm_set1_epi32(i32::from_le_bytes(a.qh)),
-            );
-            let (hl, hh) = high_bits2(x);
-            (_mm256_or_si256(lo, hl), _mm256_or_si256(hi, hh))
+            five_bits2((&a.qs, a.qh), (&b.qs, b.qh))
         }
     }
 
@@ -819,6 +827,18 @@ pub(crate) mod avx2 {
     pub(crate) fn prefetch(p: *const u8) {
         // A prefetch never faults, so an address past the weights is fine.
         _mm_prefetch::<_MM_HINT_T0>(p.cast())
+    }
+
+    /// For block `b` of a tile whose rows end at `end` and take `step` bytes a block together:
+    /// hints the `step` bytes [`PREFETCH_AHEAD`] beyond that block's, the same number of lines
+    /// every block.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(crate) fn prefetch_ahead(end: *const u8, b: usize, step: usize) {
+        let p = end.wrapping_add(PREFETCH_AHEAD + b * step);
+        for k in 0..step.div_ceil(64) {
+            prefetch(p.wrapping_add(k * 64));
+        }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1037,13 +1057,10 @@ pub(crate) mod avx2 {
         };
         let mut acc = _mm256_setzero_ps();
         let step = rows * std::mem::size_of::<B>();
-        let pf_base = w[rows - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        let tile_end = w[rows - 1].as_ptr_range().end.cast::<u8>();
         for b in 0..nb {
             if prefetch_next {
-                let p = pf_base.wrapping_add(b * step);
-                for k in 0..step.div_ceil(64) {
-                    prefetch(p.wrapping_add(k * 64));
-                }
+                prefetch_ahead(tile_end, b, step);
             }
             let mut h = [0i32; 8];
             for r in 0..rows {

@@ -487,7 +487,7 @@ pub(crate) mod avx2 {
     use std::ops::Range;
 
     use super::*;
-    use crate::dot::avx2::{prefetch, PREFETCH_AHEAD};
+    use crate::dot::avx2::prefetch_ahead;
     use crate::formats::Block;
     use crate::simd::{f16_1, f16x2, load_f32x8, load_i8x32, load_u8x16, store_f32x8};
 
@@ -1012,13 +1012,10 @@ pub(crate) mod avx2 {
         let bs = &t.bs[..nb * 8];
         let mut acc = _mm256_setzero_ps();
         let step = rows * std::mem::size_of::<B>();
-        let pf_base = w[rows - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        let tile_end = w[rows - 1].as_ptr_range().end.cast::<u8>();
         for b in 0..nb {
             if prefetch_next {
-                let p = pf_base.wrapping_add(b * step);
-                for k in 0..step.div_ceil(64) {
-                    prefetch(p.wrapping_add(k * 64));
-                }
+                prefetch_ahead(tile_end, b, step);
             }
             let mut prep = [Prep::zero(); 2];
             for r in 0..rows {
@@ -1081,13 +1078,10 @@ pub(crate) mod avx2 {
         }
         let mut acc = _mm256_setzero_ps();
         let step = R * std::mem::size_of::<B>();
-        let pf_base = w[R - 1].as_ptr_range().end.cast::<u8>().wrapping_add(PREFETCH_AHEAD);
+        let tile_end = w[R - 1].as_ptr_range().end.cast::<u8>();
         for b in 0..nb {
             if prefetch_next {
-                let p = pf_base.wrapping_add(b * step);
-                for k in 0..step.div_ceil(64) {
-                    prefetch(p.wrapping_add(k * 64));
-                }
+                prefetch_ahead(tile_end, b, step);
             }
             let mut prep = [Prep::zero(); R];
             for r in 0..R {
