@@ -630,10 +630,13 @@ impl Server {
         } else {
             unicorn_engine::model::KvType::F16
         };
-        let kv = m
-            .model
-            .new_state(n_ctx as usize, ty)
-            .map_err(|e| Error::new(Status::InvalidArgument, e.to_string()))?;
+        let kv = m.model.new_state(n_ctx as usize, ty).map_err(|e| {
+            let status = match e {
+                unicorn_engine::model::ModelError::KvMemory { .. } => Status::LimitExceeded,
+                _ => Status::InvalidArgument,
+            };
+            Error::new(status, e.to_string())
+        })?;
         let ctx = Arc::new(Context::new(m, kv, params)?);
         Ok((a.add_context(ctx), n_ctx))
     }

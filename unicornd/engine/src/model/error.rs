@@ -27,4 +27,6 @@ pub enum ModelError {
     EmptySequence,
     #[error("kernel: {0}")]
     Kernel(#[from] KernelError),
+    #[error("could not map {bytes} bytes for the KV cache: {source}")]
+    KvMemory { bytes: u64, source: std::io::Error },
 }

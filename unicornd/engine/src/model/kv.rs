@@ -5,6 +5,7 @@
 //! the attention's memory traffic, and is what llama.cpp uses by default.
 
 use half::slice::HalfBitsSliceExt;
+use memmap2::MmapMut;
 use unicorn_kernels::attention::{KvCache, KvData, KvDataMut};
 
 use super::{HParams, ModelError};
@@ -16,36 +17,56 @@ pub enum KvType {
     F32,
 }
 
-/// f16 values are kept as their bits. A context's whole cache (every layer's K and V) is one
-/// zeroed allocation: large enough that the allocator maps it from the kernel, whose zeroed
-/// pages are handed out lazily, so a cache costs memory only as its positions fill. (Per-layer
-/// buffers of a few dozen KiB would come from the heap, cleared, all of it resident at once.)
+/// A context's whole cache (every layer's K and V; f16 values kept as their bits), in an
+/// anonymous mapping of its own: the kernel hands out its zeroed pages as they are first
+/// written, so a cache costs memory only as its positions fill, and all of it goes back when
+/// the context ends. (From the heap, the allocator would clear it up front once it stops
+/// mapping large blocks, which glibc does after the first such block is freed: every context's
+/// cache would then be resident in full.)
 #[derive(Debug)]
-enum Buf {
-    F16(Vec<u16>),
-    F32(Vec<f32>),
+struct Buf {
+    ty: KvType,
+    map: MmapMut,
 }
 
 impl Buf {
-    fn zeroed(ty: KvType, n: usize) -> Buf {
-        match ty {
-            KvType::F16 => Buf::F16(vec![0u16; n]),
-            KvType::F32 => Buf::F32(vec![0.0; n]),
-        }
+    fn zeroed(ty: KvType, n: usize) -> Result<Buf, ModelError> {
+        let bytes = n.checked_mul(elem_bytes(ty)).ok_or(ModelError::KvMemory {
+            bytes: u64::MAX,
+            source: std::io::ErrorKind::OutOfMemory.into(),
+        })?;
+        // A mapping cannot be empty; one element more than asked is never read.
+        let map = MmapMut::map_anon(bytes.max(elem_bytes(ty)))
+            .map_err(|source| ModelError::KvMemory { bytes: bytes as u64, source })?;
+        Ok(Buf { ty, map })
     }
 
     fn data(&self, r: std::ops::Range<usize>) -> KvData<'_> {
-        match self {
-            Buf::F16(v) => KvData::F16(v[r].reinterpret_cast()),
-            Buf::F32(v) => KvData::F32(&v[r]),
+        // A mapping is page-aligned, so the casts cannot fail.
+        match self.ty {
+            KvType::F16 => {
+                KvData::F16(bytemuck::cast_slice::<u8, u16>(&self.map)[r].reinterpret_cast())
+            }
+            KvType::F32 => KvData::F32(&bytemuck::cast_slice::<u8, f32>(&self.map)[r]),
         }
     }
 
     fn data_mut(&mut self, r: std::ops::Range<usize>) -> KvDataMut<'_> {
-        match self {
-            Buf::F16(v) => KvDataMut::F16(v[r].reinterpret_cast_mut()),
-            Buf::F32(v) => KvDataMut::F32(&mut v[r]),
+        match self.ty {
+            KvType::F16 => KvDataMut::F16(
+                bytemuck::cast_slice_mut::<u8, u16>(&mut self.map)[r].reinterpret_cast_mut(),
+            ),
+            KvType::F32 => {
+                KvDataMut::F32(&mut bytemuck::cast_slice_mut::<u8, f32>(&mut self.map)[r])
+            }
         }
+    }
+}
+
+fn elem_bytes(ty: KvType) -> usize {
+    match ty {
+        KvType::F16 => 2,
+        KvType::F32 => 4,
     }
 }
 
@@ -82,7 +103,7 @@ impl KvState {
             n_head_kv: hp.n_head_kv,
             head_dim: hp.head_dim,
             ty,
-            cache: Buf::zeroed(ty, total),
+            cache: Buf::zeroed(ty, total)?,
             per,
             tokens: Vec::with_capacity(n_ctx.min(1 << 16)),
         })
@@ -90,11 +111,7 @@ impl KvState {
 
     /// Bytes a cache of `n_ctx` positions takes for a model of shape `hp`.
     pub fn bytes_for(hp: &HParams, n_ctx: usize, ty: KvType) -> u64 {
-        let elem = match ty {
-            KvType::F16 => 2,
-            KvType::F32 => 4,
-        };
-        2 * hp.n_layer as u64 * hp.kv_dim() as u64 * n_ctx as u64 * elem
+        2 * hp.n_layer as u64 * hp.kv_dim() as u64 * n_ctx as u64 * elem_bytes(ty) as u64
     }
 
     pub fn n_ctx(&self) -> usize {
