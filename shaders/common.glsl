@@ -1,0 +1,87 @@
+// Shared by every compute shader in unicorn: the workgroup size, f16 decoding, the workgroup-wide
+// sum, and byte access to a tightly packed `uint` weight buffer.
+//
+// Include after the shader's buffer declarations. Defines the includer may set:
+//   USE_SUBGROUP  reduce with subgroupAdd (GL_KHR_shader_subgroup_arithmetic); the host compiles
+//                 this variant only for devices that report arithmetic subgroup ops in compute.
+//   HAVE_WDATA    the shader declares `uint wdata[]`; enables the byte loaders below.
+//
+// The subgroup size is never assumed: the reduction uses gl_NumSubgroups and gl_SubgroupID, which
+// hold whatever size the driver chose for this dispatch.
+
+#ifdef USE_SUBGROUP
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_arithmetic : require
+#endif
+
+// The workgroup size, a specialization constant the host sets (a power of two and a multiple of
+// the device's reported subgroup size).
+layout(constant_id = 0) const uint WG = 64;
+layout(local_size_x_id = 0, local_size_y = 1, local_size_z = 1) in;
+
+shared float red_buf[WG];
+
+// The sum of `v` over the workgroup, returned to every invocation. Call in uniform control flow.
+float wg_sum(float v) {
+#ifdef USE_SUBGROUP
+    v = subgroupAdd(v);
+    if (subgroupElect()) {
+        red_buf[gl_SubgroupID] = v;
+    }
+    barrier();
+    float s = 0.0;
+    for (uint i = 0u; i < gl_NumSubgroups; ++i) {
+        s += red_buf[i];
+    }
+    barrier();
+    return s;
+#else
+    uint tid = gl_LocalInvocationID.x;
+    red_buf[tid] = v;
+    barrier();
+    for (uint s = WG / 2u; s > 0u; s >>= 1u) {
+        if (tid < s) {
+            red_buf[tid] += red_buf[tid + s];
+        }
+        barrier();
+    }
+    float r = red_buf[0];
+    barrier();
+    return r;
+#endif
+}
+
+// An IEEE half in the low 16 bits of `bits`, as f32.
+float f16_to_f32(uint bits) {
+    return unpackHalf2x16(bits & 0xFFFFu).x;
+}
+
+#ifdef HAVE_WDATA
+// Byte access to `wdata`. GGUF blocks are 18..34 bytes, so fields are not 4-byte aligned; every
+// load reads only the words holding the bytes asked for (the host pads buffers to whole words).
+
+// The 4 bytes at byte offset `off`, little-endian.
+uint ld_u32(uint off) {
+    uint w = off >> 2;
+    uint sh = (off & 3u) * 8u;
+    uint lo = wdata[w];
+    if (sh == 0u) {
+        return lo;
+    }
+    return (lo >> sh) | (wdata[w + 1u] << (32u - sh));
+}
+
+// The 2 bytes at byte offset `off`, little-endian, in the low 16 bits.
+uint ld_u16(uint off) {
+    uint sh = (off & 3u) * 8u;
+    if (sh <= 16u) {
+        return (wdata[off >> 2] >> sh) & 0xFFFFu;
+    }
+    return ld_u32(off) & 0xFFFFu;
+}
+
+// The 4 bytes of `q` as four values 0..255.
+uvec4 bytes4(uint q) {
+    return (uvec4(q) >> uvec4(0u, 8u, 16u, 24u)) & 0xFFu;
+}
+#endif

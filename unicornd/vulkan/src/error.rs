@@ -1,0 +1,56 @@
+//! The backend's one error type.
+
+use ash::vk;
+use unicorn_kernels::GgmlType;
+
+/// Why a Vulkan operation failed. None of these is a panic: the daemon falls back to the CPU
+/// backend on [`VulkanError::Loader`] and [`VulkanError::NoSuitableDevice`].
+#[derive(Debug, thiserror::Error)]
+pub enum VulkanError {
+    /// The Vulkan loader (`libvulkan.so.1`) could not be loaded.
+    #[error("Vulkan loader not available: {0}")]
+    Loader(String),
+    /// The loader or driver supports only Vulkan 1.0; the shaders need 1.1.
+    #[error("Vulkan {major}.{minor} instance; 1.1 or newer is needed")]
+    InstanceVersion { major: u32, minor: u32 },
+    /// No device the options allow. `skipped` names each device seen and why it was passed over.
+    #[error("no suitable Vulkan device{}", describe_skipped(.skipped))]
+    NoSuitableDevice { skipped: Vec<String> },
+    /// A Vulkan call returned an error.
+    #[error("{call} failed: {result}")]
+    Vk { call: &'static str, result: vk::Result },
+    /// No memory type with the properties a buffer needs.
+    #[error("no host-visible, host-coherent memory type for a buffer")]
+    NoMemoryType,
+    /// A buffer or a dispatch exceeds a device limit (buffer splitting is not implemented yet).
+    #[error("{what}: {value} exceeds the device limit {limit}")]
+    Limit { what: &'static str, value: u64, limit: u64 },
+    /// The weights are in a type that has no shader yet.
+    #[error("no Vulkan shader for {} weights", .0.name())]
+    UnsupportedType(GgmlType),
+    /// Arguments that do not fit together (lengths, shapes).
+    #[error("invalid arguments: {0}")]
+    Shape(String),
+}
+
+fn describe_skipped(skipped: &[String]) -> String {
+    if skipped.is_empty() {
+        " (no Vulkan devices found)".to_string()
+    } else {
+        format!(" (skipped: {})", skipped.join("; "))
+    }
+}
+
+/// Result of this crate.
+pub type Result<T, E = VulkanError> = std::result::Result<T, E>;
+
+/// Maps a `vk::Result` error to [`VulkanError::Vk`] naming the call.
+pub(crate) trait VkContext<T> {
+    fn vk(self, call: &'static str) -> Result<T>;
+}
+
+impl<T> VkContext<T> for std::result::Result<T, vk::Result> {
+    fn vk(self, call: &'static str) -> Result<T> {
+        self.map_err(|result| VulkanError::Vk { call, result })
+    }
+}

@@ -1,0 +1,25 @@
+//! unicorn's Vulkan compute backend (first slice).
+//!
+//! - [`Context::new`] loads the Vulkan loader at run time (ash's `loaded` feature: no link-time
+//!   libvulkan), chooses a device (discrete GPU, integrated GPU, ..., a CPU device such as Mesa's
+//!   lavapipe only when [`Options::allow_cpu`] or `UNICORN_VULKAN_ALLOW_CPU=1`), and creates one
+//!   compute queue. No loader or no device is a [`VulkanError`], never a panic.
+//! - [`Buffer`]: storage buffers in host-visible coherent memory, checked against
+//!   `maxStorageBufferRange`.
+//! - Operations ([`Context::matvec`], [`Context::matmul`], [`Context::rms_norm`],
+//!   [`Context::swiglu`], [`Context::add`], [`Context::mul`]) run GLSL compute shaders from the
+//!   workspace's `shaders/`, compiled by `build.rs` with `glslc` and embedded as SPIR-V.
+//!
+//! See README.md for what is missing and how to run the tests.
+
+mod buffer;
+mod context;
+mod error;
+mod ops;
+mod shaders;
+
+pub use buffer::Buffer;
+pub use context::{
+    list_devices, Context, DeviceInfo, DeviceSummary, DeviceType, Options, ALLOW_CPU_ENV,
+};
+pub use error::{Result, VulkanError};

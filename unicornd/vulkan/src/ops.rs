@@ -1,0 +1,160 @@
+//! The operations: matrix-vector products with GGUF weights, RMSNorm, SwiGLU, add, mul.
+//!
+//! Each call records one dispatch, submits it and waits. Inputs are copied into temporary
+//! buffers and the result is read back; keeping activations on the device across a whole layer is
+//! the next step.
+
+use unicorn_kernels::GgmlType;
+
+use crate::error::{Result, VulkanError};
+use crate::shaders::{Kernel, MvFormat};
+use crate::{Buffer, Context};
+
+fn to_u32(what: &'static str, v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| VulkanError::Limit {
+        what,
+        value: v as u64,
+        limit: u32::MAX.into(),
+    })
+}
+
+impl Context {
+    /// Workgroup grid covering `n` rows, one workgroup each: `[x, y]` with `x * y >= n`.
+    fn row_grid(&self, n: u32) -> [u32; 2] {
+        let max_x = self.info().max_workgroup_count[0].max(1);
+        let x = n.min(max_x);
+        [x, if x == 0 { 0 } else { n.div_ceil(x) }]
+    }
+
+    /// Grid-stride dispatch width for `n` elements.
+    fn stride_groups(&self, n: u32) -> u32 {
+        let wg = self.info().workgroup_size;
+        n.div_ceil(wg).clamp(1, self.info().max_workgroup_count[0].min(4096))
+    }
+
+    /// `out[r] = dot(W[r], x)` for the `rows x cols` row-major weight matrix in `weights`, stored
+    /// as GGUF rows of `ty` (`ty.row_bytes(cols)` bytes each). Accumulates in f32 from f32
+    /// activations (the CPU path quantizes activations to Q8; results differ by rounding).
+    pub fn matvec(
+        &self,
+        ty: GgmlType,
+        weights: &Buffer<'_>,
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        self.matmul(ty, weights, rows, cols, x, 1)
+    }
+
+    /// [`Context::matvec`] for `n_tokens` activation vectors: `x` holds `n_tokens * cols`
+    /// values, the result `n_tokens * rows` with `out[t * rows + r] = dot(W[r], x[t])`.
+    pub fn matmul(
+        &self,
+        ty: GgmlType,
+        weights: &Buffer<'_>,
+        rows: usize,
+        cols: usize,
+        x: &[f32],
+        n_tokens: usize,
+    ) -> Result<Vec<f32>> {
+        let format = MvFormat::of(ty).ok_or(VulkanError::UnsupportedType(ty))?;
+        let row_bytes = ty.row_bytes(cols as u64).filter(|_| cols > 0).ok_or_else(|| {
+            VulkanError::Shape(format!(
+                "{cols} columns is not a positive whole number of {} blocks",
+                ty.name()
+            ))
+        })?;
+        let need = row_bytes.checked_mul(rows as u64);
+        if need != Some(weights.len() as u64) {
+            return Err(VulkanError::Shape(format!(
+                "{rows} x {cols} {} weights need {need:?} bytes, the buffer holds {}",
+                ty.name(),
+                weights.len()
+            )));
+        }
+        let x_len = n_tokens.checked_mul(cols);
+        if x_len != Some(x.len()) {
+            return Err(VulkanError::Shape(format!(
+                "x holds {} values, {n_tokens} tokens of {cols} need {x_len:?}",
+                x.len()
+            )));
+        }
+        let out_len = n_tokens
+            .checked_mul(rows)
+            .and_then(|n| n.checked_mul(4))
+            .ok_or_else(|| VulkanError::Shape("output too large".into()))?;
+        if rows == 0 || n_tokens == 0 {
+            return Ok(Vec::new());
+        }
+        let rows32 = to_u32("rows", rows)?;
+        let push =
+            [rows32, to_u32("cols", cols)?, 0, to_u32("row bytes", row_bytes as usize)?, 0, 0];
+        let xb = Buffer::from_f32(self, x)?;
+        let out = Buffer::zeroed(self, out_len)?;
+        // The shaders index with 32-bit offsets: buffers past 4 GiB would need splitting.
+        let _ = to_u32("weight buffer size", weights.padded_size())?;
+        let [gx, gy] = self.row_grid(rows32);
+        let groups = [gx, gy, to_u32("tokens", n_tokens)?];
+        self.dispatch(Kernel::MulMv(format), [weights, &xb, &out], &push, groups)?;
+        Ok(out.to_f32())
+    }
+
+    /// RMSNorm of each row of `dim` values in `x`, times `weight` when given, as
+    /// `unicorn_kernels::ops::rms_norm`.
+    pub fn rms_norm(
+        &self,
+        x: &[f32],
+        dim: usize,
+        weight: Option<&[f32]>,
+        eps: f32,
+    ) -> Result<Vec<f32>> {
+        if dim == 0 || !x.len().is_multiple_of(dim) {
+            return Err(VulkanError::Shape(format!("{} values are not rows of {dim}", x.len())));
+        }
+        if weight.is_some_and(|w| w.len() != dim) {
+            return Err(VulkanError::Shape(format!("weight is not {dim} values")));
+        }
+        let rows = to_u32("rows", x.len() / dim)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let xb = Buffer::from_f32(self, x)?;
+        let wb = Buffer::from_f32(self, weight.unwrap_or(&[]))?;
+        let out = Buffer::zeroed(self, std::mem::size_of_val(x))?;
+        let push = [rows, to_u32("dim", dim)?, u32::from(weight.is_some()), eps.to_bits()];
+        let [gx, gy] = self.row_grid(rows);
+        self.dispatch(Kernel::RmsNorm, [&xb, &wb, &out], &push, [gx, gy, 1])?;
+        Ok(out.to_f32())
+    }
+
+    /// `silu(gate) * up`, as `unicorn_kernels::ops::swiglu`.
+    pub fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
+        self.elementwise(Kernel::Swiglu, gate, up, None)
+    }
+
+    /// `a + b` element-wise.
+    pub fn add(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        self.elementwise(Kernel::Binary, a, b, Some(0))
+    }
+
+    /// `a * b` element-wise.
+    pub fn mul(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        self.elementwise(Kernel::Binary, a, b, Some(1))
+    }
+
+    fn elementwise(&self, k: Kernel, a: &[f32], b: &[f32], op: Option<u32>) -> Result<Vec<f32>> {
+        if a.len() != b.len() {
+            return Err(VulkanError::Shape(format!("lengths {} and {} differ", a.len(), b.len())));
+        }
+        if a.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = to_u32("length", a.len())?;
+        let ab = Buffer::from_f32(self, a)?;
+        let bb = Buffer::from_f32(self, b)?;
+        let out = Buffer::zeroed(self, std::mem::size_of_val(a))?;
+        let push = [n, op.unwrap_or(0)];
+        self.dispatch(k, [&ab, &bb, &out], &push, [self.stride_groups(n), 1, 1])?;
+        Ok(out.to_f32())
+    }
+}

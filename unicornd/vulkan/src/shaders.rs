@@ -1,0 +1,137 @@
+//! The embedded SPIR-V modules and the kernels they implement.
+
+use std::io::Cursor;
+
+use unicorn_kernels::GgmlType;
+
+use crate::error::{Result, VulkanError};
+
+include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
+
+/// A compute kernel, one pipeline each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// `mul_mv.comp` for one weight format.
+    MulMv(MvFormat),
+    RmsNorm,
+    Swiglu,
+    Binary,
+}
+
+/// The weight formats `mul_mv.comp` is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MvFormat {
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    F16,
+    F32,
+}
+
+impl MvFormat {
+    const ALL: [MvFormat; 7] = [
+        MvFormat::Q4_0,
+        MvFormat::Q4_1,
+        MvFormat::Q5_0,
+        MvFormat::Q5_1,
+        MvFormat::Q8_0,
+        MvFormat::F16,
+        MvFormat::F32,
+    ];
+
+    /// The shader for weights of `ty`, if there is one.
+    pub(crate) fn of(ty: GgmlType) -> Option<MvFormat> {
+        Some(match ty {
+            GgmlType::Q4_0 => MvFormat::Q4_0,
+            GgmlType::Q4_1 => MvFormat::Q4_1,
+            GgmlType::Q5_0 => MvFormat::Q5_0,
+            GgmlType::Q5_1 => MvFormat::Q5_1,
+            GgmlType::Q8_0 => MvFormat::Q8_0,
+            GgmlType::F16 => MvFormat::F16,
+            GgmlType::F32 => MvFormat::F32,
+            _ => return None,
+        })
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            MvFormat::Q4_0 => "q4_0",
+            MvFormat::Q4_1 => "q4_1",
+            MvFormat::Q5_0 => "q5_0",
+            MvFormat::Q5_1 => "q5_1",
+            MvFormat::Q8_0 => "q8_0",
+            MvFormat::F16 => "f16",
+            MvFormat::F32 => "f32",
+        }
+    }
+}
+
+impl Kernel {
+    /// How many kernels there are ([`Kernel::index`] is below this).
+    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 3;
+
+    /// A dense index for per-kernel tables.
+    pub(crate) fn index(self) -> usize {
+        let n = MvFormat::ALL.len();
+        match self {
+            Kernel::MulMv(f) => MvFormat::ALL.iter().position(|&g| g == f).unwrap_or(0),
+            Kernel::RmsNorm => n,
+            Kernel::Swiglu => n + 1,
+            Kernel::Binary => n + 2,
+        }
+    }
+
+    /// Whether the kernel reduces across a workgroup (and so has a subgroup variant).
+    fn reduces(self) -> bool {
+        matches!(self, Kernel::MulMv(_) | Kernel::RmsNorm)
+    }
+
+    /// The embedded module's name: the `_sg` variant when it reduces and `subgroups` is set.
+    pub(crate) fn spirv_name(self, subgroups: bool) -> String {
+        let base = match self {
+            Kernel::MulMv(f) => format!("mul_mv_{}", f.suffix()),
+            Kernel::RmsNorm => "rms_norm".to_string(),
+            Kernel::Swiglu => "swiglu".to_string(),
+            Kernel::Binary => "binary".to_string(),
+        };
+        if subgroups && self.reduces() {
+            base + "_sg"
+        } else {
+            base
+        }
+    }
+}
+
+/// The SPIR-V words of the embedded module `name`.
+pub(crate) fn spirv(name: &str) -> Result<Vec<u32>> {
+    let bytes = SHADERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, b)| *b)
+        .ok_or_else(|| VulkanError::Shape(format!("no embedded shader {name}")))?;
+    ash::util::read_spv(&mut Cursor::new(bytes))
+        .map_err(|e| VulkanError::Shape(format!("embedded shader {name} is not SPIR-V: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_has_both_variants_embedded() {
+        let mut kernels: Vec<Kernel> = MvFormat::ALL.iter().map(|&f| Kernel::MulMv(f)).collect();
+        kernels.extend([Kernel::RmsNorm, Kernel::Swiglu, Kernel::Binary]);
+        let mut seen = [false; Kernel::COUNT];
+        for k in kernels {
+            assert!(!seen[k.index()]);
+            seen[k.index()] = true;
+            for sg in [false, true] {
+                let words = spirv(&k.spirv_name(sg)).unwrap();
+                assert_eq!(words[0], 0x0723_0203, "SPIR-V magic");
+            }
+        }
+        assert!(seen.iter().all(|&s| s));
+    }
+}

@@ -1,0 +1,287 @@
+//! The Vulkan operations against the CPU kernels (unicorn_kernels) on whatever device Vulkan
+//! offers, CPU devices allowed: in CI that is Mesa's lavapipe.
+//!
+//! These tests do not skip silently: when lavapipe's ICD file is installed (or
+//! `UNICORN_VULKAN_REQUIRE=1`) and no device can be opened, they fail. Only on a machine without
+//! lavapipe do they skip, saying so on stderr (run scripts/install-deps to install it).
+//!
+//! Tolerances: a matrix-vector output may differ from the f64 reference dot product of the
+//! dequantized weights by 1e-4 of sum|w*x| over the row (f32 accumulation in a different order,
+//! and `q * d + m` possibly fused). RMSNorm, SwiGLU, add and mul: see each test.
+
+use std::sync::OnceLock;
+
+use unicorn_kernels::formats::{dequantize_row, quantize_row};
+use unicorn_kernels::{ops, GgmlType};
+use unicorn_vulkan::{Buffer, Context, DeviceType, Options, VulkanError};
+
+const MATVEC_TOL: f64 = 1e-4;
+
+fn lavapipe_icd_present() -> bool {
+    std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|dir| {
+        dir.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("lvp_icd.") && name.ends_with(".json")
+        })
+    })
+}
+
+fn must_have_device() -> bool {
+    lavapipe_icd_present() || std::env::var("UNICORN_VULKAN_REQUIRE").is_ok_and(|v| v == "1")
+}
+
+/// The shared context, or `None` (after saying so) where no Vulkan device can exist.
+fn ctx() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| match Context::new(Options { allow_cpu: true }) {
+        Ok(c) => {
+            let i = c.info();
+            eprintln!(
+                "vulkan device: {} ({}), subgroup size {}, arithmetic {}, workgroup {}, \
+                 maxStorageBufferRange {}",
+                i.name,
+                i.device_type,
+                i.subgroup_size,
+                i.subgroup_arithmetic,
+                i.workgroup_size,
+                i.max_storage_buffer_range
+            );
+            Some(c)
+        }
+        Err(e) => {
+            assert!(
+                !must_have_device(),
+                "the lavapipe ICD is installed (or UNICORN_VULKAN_REQUIRE=1) but no Vulkan \
+                 device could be opened: {e}"
+            );
+            eprintln!("SKIPPED: no Vulkan device ({e}); scripts/install-deps installs lavapipe");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// SplitMix64: deterministic test data without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f32() * scale).collect()
+    }
+}
+
+/// Quantized weights and their dequantized values.
+fn weights(ty: GgmlType, rows: usize, cols: usize, rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+    let mut bytes = vec![0u8; rb * rows];
+    let mut deq = vec![0f32; rows * cols];
+    for r in 0..rows {
+        // Rows of different magnitudes, so the scales vary.
+        let scale = 0.05 + (r % 7) as f32 * 0.3;
+        let w = rng.vec(cols, scale);
+        quantize_row(ty, &w, &mut bytes[r * rb..(r + 1) * rb]).unwrap();
+        dequantize_row(ty, &bytes[r * rb..(r + 1) * rb], &mut deq[r * cols..(r + 1) * cols])
+            .unwrap();
+    }
+    (bytes, deq)
+}
+
+/// Runs one matmul and returns the largest error relative to sum|w*x| of its row.
+fn check_matmul(ctx: &Context, ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) -> f64 {
+    let mut rng = Rng(seed);
+    let (bytes, deq) = weights(ty, rows, cols, &mut rng);
+    let x = rng.vec(n * cols, 2.0);
+    let w = Buffer::from_bytes(ctx, &bytes).unwrap();
+    let got = ctx.matmul(ty, &w, rows, cols, &x, n).unwrap();
+    assert_eq!(got.len(), n * rows);
+    let mut worst = 0f64;
+    for t in 0..n {
+        let xt = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            let wr = &deq[r * cols..(r + 1) * cols];
+            let exact: f64 = wr.iter().zip(xt).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            let mag: f64 =
+                wr.iter().zip(xt).map(|(&a, &b)| (f64::from(a) * f64::from(b)).abs()).sum();
+            let err = (f64::from(got[t * rows + r]) - exact).abs() / mag.max(1e-30);
+            assert!(
+                err <= MATVEC_TOL,
+                "{} {rows}x{cols} token {t} row {r}: got {}, want {exact} (rel err {err:e})",
+                ty.name(),
+                got[t * rows + r]
+            );
+            worst = worst.max(err);
+        }
+    }
+    worst
+}
+
+const QUANTS: [GgmlType; 5] =
+    [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+
+#[test]
+fn matvec_matches_the_cpu_reference_for_every_block_format() {
+    let Some(ctx) = ctx() else { return };
+    for ty in QUANTS {
+        let mut worst = 0f64;
+        for blocks in 1..=8 {
+            for rows in [1, 3, 17, 65, 130] {
+                let seed = (ty.id() as u64) << 32 | (blocks * 1000 + rows) as u64;
+                worst = worst.max(check_matmul(ctx, ty, rows, blocks * 32, 1, seed));
+            }
+        }
+        eprintln!("{}: largest relative error {worst:e}", ty.name());
+    }
+}
+
+#[test]
+fn matvec_long_rows() {
+    let Some(ctx) = ctx() else { return };
+    for ty in QUANTS {
+        let worst = check_matmul(ctx, ty, 67, 4096, 1, 7 + ty.id() as u64);
+        eprintln!("{} 67x4096: largest relative error {worst:e}", ty.name());
+    }
+}
+
+#[test]
+fn matmul_several_tokens() {
+    let Some(ctx) = ctx() else { return };
+    for ty in QUANTS.into_iter().chain([GgmlType::F16, GgmlType::F32]) {
+        let worst = check_matmul(ctx, ty, 33, 96, 3, 99 + ty.id() as u64);
+        eprintln!("{} 33x96 x3 tokens: largest relative error {worst:e}", ty.name());
+    }
+}
+
+#[test]
+fn matvec_float_weights_any_width() {
+    let Some(ctx) = ctx() else { return };
+    for ty in [GgmlType::F16, GgmlType::F32] {
+        let mut worst = 0f64;
+        for cols in [1, 7, 32, 33, 100, 1000] {
+            for rows in [1, 5, 66] {
+                worst = worst.max(check_matmul(ctx, ty, rows, cols, 1, (cols * 31 + rows) as u64));
+            }
+        }
+        eprintln!("{}: largest relative error {worst:e}", ty.name());
+    }
+}
+
+#[test]
+fn matvec_rejects_bad_arguments() {
+    let Some(ctx) = ctx() else { return };
+    let w = Buffer::from_bytes(ctx, &[0u8; 18]).unwrap();
+    let x = [0f32; 32];
+    assert!(matches!(
+        ctx.matvec(GgmlType::Q4K, &w, 1, 32, &x),
+        Err(VulkanError::UnsupportedType(GgmlType::Q4K))
+    ));
+    // 31 columns is not whole Q4_0 blocks.
+    assert!(matches!(ctx.matvec(GgmlType::Q4_0, &w, 1, 31, &x[..31]), Err(VulkanError::Shape(_))));
+    // Two rows do not fit an 18-byte buffer.
+    assert!(matches!(ctx.matvec(GgmlType::Q4_0, &w, 2, 32, &x), Err(VulkanError::Shape(_))));
+    // x of the wrong length.
+    assert!(matches!(ctx.matvec(GgmlType::Q4_0, &w, 1, 32, &x[..16]), Err(VulkanError::Shape(_))));
+}
+
+#[test]
+fn buffers_beyond_max_storage_buffer_range_are_an_error() {
+    let Some(ctx) = ctx() else { return };
+    let limit = ctx.info().max_storage_buffer_range;
+    let Ok(len) = usize::try_from(limit + 1) else { return };
+    // Checked before anything is allocated.
+    match Buffer::zeroed(ctx, len) {
+        Err(VulkanError::Limit { limit: l, .. }) => assert_eq!(l, limit),
+        other => panic!("expected a limit error, got {other:?}"),
+    }
+}
+
+#[test]
+fn rms_norm_matches_the_cpu_kernel() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(5);
+    let mut worst = 0f64;
+    for (dim, rows) in [(1, 3), (7, 2), (64, 1), (100, 5), (2048, 3), (4096, 2)] {
+        let x = rng.vec(dim * rows, 3.0);
+        let w: Vec<f32> = (0..dim).map(|_| 1.0 + rng.f32()).collect();
+        for weight in [None, Some(&w[..])] {
+            let got = ctx.rms_norm(&x, dim, weight, 1e-6).unwrap();
+            let mut want = vec![0f32; x.len()];
+            ops::rms_norm(&x, &mut want, dim, weight, 1e-6);
+            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                // f32 sum of squares on the device against f64 on the CPU.
+                let err = f64::from((g - e).abs()) / f64::from(e.abs()).max(1e-3);
+                assert!(err <= 1e-5, "dim {dim} elem {i}: got {g}, want {e} (rel {err:e})");
+                worst = worst.max(err);
+            }
+        }
+    }
+    eprintln!("rms_norm: largest relative error {worst:e}");
+}
+
+#[test]
+fn swiglu_add_mul_match_the_cpu_kernels() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(11);
+    let mut worst = [0f64; 3];
+    for n in [1, 5, 64, 1000, 300_000] {
+        let a = rng.vec(n, 12.0);
+        let b = rng.vec(n, 3.0);
+        let mut want = vec![0f32; n];
+        ops::swiglu(&a, &b, &mut want);
+        let got = ctx.swiglu(&a, &b).unwrap();
+        for (&g, &e) in got.iter().zip(&want) {
+            // exp() on the device is not correctly rounded (GLSL allows 3 + 2|x| ulp).
+            let err = f64::from((g - e).abs()) / f64::from(e.abs()).max(1e-3);
+            assert!(err <= 1e-5, "swiglu: got {g}, want {e} (rel {err:e})");
+            worst[0] = worst[0].max(err);
+        }
+        let mut sum = a.clone();
+        ops::add_assign(&mut sum, &b);
+        let mut prod = a.clone();
+        ops::mul_assign(&mut prod, &b);
+        // One correctly rounded f32 operation each: exact agreement.
+        assert_eq!(ctx.add(&a, &b).unwrap(), sum);
+        assert_eq!(ctx.mul(&a, &b).unwrap(), prod);
+    }
+    eprintln!("swiglu: largest relative error {:e}", worst[0]);
+    assert!(matches!(ctx.swiglu(&[1.0], &[]), Err(VulkanError::Shape(_))));
+}
+
+#[test]
+fn without_allow_cpu_a_cpu_only_machine_has_no_suitable_device() {
+    let devices = match unicorn_vulkan::list_devices() {
+        Ok(d) => d,
+        Err(e) => {
+            assert!(!must_have_device(), "lavapipe is installed but Vulkan fails: {e}");
+            assert!(matches!(e, VulkanError::Loader(_) | VulkanError::InstanceVersion { .. }));
+            return;
+        }
+    };
+    eprintln!("vulkan devices: {devices:?}");
+    let gpu = devices.iter().any(|d| d.device_type != DeviceType::Cpu && d.api_version >= (1, 1));
+    match Context::new(Options { allow_cpu: false }) {
+        Ok(c) => {
+            assert!(gpu, "chose {:?} though only CPU devices exist", c.info());
+            assert_ne!(c.info().device_type, DeviceType::Cpu);
+        }
+        Err(e @ VulkanError::NoSuitableDevice { .. }) => {
+            assert!(!gpu, "a GPU exists but: {e}");
+            let msg = e.to_string();
+            assert!(msg.contains(unicorn_vulkan::ALLOW_CPU_ENV) || devices.is_empty(), "{msg}");
+        }
+        Err(e) => panic!("expected NoSuitableDevice, got {e}"),
+    }
+}
