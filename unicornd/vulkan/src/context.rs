@@ -20,13 +20,17 @@ pub struct Options {
     /// Accept a CPU device (Mesa's lavapipe) when no GPU is present. Off by default: on the CPU
     /// the CPU backend is faster; tests and CI turn it on.
     pub allow_cpu: bool,
+    /// Never use subgroup operations, even where the device has them: the reductions then go
+    /// through shared memory only. For testing that path, and for drivers whose subgroup support
+    /// misbehaves.
+    pub no_subgroup_ops: bool,
 }
 
 impl Options {
     /// The defaults, with `allow_cpu` set when `UNICORN_VULKAN_ALLOW_CPU=1`.
     pub fn from_env() -> Options {
         let allow_cpu = std::env::var(ALLOW_CPU_ENV).is_ok_and(|v| v == "1");
-        Options { allow_cpu }
+        Options { allow_cpu, ..Options::default() }
     }
 }
 
@@ -40,7 +44,8 @@ pub struct DeviceInfo {
     /// The subgroup size the device reports (a dispatch may still run narrower; the shaders never
     /// assume it).
     pub subgroup_size: u32,
-    /// Whether compute shaders get subgroup arithmetic (`subgroupAdd`), so the reductions use it.
+    /// Whether the reductions use subgroup arithmetic (`subgroupAdd`): the device offers it in
+    /// compute shaders and [`Options::no_subgroup_ops`] is off.
     pub subgroup_arithmetic: bool,
     /// The largest storage-buffer binding, in bytes.
     pub max_storage_buffer_range: u64,
@@ -287,7 +292,8 @@ impl Context {
         // only `subgroup`, which lives through the call.
         unsafe { instance.get_physical_device_properties2(c.pd, &mut props2) };
         let limits = c.props.limits;
-        let subgroup_arithmetic = subgroup.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
+        let subgroup_arithmetic = !options.no_subgroup_ops
+            && subgroup.supported_stages.contains(vk::ShaderStageFlags::COMPUTE)
             && subgroup
                 .supported_operations
                 .contains(vk::SubgroupFeatureFlags::BASIC | vk::SubgroupFeatureFlags::ARITHMETIC);

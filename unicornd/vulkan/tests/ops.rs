@@ -34,7 +34,17 @@ fn must_have_device() -> bool {
 /// The shared context, or `None` (after saying so) where no Vulkan device can exist.
 fn ctx() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| match Context::new(Options { allow_cpu: true }) {
+    CTX.get_or_init(|| open(Options { allow_cpu: true, ..Options::default() })).as_ref()
+}
+
+/// A second context whose reductions never use subgroup operations.
+fn ctx_without_subgroups() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| open(Options { allow_cpu: true, no_subgroup_ops: true })).as_ref()
+}
+
+fn open(options: Options) -> Option<Context> {
+    match Context::new(options) {
         Ok(c) => {
             let i = c.info();
             eprintln!(
@@ -58,8 +68,7 @@ fn ctx() -> Option<&'static Context> {
             eprintln!("SKIPPED: no Vulkan device ({e}); scripts/install-deps installs lavapipe");
             None
         }
-    })
-    .as_ref()
+    }
 }
 
 /// SplitMix64: deterministic test data without a dependency.
@@ -209,8 +218,26 @@ fn buffers_beyond_max_storage_buffer_range_are_an_error() {
 }
 
 #[test]
+fn shared_memory_reductions_without_subgroup_ops() {
+    let Some(ctx) = ctx_without_subgroups() else { return };
+    assert!(!ctx.info().subgroup_arithmetic);
+    for ty in QUANTS.into_iter().chain([GgmlType::F16, GgmlType::F32]) {
+        let mut worst = 0f64;
+        for (rows, cols) in [(1, 32), (65, 96), (7, 256), (3, 4096)] {
+            worst = worst.max(check_matmul(ctx, ty, rows, cols, 2, (rows * cols) as u64));
+        }
+        eprintln!("{} without subgroups: largest relative error {worst:e}", ty.name());
+    }
+    check_rms_norm(ctx);
+}
+
+#[test]
 fn rms_norm_matches_the_cpu_kernel() {
     let Some(ctx) = ctx() else { return };
+    check_rms_norm(ctx);
+}
+
+fn check_rms_norm(ctx: &Context) {
     let mut rng = Rng(5);
     let mut worst = 0f64;
     for (dim, rows) in [(1, 3), (7, 2), (64, 1), (100, 5), (2048, 3), (4096, 2)] {
@@ -272,7 +299,7 @@ fn without_allow_cpu_a_cpu_only_machine_has_no_suitable_device() {
     };
     eprintln!("vulkan devices: {devices:?}");
     let gpu = devices.iter().any(|d| d.device_type != DeviceType::Cpu && d.api_version >= (1, 1));
-    match Context::new(Options { allow_cpu: false }) {
+    match Context::new(Options::default()) {
         Ok(c) => {
             assert!(gpu, "chose {:?} though only CPU devices exist", c.info());
             assert_ne!(c.info().device_type, DeviceType::Cpu);
