@@ -170,7 +170,13 @@ fn create_instance(entry: &ash::Entry) -> Result<ash::Instance> {
         .api_version(vk::API_VERSION_1_1);
     let ci = vk::InstanceCreateInfo::default().application_info(&app);
     // SAFETY: `ci` and what it points to (`app`, static strings) outlive the call.
-    unsafe { entry.create_instance(&ci, None) }.vk("vkCreateInstance")
+    match unsafe { entry.create_instance(&ci, None) } {
+        // The loader found no driver at all: as far as the caller is concerned, no device.
+        Err(vk::Result::ERROR_INCOMPATIBLE_DRIVER) => {
+            Err(VulkanError::NoSuitableDevice { skipped: Vec::new() })
+        }
+        r => r.vk("vkCreateInstance"),
+    }
 }
 
 /// The name, type and API version of every Vulkan device, without creating a device. Errors when

@@ -35,7 +35,7 @@ pub enum VulkanError {
 
 fn describe_skipped(skipped: &[String]) -> String {
     if skipped.is_empty() {
-        " (no Vulkan devices found)".to_string()
+        " (no Vulkan driver or device found)".to_string()
     } else {
         format!(" (skipped: {})", skipped.join("; "))
     }

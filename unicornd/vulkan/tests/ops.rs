@@ -293,7 +293,12 @@ fn without_allow_cpu_a_cpu_only_machine_has_no_suitable_device() {
         Ok(d) => d,
         Err(e) => {
             assert!(!must_have_device(), "lavapipe is installed but Vulkan fails: {e}");
-            assert!(matches!(e, VulkanError::Loader(_) | VulkanError::InstanceVersion { .. }));
+            assert!(matches!(
+                e,
+                VulkanError::Loader(_)
+                    | VulkanError::InstanceVersion { .. }
+                    | VulkanError::NoSuitableDevice { .. }
+            ));
             return;
         }
     };
@@ -311,4 +316,31 @@ fn without_allow_cpu_a_cpu_only_machine_has_no_suitable_device() {
         }
         Err(e) => panic!("expected NoSuitableDevice, got {e}"),
     }
+}
+
+/// With a loader that finds no driver, `Context::new` is a typed error, not a panic. Runs itself
+/// in a child process whose loader is pointed at a driver file that does not exist.
+#[test]
+fn no_vulkan_driver_is_a_typed_error() {
+    const CHILD: &str = "UNICORN_VULKAN_TEST_NO_DRIVER";
+    if std::env::var_os(CHILD).is_some() {
+        match Context::new(Options { allow_cpu: true, ..Options::default() }) {
+            Err(e @ (VulkanError::NoSuitableDevice { .. } | VulkanError::Loader(_))) => {
+                eprintln!("as expected: {e}");
+            }
+            other => panic!("expected NoSuitableDevice or Loader, got {other:?}"),
+        }
+        return;
+    }
+    let missing = "/nonexistent/unicorn-test-icd.json";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "no_vulkan_driver_is_a_typed_error", "--test-threads=1", "--nocapture"])
+        .env(CHILD, "1")
+        .env("VK_ICD_FILENAMES", missing)
+        .env("VK_DRIVER_FILES", missing)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "child failed:\n{text}");
+    assert!(text.contains("1 passed"), "the child did not run the test:\n{text}");
 }
