@@ -165,6 +165,19 @@ fn matvec_long_rows() {
     }
 }
 
+/// More rows than one grid dimension holds: the rows spill into the grid's second dimension.
+#[test]
+fn matvec_rows_beyond_the_workgroup_count_limit() {
+    let Some(ctx) = ctx() else { return };
+    let max_x = ctx.info().max_workgroup_count[0] as usize;
+    if max_x > 1 << 20 {
+        eprintln!("maxComputeWorkGroupCount[0] is {max_x}: too many rows to test here");
+        return;
+    }
+    let worst = check_matmul(ctx, GgmlType::Q8_0, max_x + 3, 32, 1, 3);
+    eprintln!("Q8_0 {}x32: largest relative error {worst:e}", max_x + 3);
+}
+
 #[test]
 fn matmul_several_tokens() {
     let Some(ctx) = ctx() else { return };
