@@ -275,20 +275,16 @@ impl Context {
     pub fn new(options: Options) -> Result<Context> {
         let entry = load_entry()?;
         let instance = create_instance(&entry)?;
-        match Self::with_instance(entry, instance.clone(), &options) {
-            Ok(ctx) => Ok(ctx),
-            Err(e) => {
-                // SAFETY: `with_instance` destroyed everything it created from the instance
-                // before failing.
-                unsafe { instance.destroy_instance(None) };
-                Err(e)
-            }
-        }
+        let mut guard = InstanceGuard(Some(instance.clone()));
+        Self::with_instance(entry, instance, &mut guard, &options)
     }
 
+    /// Creates the device and the rest. Until the `Context` exists the guard destroys the instance
+    /// on error; from then on the `Context` owns it and its `Drop` destroys everything.
     fn with_instance(
         entry: ash::Entry,
         instance: ash::Instance,
+        guard: &mut InstanceGuard,
         options: &Options,
     ) -> Result<Self> {
         let c = choose_device(&instance, options)?;
@@ -343,6 +339,9 @@ impl Context {
         // SAFETY: queue 0 of family `c.family` was requested at device creation.
         let queue = unsafe { device.get_device_queue(c.family, 0) };
 
+        // The context owns the instance from here on (`ash::Instance` is a handle and a table of
+        // entry points; dropping the guard's copy destroys nothing).
+        guard.0 = None;
         let mut ctx = Context {
             _entry: entry,
             instance,
@@ -361,15 +360,9 @@ impl Context {
             info,
         };
         // On error `ctx` is dropped, which destroys what was created (null handles are skipped
-        // by Vulkan's destroy functions) but not the instance; `new` destroys that.
-        match ctx.create_objects(c.family) {
-            Ok(()) => Ok(ctx),
-            Err(e) => {
-                ctx.destroy_device_objects();
-                std::mem::forget(ctx);
-                Err(e)
-            }
-        }
+        // by Vulkan's destroy functions), the device and the instance.
+        ctx.create_objects(c.family)?;
+        Ok(ctx)
     }
 
     fn create_objects(&mut self, family: u32) -> Result<()> {
@@ -425,8 +418,7 @@ impl Context {
         Ok(())
     }
 
-    /// Destroys every object created from the device, then the device. Idempotent only in the
-    /// sense that it must run once; `Drop` and the failure path of `with_instance` call it.
+    /// Destroys every object created from the device, then the device. Runs once, from `Drop`.
     fn destroy_device_objects(&mut self) {
         let d = &self.device;
         let exec = self.exec.get_mut().unwrap_or_else(|p| p.into_inner());
@@ -622,6 +614,20 @@ fn workgroup_size(subgroup: u32, max_x: u32, max_invocations: u32) -> u32 {
     // The largest power of two not above the cap.
     let cap = 1u32 << (31 - cap.leading_zeros());
     want.min(cap)
+}
+
+/// Destroys the instance on drop unless it was taken.
+struct InstanceGuard(Option<ash::Instance>);
+
+impl Drop for InstanceGuard {
+    fn drop(&mut self) {
+        if let Some(instance) = self.0.take() {
+            // SAFETY: the instance was not handed to a `Context`, so whatever failed destroyed
+            // the device it may have created (`create_device` failing creates none), and nothing
+            // else created from it needs destruction (physical devices do not).
+            unsafe { instance.destroy_instance(None) };
+        }
+    }
 }
 
 impl Drop for Context {
