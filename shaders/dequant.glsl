@@ -6,7 +6,8 @@
 // is `dequant8(b, i, lo, hi)`: from the block at byte offset `b`, elements i..i+3 into `lo` and
 // elements 16+i..16+i+3 into `hi`, for i in {0, 4, 8, 12}.
 //
-// Defines for the includer: QUANT (1 for block formats), BLOCK_BYTES, and for F32/F16 `ld_elem`.
+// Defines for the includer: QUANT (1 for these 32-element block formats, 2 for the 256-element
+// k-quants of dequant_k.glsl), BLOCK_BYTES, and for F32/F16/BF16 `ld_elem`.
 
 #if defined(FORMAT_Q4_0)
 // d: f16, qs: 16 bytes. value = (q - 8) * d
@@ -81,6 +82,17 @@ void dequant8(uint b, uint i, out vec4 lo, out vec4 hi) {
 float ld_elem(uint row, uint e) {
     return f16_to_f32(ld_u16(row + 2u * e));
 }
+
+#elif defined(FORMAT_BF16)
+// The high half of an f32, little-endian.
+#define QUANT 0
+float ld_elem(uint row, uint e) {
+    return uintBitsToFloat(ld_u16(row + 2u * e) << 16u);
+}
+
+#elif defined(FORMAT_Q2_K) || defined(FORMAT_Q3_K) || defined(FORMAT_Q4_K) || defined(FORMAT_Q5_K) \
+    || defined(FORMAT_Q6_K)
+#include "dequant_k.glsl"
 
 #elif defined(FORMAT_F32)
 #define QUANT 0

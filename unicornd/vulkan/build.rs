@@ -18,7 +18,10 @@ fn variants() -> Vec<(String, &'static str, Vec<String>)> {
             }
             d
         };
-        for f in ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "F32"] {
+        for f in [
+            "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16",
+            "BF16", "F32",
+        ] {
             let name = format!("mul_mv_{}{suffix}", f.to_lowercase());
             v.push((name, "mul_mv.comp", defs(&[format!("FORMAT_{f}")])));
         }

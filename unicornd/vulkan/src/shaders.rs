@@ -26,18 +26,30 @@ pub(crate) enum MvFormat {
     Q5_0,
     Q5_1,
     Q8_0,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
     F16,
+    BF16,
     F32,
 }
 
 impl MvFormat {
-    const ALL: [MvFormat; 7] = [
+    const ALL: [MvFormat; 13] = [
         MvFormat::Q4_0,
         MvFormat::Q4_1,
         MvFormat::Q5_0,
         MvFormat::Q5_1,
         MvFormat::Q8_0,
+        MvFormat::Q2K,
+        MvFormat::Q3K,
+        MvFormat::Q4K,
+        MvFormat::Q5K,
+        MvFormat::Q6K,
         MvFormat::F16,
+        MvFormat::BF16,
         MvFormat::F32,
     ];
 
@@ -49,7 +61,13 @@ impl MvFormat {
             GgmlType::Q5_0 => MvFormat::Q5_0,
             GgmlType::Q5_1 => MvFormat::Q5_1,
             GgmlType::Q8_0 => MvFormat::Q8_0,
+            GgmlType::Q2K => MvFormat::Q2K,
+            GgmlType::Q3K => MvFormat::Q3K,
+            GgmlType::Q4K => MvFormat::Q4K,
+            GgmlType::Q5K => MvFormat::Q5K,
+            GgmlType::Q6K => MvFormat::Q6K,
             GgmlType::F16 => MvFormat::F16,
+            GgmlType::BF16 => MvFormat::BF16,
             GgmlType::F32 => MvFormat::F32,
             _ => return None,
         })
@@ -62,7 +80,13 @@ impl MvFormat {
             MvFormat::Q5_0 => "q5_0",
             MvFormat::Q5_1 => "q5_1",
             MvFormat::Q8_0 => "q8_0",
+            MvFormat::Q2K => "q2_k",
+            MvFormat::Q3K => "q3_k",
+            MvFormat::Q4K => "q4_k",
+            MvFormat::Q5K => "q5_k",
+            MvFormat::Q6K => "q6_k",
             MvFormat::F16 => "f16",
+            MvFormat::BF16 => "bf16",
             MvFormat::F32 => "f32",
         }
     }

@@ -114,8 +114,23 @@ fn check_matmul(ctx: &Context, ty: GgmlType, rows: usize, cols: usize, n: usize,
     let mut rng = Rng(seed);
     let (bytes, deq) = weights(ty, rows, cols, &mut rng);
     let x = rng.vec(n * cols, 2.0);
-    let w = Buffer::from_bytes(ctx, &bytes).unwrap();
-    let got = ctx.matmul(ty, &w, rows, cols, &x, n).unwrap();
+    check_matmul_bytes(ctx, ty, &bytes, &deq, rows, cols, &x, n)
+}
+
+/// [`check_matmul`] for given weight bytes, their dequantized values and activations.
+#[allow(clippy::too_many_arguments)]
+fn check_matmul_bytes(
+    ctx: &Context,
+    ty: GgmlType,
+    bytes: &[u8],
+    deq: &[f32],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+) -> f64 {
+    let w = Buffer::from_bytes(ctx, bytes).unwrap();
+    let got = ctx.matmul(ty, &w, rows, cols, x, n).unwrap();
     assert_eq!(got.len(), n * rows);
     let mut worst = 0f64;
     for t in 0..n {
@@ -140,6 +155,67 @@ fn check_matmul(ctx: &Context, ty: GgmlType, rows: usize, cols: usize, n: usize,
 
 const QUANTS: [GgmlType; 5] =
     [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
+
+/// The k-quants: 256-weight super-blocks, so `cols` is a multiple of 256.
+const KQUANTS: [GgmlType; 5] =
+    [GgmlType::Q2K, GgmlType::Q3K, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K];
+
+/// `nb` super-blocks of `ty` of random bytes, as kernels/src/kdot.rs's `raw_row`, so every scale,
+/// minimum and quant bit pattern occurs; only the f16 super-block scales are kept finite (|d| < 1).
+fn raw_k_row(ty: GgmlType, nb: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut b: Vec<u8> = (0..nb * ty.type_size()).map(|_| (rng.next_u64() >> 56) as u8).collect();
+    let d_at: &[usize] = match ty {
+        GgmlType::Q2K => &[80, 82],
+        GgmlType::Q3K => &[108],
+        GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        _ => unreachable!("not a k-quant: {ty:?}"),
+    };
+    for blk in b.chunks_mut(ty.type_size()) {
+        for &o in d_at {
+            blk[o + 1] &= 0x3b; // exponent below 15: |d| < 1
+        }
+    }
+    b
+}
+
+#[test]
+fn matvec_matches_the_cpu_reference_for_every_k_quant() {
+    let Some(ctx) = ctx() else { return };
+    for ty in KQUANTS {
+        let mut worst = 0f64;
+        for blocks in 1..=3 {
+            for rows in [1, 3, 17, 65] {
+                let seed = (ty.id() as u64) << 32 | (blocks * 1000 + rows) as u64;
+                worst = worst.max(check_matmul(ctx, ty, rows, blocks * 256, 1, seed));
+            }
+        }
+        worst = worst.max(check_matmul(ctx, ty, 19, 4096, 2, 77 + ty.id() as u64));
+        eprintln!("{}: largest relative error {worst:e}", ty.name());
+    }
+}
+
+/// Random bytes instead of quantizer output: every scale/min bit pattern, including the
+/// sub-blocks 4..7 of Q4_K/Q5_K whose top bits live in other bytes, and negative Q6_K scales.
+#[test]
+fn matvec_k_quants_on_raw_random_blocks() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(2024);
+    for ty in KQUANTS {
+        let (rows, nb) = (24, 4);
+        let cols = nb * 256;
+        let mut bytes = Vec::new();
+        let mut deq = vec![0f32; rows * cols];
+        for r in 0..rows {
+            let row = raw_k_row(ty, nb, &mut rng);
+            dequantize_row(ty, &row, &mut deq[r * cols..(r + 1) * cols]).unwrap();
+            bytes.extend_from_slice(&row);
+        }
+        let x = rng.vec(2 * cols, 2.0);
+        let worst = check_matmul_bytes(ctx, ty, &bytes, &deq, rows, cols, &x, 2);
+        eprintln!("{} raw blocks: largest relative error {worst:e}", ty.name());
+    }
+}
 
 #[test]
 fn matvec_matches_the_cpu_reference_for_every_block_format() {
@@ -181,7 +257,7 @@ fn matvec_rows_beyond_the_workgroup_count_limit() {
 #[test]
 fn matmul_several_tokens() {
     let Some(ctx) = ctx() else { return };
-    for ty in QUANTS.into_iter().chain([GgmlType::F16, GgmlType::F32]) {
+    for ty in QUANTS.into_iter().chain([GgmlType::F16, GgmlType::BF16, GgmlType::F32]) {
         let worst = check_matmul(ctx, ty, 33, 96, 3, 99 + ty.id() as u64);
         eprintln!("{} 33x96 x3 tokens: largest relative error {worst:e}", ty.name());
     }
@@ -190,7 +266,7 @@ fn matmul_several_tokens() {
 #[test]
 fn matvec_float_weights_any_width() {
     let Some(ctx) = ctx() else { return };
-    for ty in [GgmlType::F16, GgmlType::F32] {
+    for ty in [GgmlType::F16, GgmlType::BF16, GgmlType::F32] {
         let mut worst = 0f64;
         for cols in [1, 7, 32, 33, 100, 1000] {
             for rows in [1, 5, 66] {
@@ -207,9 +283,11 @@ fn matvec_rejects_bad_arguments() {
     let w = Buffer::from_bytes(ctx, &[0u8; 18]).unwrap();
     let x = [0f32; 32];
     assert!(matches!(
-        ctx.matvec(GgmlType::Q4K, &w, 1, 32, &x),
-        Err(VulkanError::UnsupportedType(GgmlType::Q4K))
+        ctx.matvec(GgmlType::Q8K, &w, 1, 32, &x),
+        Err(VulkanError::UnsupportedType(GgmlType::Q8K))
     ));
+    // 32 columns is not a whole Q4_K super-block.
+    assert!(matches!(ctx.matvec(GgmlType::Q4K, &w, 1, 32, &x), Err(VulkanError::Shape(_))));
     // 31 columns is not whole Q4_0 blocks.
     assert!(matches!(ctx.matvec(GgmlType::Q4_0, &w, 1, 31, &x[..31]), Err(VulkanError::Shape(_))));
     // Two rows do not fit an 18-byte buffer.
@@ -234,9 +312,16 @@ fn buffers_beyond_max_storage_buffer_range_are_an_error() {
 fn shared_memory_reductions_without_subgroup_ops() {
     let Some(ctx) = ctx_without_subgroups() else { return };
     assert!(!ctx.info().subgroup_arithmetic);
-    for ty in QUANTS.into_iter().chain([GgmlType::F16, GgmlType::F32]) {
+    for ty in QUANTS.into_iter().chain([GgmlType::F16, GgmlType::BF16, GgmlType::F32]) {
         let mut worst = 0f64;
         for (rows, cols) in [(1, 32), (65, 96), (7, 256), (3, 4096)] {
+            worst = worst.max(check_matmul(ctx, ty, rows, cols, 2, (rows * cols) as u64));
+        }
+        eprintln!("{} without subgroups: largest relative error {worst:e}", ty.name());
+    }
+    for ty in KQUANTS {
+        let mut worst = 0f64;
+        for (rows, cols) in [(1, 256), (65, 512), (3, 4096)] {
             worst = worst.max(check_matmul(ctx, ty, rows, cols, 2, (rows * cols) as u64));
         }
         eprintln!("{} without subgroups: largest relative error {worst:e}", ty.name());
