@@ -4,6 +4,7 @@
 //! buffers and the result is read back; keeping activations on the device across a whole layer is
 //! the next step.
 
+use unicorn_kernels::ops::{Rope, RopeMode};
 use unicorn_kernels::GgmlType;
 
 use crate::error::{Result, VulkanError};
@@ -140,6 +141,65 @@ impl Context {
     /// `a * b` element-wise.
     pub fn mul(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
         self.elementwise(Kernel::Binary, a, b, Some(1))
+    }
+
+    /// RoPE of `x`, `positions.len()` tokens of `n_heads x head_dim` values each (`n_heads` is
+    /// `x.len() / (positions.len() * head_dim)`), the token `t` at `positions[t]`, as
+    /// `unicorn_kernels::ops::Rope::rotate` on each token. The angles are the CPU's f32 values
+    /// exactly; sin and cos are the device's, after reducing the angle to [-pi, pi] (exact for
+    /// angles below 2^16 * 2 pi, about 411 000).
+    pub fn rope(
+        &self,
+        rope: &Rope,
+        x: &[f32],
+        head_dim: usize,
+        positions: &[usize],
+    ) -> Result<Vec<f32>> {
+        if !rope.n_dims.is_multiple_of(2) || rope.n_dims > head_dim || head_dim == 0 {
+            return Err(VulkanError::Shape(format!(
+                "rope: {} rotated dims of heads of {head_dim} (must be even and at most the head)",
+                rope.n_dims
+            )));
+        }
+        let token = positions.len().checked_mul(head_dim).filter(|&t| t > 0);
+        let Some(n_heads) = token.filter(|&t| x.len().is_multiple_of(t)).map(|t| x.len() / t)
+        else {
+            return Err(VulkanError::Shape(format!(
+                "rope: {} values are not {} tokens of heads of {head_dim}",
+                x.len(),
+                positions.len()
+            )));
+        };
+        let rows = to_u32("rope rows", positions.len() * n_heads)?;
+        let half = to_u32("rope dims", rope.n_dims / 2)?;
+        let pairs = rows.checked_mul(half).ok_or(VulkanError::Limit {
+            what: "rope pairs",
+            value: u64::from(rows) * u64::from(half),
+            limit: u32::MAX.into(),
+        })?;
+        if pairs == 0 {
+            return Ok(x.to_vec());
+        }
+        let pos = positions.iter().map(|&p| to_u32("position", p)).collect::<Result<Vec<_>>>()?;
+        // As Rope::cache, in f32 on the host so the device multiplies by the very same value.
+        let theta_scale = rope.freq_base.powf(-2.0 / rope.n_dims as f32);
+        let xb = Buffer::from_f32(self, x)?;
+        let pb = Buffer::from_bytes(
+            self,
+            &pos.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>(),
+        )?;
+        let unused = Buffer::zeroed(self, 0)?;
+        let push = [
+            rows,
+            to_u32("heads", n_heads)?,
+            to_u32("head_dim", head_dim)?,
+            half,
+            u32::from(rope.mode == RopeMode::Neox),
+            theta_scale.to_bits(),
+            rope.freq_scale.to_bits(),
+        ];
+        self.dispatch(Kernel::Rope, [&xb, &pb, &unused], &push, [self.stride_groups(pairs), 1, 1])?;
+        Ok(xb.to_f32())
     }
 
     fn elementwise(&self, k: Kernel, a: &[f32], b: &[f32], op: Option<u32>) -> Result<Vec<f32>> {

@@ -16,6 +16,7 @@ pub(crate) enum Kernel {
     RmsNorm,
     Swiglu,
     Binary,
+    Rope,
 }
 
 /// The weight formats `mul_mv.comp` is compiled for.
@@ -94,7 +95,7 @@ impl MvFormat {
 
 impl Kernel {
     /// How many kernels there are ([`Kernel::index`] is below this).
-    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 3;
+    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 4;
 
     /// A dense index for per-kernel tables.
     pub(crate) fn index(self) -> usize {
@@ -104,6 +105,7 @@ impl Kernel {
             Kernel::RmsNorm => n,
             Kernel::Swiglu => n + 1,
             Kernel::Binary => n + 2,
+            Kernel::Rope => n + 3,
         }
     }
 
@@ -119,6 +121,7 @@ impl Kernel {
             Kernel::RmsNorm => "rms_norm".to_string(),
             Kernel::Swiglu => "swiglu".to_string(),
             Kernel::Binary => "binary".to_string(),
+            Kernel::Rope => "rope".to_string(),
         };
         if subgroups && self.reduces() {
             base + "_sg"
@@ -146,7 +149,7 @@ mod tests {
     #[test]
     fn every_kernel_has_both_variants_embedded() {
         let mut kernels: Vec<Kernel> = MvFormat::ALL.iter().map(|&f| Kernel::MulMv(f)).collect();
-        kernels.extend([Kernel::RmsNorm, Kernel::Swiglu, Kernel::Binary]);
+        kernels.extend([Kernel::RmsNorm, Kernel::Swiglu, Kernel::Binary, Kernel::Rope]);
         let mut seen = [false; Kernel::COUNT];
         for k in kernels {
             assert!(!seen[k.index()]);

@@ -12,6 +12,7 @@
 use std::sync::OnceLock;
 
 use unicorn_kernels::formats::{dequantize_row, quantize_row};
+use unicorn_kernels::ops::{Rope, RopeMode};
 use unicorn_kernels::{ops, GgmlType};
 use unicorn_vulkan::{Buffer, Context, DeviceType, Options, VulkanError};
 
@@ -441,4 +442,45 @@ fn no_vulkan_driver_is_a_typed_error() {
     let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "child failed:\n{text}");
     assert!(text.contains("1 passed"), "the child did not run the test:\n{text}");
+}
+
+/// RoPE: the angles are the CPU's f32 values exactly, sin and cos the device's (after reduction
+/// to [-pi, pi]), so outputs (inputs in [-1, 1)) agree within 1e-5 absolute.
+#[test]
+fn rope_matches_the_cpu_kernel() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(31);
+    let mut worst = 0f64;
+    let positions = [0usize, 1, 2, 17, 255, 1000, 4095, 32_767, 131_071];
+    for mode in [RopeMode::Norm, RopeMode::Neox] {
+        for (head_dim, n_dims) in [(64, 64), (64, 32), (128, 128), (256, 256), (256, 64), (6, 2)] {
+            for (freq_base, freq_scale) in [(10_000.0, 1.0), (1e6, 1.0), (10_000.0, 0.125)] {
+                let rope = Rope { mode, n_dims, freq_base, freq_scale };
+                let n_heads = 3;
+                let x = rng.vec(positions.len() * n_heads * head_dim, 1.0);
+                let got = ctx.rope(&rope, &x, head_dim, &positions).unwrap();
+                let mut want = x.clone();
+                for (t, &pos) in positions.iter().enumerate() {
+                    let tok = &mut want[t * n_heads * head_dim..(t + 1) * n_heads * head_dim];
+                    rope.rotate(tok, head_dim, pos);
+                }
+                for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    let err = f64::from((g - e).abs());
+                    assert!(
+                        err <= 1e-5,
+                        "{rope:?} head_dim {head_dim} elem {i}: got {g}, want {e} (err {err:e})"
+                    );
+                    worst = worst.max(err);
+                }
+            }
+        }
+    }
+    eprintln!("rope: largest absolute error {worst:e}");
+    let rope = Rope { mode: RopeMode::Norm, n_dims: 8, freq_base: 1e4, freq_scale: 1.0 };
+    // n_dims above head_dim, odd n_dims, and x not whole tokens are errors.
+    assert!(matches!(ctx.rope(&rope, &[0.0; 4], 4, &[0]), Err(VulkanError::Shape(_))));
+    let odd = Rope { n_dims: 3, ..rope };
+    assert!(matches!(ctx.rope(&odd, &[0.0; 8], 8, &[0]), Err(VulkanError::Shape(_))));
+    assert!(matches!(ctx.rope(&rope, &[0.0; 12], 8, &[0]), Err(VulkanError::Shape(_))));
+    assert!(matches!(ctx.rope(&rope, &[0.0; 8], 8, &[]), Err(VulkanError::Shape(_))));
 }
