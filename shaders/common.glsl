@@ -1,5 +1,5 @@
 // Shared by every compute shader in unicorn: the workgroup size, f16 decoding, the workgroup-wide
-// sum, and byte access to a tightly packed `uint` weight buffer.
+// sum and maximum, an accurate exp, and byte access to a tightly packed `uint` weight buffer.
 //
 // Include after the shader's buffer declarations. Defines the includer may set:
 //   USE_SUBGROUP  reduce with subgroupAdd (GL_KHR_shader_subgroup_arithmetic); the host compiles
@@ -49,6 +49,54 @@ float wg_sum(float v) {
     barrier();
     return r;
 #endif
+}
+
+// The maximum of `v` over the workgroup, returned to every invocation. Call in uniform control
+// flow.
+float wg_max(float v) {
+#ifdef USE_SUBGROUP
+    v = subgroupMax(v);
+    if (subgroupElect()) {
+        red_buf[gl_SubgroupID] = v;
+    }
+    barrier();
+    float m = red_buf[0];
+    for (uint i = 1u; i < gl_NumSubgroups; ++i) {
+        m = max(m, red_buf[i]);
+    }
+    barrier();
+    return m;
+#else
+    uint tid = gl_LocalInvocationID.x;
+    red_buf[tid] = v;
+    barrier();
+    for (uint s = WG / 2u; s > 0u; s >>= 1u) {
+        if (tid < s) {
+            red_buf[tid] = max(red_buf[tid], red_buf[tid + s]);
+        }
+        barrier();
+    }
+    float r = red_buf[0];
+    barrier();
+    return r;
+#endif
+}
+
+// exp(x) within a few ulp for any x. The device's exp is exp2(x * log2(e)), whose rounded product
+// costs about |x| ulp (1e-6 relative at x = -16); here x = k ln2 + r with |r| <= ln2 / 2 (ln2 in two
+// parts, fdlibm's, the first with 15 significant bits so k * LN2_HI is exact), and
+// exp(x) = 2^k exp(r).
+float exp_acc(float x) {
+    if (x < -104.0) {
+        return 0.0; // below the smallest subnormal; also -inf
+    }
+    if (x > 89.0) {
+        return uintBitsToFloat(0x7f800000u); // +inf
+    }
+    float k = round(x * 1.4426950408889634);
+    precise float r = x - k * uintBitsToFloat(0x3f317200u);
+    r = r - k * uintBitsToFloat(0x35bfbe8eu);
+    return ldexp(exp(r), int(k));
 }
 
 // An IEEE half in the low 16 bits of `bits`, as f32.

@@ -26,6 +26,7 @@ fn variants() -> Vec<(String, &'static str, Vec<String>)> {
             v.push((name, "mul_mv.comp", defs(&[format!("FORMAT_{f}")])));
         }
         v.push((format!("rms_norm{suffix}"), "rms_norm.comp", defs(&[])));
+        v.push((format!("softmax{suffix}"), "softmax.comp", defs(&[])));
     }
     // No reduction in these: one variant each.
     v.push(("swiglu".to_string(), "swiglu.comp", Vec::new()));

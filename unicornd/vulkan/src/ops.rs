@@ -128,6 +128,39 @@ impl Context {
         Ok(out.to_f32())
     }
 
+    /// Softmax of each row of `dim` values in `x` (`exp(x - max) / sum`), as
+    /// `unicorn_kernels::ops::softmax`.
+    pub fn softmax(&self, x: &[f32], dim: usize) -> Result<Vec<f32>> {
+        if dim == 0 || !x.len().is_multiple_of(dim) {
+            return Err(VulkanError::Shape(format!("{} values are not rows of {dim}", x.len())));
+        }
+        let rows = to_u32("rows", x.len() / dim)?;
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let xb = Buffer::from_f32(self, x)?;
+        let unused = Buffer::zeroed(self, 0)?;
+        let out = Buffer::zeroed(self, std::mem::size_of_val(x))?;
+        let push = [rows, to_u32("dim", dim)?];
+        let [gx, gy] = self.row_grid(rows);
+        self.dispatch(Kernel::Softmax, [&xb, &unused, &out], &push, [gx, gy, 1])?;
+        Ok(out.to_f32())
+    }
+
+    /// `x * s`, as `unicorn_kernels::ops::scale`.
+    pub fn scale(&self, x: &[f32], s: f32) -> Result<Vec<f32>> {
+        if x.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = to_u32("length", x.len())?;
+        let xb = Buffer::from_f32(self, x)?;
+        let unused = Buffer::zeroed(self, 0)?;
+        let out = Buffer::zeroed(self, std::mem::size_of_val(x))?;
+        let push = [n, 2, s.to_bits()];
+        self.dispatch(Kernel::Binary, [&xb, &unused, &out], &push, [self.stride_groups(n), 1, 1])?;
+        Ok(out.to_f32())
+    }
+
     /// `silu(gate) * up`, as `unicorn_kernels::ops::swiglu`.
     pub fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
         self.elementwise(Kernel::Swiglu, gate, up, None)
@@ -213,7 +246,7 @@ impl Context {
         let ab = Buffer::from_f32(self, a)?;
         let bb = Buffer::from_f32(self, b)?;
         let out = Buffer::zeroed(self, std::mem::size_of_val(a))?;
-        let push = [n, op.unwrap_or(0)];
+        let push = [n, op.unwrap_or(0), 0];
         self.dispatch(k, [&ab, &bb, &out], &push, [self.stride_groups(n), 1, 1])?;
         Ok(out.to_f32())
     }

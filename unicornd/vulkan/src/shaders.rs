@@ -17,6 +17,7 @@ pub(crate) enum Kernel {
     Swiglu,
     Binary,
     Rope,
+    Softmax,
 }
 
 /// The weight formats `mul_mv.comp` is compiled for.
@@ -95,7 +96,7 @@ impl MvFormat {
 
 impl Kernel {
     /// How many kernels there are ([`Kernel::index`] is below this).
-    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 4;
+    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 5;
 
     /// A dense index for per-kernel tables.
     pub(crate) fn index(self) -> usize {
@@ -106,12 +107,13 @@ impl Kernel {
             Kernel::Swiglu => n + 1,
             Kernel::Binary => n + 2,
             Kernel::Rope => n + 3,
+            Kernel::Softmax => n + 4,
         }
     }
 
     /// Whether the kernel reduces across a workgroup (and so has a subgroup variant).
     fn reduces(self) -> bool {
-        matches!(self, Kernel::MulMv(_) | Kernel::RmsNorm)
+        matches!(self, Kernel::MulMv(_) | Kernel::RmsNorm | Kernel::Softmax)
     }
 
     /// The embedded module's name: the `_sg` variant when it reduces and `subgroups` is set.
@@ -122,6 +124,7 @@ impl Kernel {
             Kernel::Swiglu => "swiglu".to_string(),
             Kernel::Binary => "binary".to_string(),
             Kernel::Rope => "rope".to_string(),
+            Kernel::Softmax => "softmax".to_string(),
         };
         if subgroups && self.reduces() {
             base + "_sg"
@@ -149,7 +152,13 @@ mod tests {
     #[test]
     fn every_kernel_has_both_variants_embedded() {
         let mut kernels: Vec<Kernel> = MvFormat::ALL.iter().map(|&f| Kernel::MulMv(f)).collect();
-        kernels.extend([Kernel::RmsNorm, Kernel::Swiglu, Kernel::Binary, Kernel::Rope]);
+        kernels.extend([
+            Kernel::RmsNorm,
+            Kernel::Swiglu,
+            Kernel::Binary,
+            Kernel::Rope,
+            Kernel::Softmax,
+        ]);
         let mut seen = [false; Kernel::COUNT];
         for k in kernels {
             assert!(!seen[k.index()]);

@@ -484,3 +484,58 @@ fn rope_matches_the_cpu_kernel() {
     assert!(matches!(ctx.rope(&rope, &[0.0; 12], 8, &[0]), Err(VulkanError::Shape(_))));
     assert!(matches!(ctx.rope(&rope, &[0.0; 8], 8, &[]), Err(VulkanError::Shape(_))));
 }
+
+/// Softmax: device exp (not correctly rounded) and an f32 Kahan sum against the CPU's exp and f64
+/// sum, within 1e-6 relative (of `max(|expected|, 1e-30)`: below that f32 is subnormal).
+fn check_softmax(ctx: &Context) {
+    let mut rng = Rng(41);
+    let mut worst = 0f64;
+    for (dim, rows, spread) in
+        [(1, 3, 1.0), (7, 2, 5.0), (64, 4, 10.0), (100, 5, 3.0), (4096, 3, 8.0), (5000, 2, 60.0)]
+    {
+        let mut x = rng.vec(dim * rows, spread);
+        // Masked entries, as attention masks do (never a whole row: that is NaN on the CPU).
+        for i in (3..x.len()).step_by(7) {
+            x[i] = f32::NEG_INFINITY;
+        }
+        let got = ctx.softmax(&x, dim).unwrap();
+        let mut want = x.clone();
+        ops::softmax(&mut want, dim);
+        for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+            let err = f64::from((g - e).abs()) / f64::from(e.abs()).max(1e-30);
+            assert!(err <= 1e-6, "softmax dim {dim} elem {i}: got {g}, want {e} (rel {err:e})");
+            worst = worst.max(err);
+        }
+    }
+    eprintln!("softmax: largest relative error {worst:e}");
+    assert!(matches!(ctx.softmax(&[1.0; 5], 2), Err(VulkanError::Shape(_))));
+    assert!(matches!(ctx.softmax(&[1.0; 5], 0), Err(VulkanError::Shape(_))));
+}
+
+#[test]
+fn softmax_matches_the_cpu_kernel() {
+    let Some(ctx) = ctx() else { return };
+    check_softmax(ctx);
+}
+
+#[test]
+fn softmax_without_subgroup_ops() {
+    let Some(ctx) = ctx_without_subgroups() else { return };
+    check_softmax(ctx);
+}
+
+#[test]
+fn scale_matches_the_cpu_kernel() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(43);
+    for n in [1, 5, 64, 1000, 300_000] {
+        let x = rng.vec(n, 7.0);
+        for s in [0.125, -3.7, 1.0 / 3.0] {
+            let mut want = x.clone();
+            ops::scale(&mut want, s);
+            // One correctly rounded f32 multiplication: exact agreement.
+            assert_eq!(ctx.scale(&x, s).unwrap(), want);
+        }
+    }
+    assert!(ctx.scale(&[], 2.0).unwrap().is_empty());
+}
