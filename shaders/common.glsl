@@ -1,5 +1,6 @@
-// Shared by every compute shader in unicorn: the workgroup size, f16 decoding, the workgroup-wide
-// sum and maximum, an accurate exp, and byte access to a tightly packed `uint` weight buffer.
+// Shared by every compute shader in unicorn: the workgroup size, f16 conversions, the
+// workgroup-wide sum and maximum, an accurate exp, and byte access to a tightly packed `uint`
+// weight buffer.
 //
 // Include after the shader's buffer declarations. Defines the includer may set:
 //   USE_SUBGROUP  reduce with subgroupAdd (GL_KHR_shader_subgroup_arithmetic); the host compiles
@@ -82,9 +83,9 @@ float wg_max(float v) {
 #endif
 }
 
-// exp(x) within a few ulp for any x. The device's exp is exp2(x * log2(e)), whose rounded product
-// costs about |x| ulp (1e-6 relative at x = -16); here x = k ln2 + r with |r| <= ln2 / 2 (ln2 in two
-// parts, fdlibm's, the first with 15 significant bits so k * LN2_HI is exact), and
+// exp(x) within a few ulp for any x. The device's exp is exp2(x * log2(e)), whose rounded
+// product costs about |x| ulp (1e-6 relative at x = -16); here x = k ln2 + r with |r| <= ln2 / 2
+// (ln2 in two parts, fdlibm's, the first with 15 significant bits so k * ln2_hi is exact), and
 // exp(x) = 2^k exp(r).
 float exp_acc(float x) {
     if (x < -104.0) {
@@ -102,6 +103,43 @@ float exp_acc(float x) {
 // An IEEE half in the low 16 bits of `bits`, as f32.
 float f16_to_f32(uint bits) {
     return unpackHalf2x16(bits & 0xFFFFu).x;
+}
+
+// `f` as an IEEE half (low 16 bits), rounded to nearest even as the CPU's f32 -> f16
+// conversion (half::f16::from_f32) does: overflow to infinity, subnormals, NaN kept NaN. Integer
+// arithmetic, so it does not depend on how the device rounds in packHalf2x16.
+uint f32_to_f16(float f) {
+    uint x = floatBitsToUint(f);
+    uint sign = (x >> 16) & 0x8000u;
+    uint ax = x & 0x7FFFFFFFu;
+    if (ax >= 0x7F800000u) {
+        return sign | (ax > 0x7F800000u ? 0x7E00u | ((ax >> 13) & 0x3FFu) : 0x7C00u);
+    }
+    if (ax >= 0x477FF000u) {
+        return sign | 0x7C00u; // rounds to 65520 or more
+    }
+    if (ax >= 0x38800000u) {
+        // Normal: rebias the exponent (127 -> 15), round the 13 dropped mantissa bits.
+        uint h = (ax - 0x38000000u) >> 13;
+        uint rem = ax & 0x1FFFu;
+        if (rem > 0x1000u || (rem == 0x1000u && (h & 1u) != 0u)) {
+            h += 1u;
+        }
+        return sign | h;
+    }
+    if (ax < 0x33000000u) {
+        return sign; // below 2^-25 (and 2^-25 itself ties to the even 0)
+    }
+    // Subnormal half: units of 2^-24, the significand shifted right by 126 - exponent (14..24).
+    uint m = (ax & 0x7FFFFFu) | 0x800000u;
+    uint s = 126u - (ax >> 23);
+    uint h = m >> s;
+    uint rem = m & ((1u << s) - 1u);
+    uint halfway = 1u << (s - 1u);
+    if (rem > halfway || (rem == halfway && (h & 1u) != 0u)) {
+        h += 1u;
+    }
+    return sign | h;
 }
 
 #ifdef HAVE_WDATA

@@ -123,7 +123,8 @@ void dequant8(uint b, uint e0, out vec4 lo, out vec4 hi) {
     uint lsh = k < 2u ? 0u : 4u;
     uint hi_off = b + 128u + 32u * h + l;
     uint hsh = 2u * k;
-    uvec4 qa = ((bytes4(ld_u32(lo_off)) >> lsh) & 0xFu) | (((bytes4(ld_u32(hi_off)) >> hsh) & 3u) << 4u);
+    uvec4 qa = ((bytes4(ld_u32(lo_off)) >> lsh) & 0xFu)
+        | (((bytes4(ld_u32(hi_off)) >> hsh) & 3u) << 4u);
     uvec4 qb = ((bytes4(ld_u32(lo_off + 4u)) >> lsh) & 0xFu)
         | (((bytes4(ld_u32(hi_off + 4u)) >> hsh) & 3u) << 4u);
     lo = dl * (vec4(qa) - 32.0);

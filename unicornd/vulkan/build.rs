@@ -27,11 +27,13 @@ fn variants() -> Vec<(String, &'static str, Vec<String>)> {
         }
         v.push((format!("rms_norm{suffix}"), "rms_norm.comp", defs(&[])));
         v.push((format!("softmax{suffix}"), "softmax.comp", defs(&[])));
+        v.push((format!("attn{suffix}"), "attn.comp", defs(&[])));
     }
     // No reduction in these: one variant each.
     v.push(("swiglu".to_string(), "swiglu.comp", Vec::new()));
     v.push(("binary".to_string(), "binary.comp", Vec::new()));
     v.push(("rope".to_string(), "rope.comp", Vec::new()));
+    v.push(("kv_store".to_string(), "kv_store.comp", Vec::new()));
     v
 }
 

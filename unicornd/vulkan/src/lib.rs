@@ -23,3 +23,4 @@ pub use context::{
     list_devices, Context, DeviceInfo, DeviceSummary, DeviceType, Options, ALLOW_CPU_ENV,
 };
 pub use error::{Result, VulkanError};
+pub use ops::{KvShape, MAX_HEAD_DIM};

@@ -4,12 +4,54 @@
 //! buffers and the result is read back; keeping activations on the device across a whole layer is
 //! the next step.
 
+use unicorn_kernels::attention::AttnParams;
 use unicorn_kernels::ops::{Rope, RopeMode};
 use unicorn_kernels::GgmlType;
 
 use crate::error::{Result, VulkanError};
 use crate::shaders::{Kernel, MvFormat};
 use crate::{Buffer, Context};
+
+/// The largest head the attention shader holds (its query in shared memory).
+pub const MAX_HEAD_DIM: usize = 512;
+
+/// The shape of one layer's f16 K or V cache on the device: `n_kv_head x n_ctx x head_dim` values,
+/// head-major (`unicorn_kernels::attention`'s layout), `2 * n_kv_head * n_ctx * head_dim` bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    /// KV heads.
+    pub n_kv_head: usize,
+    /// Positions the cache holds.
+    pub n_ctx: usize,
+    /// Values per head: even (two f16 per 32-bit word), at most [`MAX_HEAD_DIM`].
+    pub head_dim: usize,
+}
+
+impl KvShape {
+    /// Bytes of one K or V cache buffer of this shape.
+    pub fn bytes(&self) -> Option<usize> {
+        self.n_kv_head.checked_mul(self.n_ctx)?.checked_mul(self.head_dim)?.checked_mul(2)
+    }
+
+    fn check(&self, what: &str, cache: &Buffer<'_>) -> Result<()> {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM {
+            return Err(VulkanError::Shape(format!(
+                "head_dim {} (must be even, 2..={MAX_HEAD_DIM})",
+                self.head_dim
+            )));
+        }
+        if self.bytes() != Some(cache.len()) {
+            return Err(VulkanError::Shape(format!(
+                "{what}: a {self:?} f16 cache needs {:?} bytes, the buffer holds {}",
+                self.bytes(),
+                cache.len()
+            )));
+        }
+        // The shaders index with 32-bit element offsets.
+        let _ = to_u32("KV cache size", cache.padded_size())?;
+        Ok(())
+    }
+}
 
 fn to_u32(what: &'static str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| VulkanError::Limit {
@@ -233,6 +275,113 @@ impl Context {
         ];
         self.dispatch(Kernel::Rope, [&xb, &pb, &unused], &push, [self.stride_groups(pairs), 1, 1])?;
         Ok(xb.to_f32())
+    }
+
+    /// Writes one token's keys or values `src` (`n_kv_head x head_dim` f32) at position `pos` of
+    /// the f16 cache `cache` of shape `shape`, rounding to nearest even, as
+    /// `unicorn_kernels::attention::KvCache::store` into an f16 cache.
+    pub fn kv_store(
+        &self,
+        cache: &mut Buffer<'_>,
+        shape: KvShape,
+        src: &[f32],
+        pos: usize,
+    ) -> Result<()> {
+        shape.check("kv_store", cache)?;
+        if pos >= shape.n_ctx {
+            return Err(VulkanError::Shape(format!(
+                "position {pos} beyond the cache of {}",
+                shape.n_ctx
+            )));
+        }
+        let n = shape.n_kv_head * shape.head_dim;
+        if src.len() != n {
+            return Err(VulkanError::Shape(format!(
+                "kv_store: {} values, {} KV heads of {} need {n}",
+                src.len(),
+                shape.n_kv_head,
+                shape.head_dim
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let pairs = to_u32("kv_store values", n / 2)?;
+        let sb = Buffer::from_f32(self, src)?;
+        let unused = Buffer::zeroed(self, 0)?;
+        let push = [
+            pairs,
+            to_u32("head_dim", shape.head_dim)?,
+            to_u32("n_ctx", shape.n_ctx)?,
+            to_u32("position", pos)?,
+        ];
+        let groups = [self.stride_groups(pairs), 1, 1];
+        self.dispatch(Kernel::KvStore, [&sb, &unused, &*cache], &push, groups)?;
+        Ok(())
+    }
+
+    /// Decode attention of one query token `q` (`p.n_head x head_dim`) over the f16 caches `k`
+    /// and `v` of shape `shape`, as `unicorn_kernels::attention::attention` with `n_q = 1`: the
+    /// query at position `p.pos0` sees keys `0..p.kv_len`, limited by `p.causal` and
+    /// `p.window`, with the scores scaled by `p.scale` and soft-capped when `p.softcap` is set.
+    /// Query head `h` reads KV head `h / (n_head / n_kv_head)`. No visible key gives zeros.
+    pub fn attention(
+        &self,
+        q: &[f32],
+        k: &Buffer<'_>,
+        v: &Buffer<'_>,
+        shape: KvShape,
+        p: &AttnParams,
+    ) -> Result<Vec<f32>> {
+        shape.check("K cache", k)?;
+        shape.check("V cache", v)?;
+        if shape.n_kv_head == 0 || !p.n_head.is_multiple_of(shape.n_kv_head) {
+            return Err(VulkanError::Shape(format!(
+                "{} query heads are not a multiple of {} KV heads",
+                p.n_head, shape.n_kv_head
+            )));
+        }
+        if p.kv_len > shape.n_ctx {
+            return Err(VulkanError::Shape(format!(
+                "kv_len {} beyond the cache of {}",
+                p.kv_len, shape.n_ctx
+            )));
+        }
+        if q.len() != p.n_head * shape.head_dim {
+            return Err(VulkanError::Shape(format!(
+                "q holds {} values, {} heads of {} need {}",
+                q.len(),
+                p.n_head,
+                shape.head_dim,
+                p.n_head * shape.head_dim
+            )));
+        }
+        let softcap = match p.softcap {
+            None => 0.0,
+            Some(c) if c > 0.0 && c.is_finite() => c,
+            Some(c) => return Err(VulkanError::Shape(format!("soft-cap {c} is not positive"))),
+        };
+        if p.n_head == 0 {
+            return Ok(Vec::new());
+        }
+        // The visible keys, as unicorn_kernels::attention's key_range for query 0.
+        let qpos = p.pos0;
+        let hi = if p.causal { qpos.saturating_add(1).min(p.kv_len) } else { p.kv_len };
+        let lo = p.window.map_or(0, |w| qpos.saturating_add(1).saturating_sub(w));
+        let hi = hi.max(lo);
+        let push = [
+            to_u32("group", p.n_head / shape.n_kv_head)?,
+            to_u32("head_dim", shape.head_dim)?,
+            to_u32("n_ctx", shape.n_ctx)?,
+            to_u32("first key", lo)?,
+            to_u32("last key", hi)?,
+            p.scale.to_bits(),
+            softcap.to_bits(),
+        ];
+        let qb = Buffer::from_f32(self, q)?;
+        let groups = [to_u32("heads", p.n_head)?, 1, 1];
+        self.dispatch(Kernel::Attn, [&qb, k, v], &push, groups)?;
+        Ok(qb.to_f32())
     }
 
     fn elementwise(&self, k: Kernel, a: &[f32], b: &[f32], op: Option<u32>) -> Result<Vec<f32>> {

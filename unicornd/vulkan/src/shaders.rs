@@ -18,6 +18,8 @@ pub(crate) enum Kernel {
     Binary,
     Rope,
     Softmax,
+    Attn,
+    KvStore,
 }
 
 /// The weight formats `mul_mv.comp` is compiled for.
@@ -96,7 +98,7 @@ impl MvFormat {
 
 impl Kernel {
     /// How many kernels there are ([`Kernel::index`] is below this).
-    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 5;
+    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 7;
 
     /// A dense index for per-kernel tables.
     pub(crate) fn index(self) -> usize {
@@ -108,12 +110,14 @@ impl Kernel {
             Kernel::Binary => n + 2,
             Kernel::Rope => n + 3,
             Kernel::Softmax => n + 4,
+            Kernel::Attn => n + 5,
+            Kernel::KvStore => n + 6,
         }
     }
 
     /// Whether the kernel reduces across a workgroup (and so has a subgroup variant).
     fn reduces(self) -> bool {
-        matches!(self, Kernel::MulMv(_) | Kernel::RmsNorm | Kernel::Softmax)
+        matches!(self, Kernel::MulMv(_) | Kernel::RmsNorm | Kernel::Softmax | Kernel::Attn)
     }
 
     /// The embedded module's name: the `_sg` variant when it reduces and `subgroups` is set.
@@ -125,6 +129,8 @@ impl Kernel {
             Kernel::Binary => "binary".to_string(),
             Kernel::Rope => "rope".to_string(),
             Kernel::Softmax => "softmax".to_string(),
+            Kernel::Attn => "attn".to_string(),
+            Kernel::KvStore => "kv_store".to_string(),
         };
         if subgroups && self.reduces() {
             base + "_sg"
@@ -158,6 +164,8 @@ mod tests {
             Kernel::Binary,
             Kernel::Rope,
             Kernel::Softmax,
+            Kernel::Attn,
+            Kernel::KvStore,
         ]);
         let mut seen = [false; Kernel::COUNT];
         for k in kernels {

@@ -11,10 +11,11 @@
 
 use std::sync::OnceLock;
 
+use unicorn_kernels::attention::{attention, AttnParams, KvCache, KvData, KvDataMut};
 use unicorn_kernels::formats::{dequantize_row, quantize_row};
 use unicorn_kernels::ops::{Rope, RopeMode};
-use unicorn_kernels::{ops, GgmlType};
-use unicorn_vulkan::{Buffer, Context, DeviceType, Options, VulkanError};
+use unicorn_kernels::{f16, ops, GgmlType, ThreadPool};
+use unicorn_vulkan::{Buffer, Context, DeviceType, KvShape, Options, VulkanError, MAX_HEAD_DIM};
 
 const MATVEC_TOL: f64 = 1e-4;
 
@@ -538,4 +539,176 @@ fn scale_matches_the_cpu_kernel() {
         }
     }
     assert!(ctx.scale(&[], 2.0).unwrap().is_empty());
+}
+
+/// f16 bits of `x` as the CPU rounds them.
+fn f16_bits(x: &[f32]) -> Vec<u16> {
+    x.iter().map(|&v| f16::from_f32(v).to_bits()).collect()
+}
+
+fn f16_bytes(bits: &[u16]) -> Vec<u8> {
+    bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+}
+
+/// kv_store writes exactly the f16 bits `KvCache::store` writes (round to nearest even,
+/// subnormals, overflow to infinity), at the right place, and nothing else.
+#[test]
+fn kv_store_matches_the_cpu_cache() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(51);
+    for (n_kv_head, n_ctx, head_dim) in [(1, 1, 2), (2, 9, 64), (3, 5, 256), (1, 4, 6)] {
+        let shape = KvShape { n_kv_head, n_ctx, head_dim };
+        let total = n_kv_head * n_ctx * head_dim;
+        let mut cpu = vec![f16::from_f32(0.5); total];
+        let mut dev = Buffer::from_bytes(ctx, &f16_bytes(&f16_bits(&vec![0.5; total]))).unwrap();
+        for pos in [n_ctx - 1, 0, n_ctx / 2] {
+            let mut src = rng.vec(n_kv_head * head_dim, 3.0);
+            // Edge cases of the rounding: ties, subnormals, the largest half, overflow, zeros.
+            let special = [
+                1.0 + 1.0 / 2048.0,
+                1.0 + 3.0 / 2048.0,
+                -2.0f32.powi(-24),
+                2.0f32.powi(-25),
+                3.0 * 2.0f32.powi(-26),
+                2.0f32.powi(-15) * 1.3,
+                65504.0,
+                65519.0,
+                65520.0,
+                -1e9,
+                -0.0,
+                1e-40,
+                f32::INFINITY,
+            ];
+            for (s, &v) in src.iter_mut().zip(&special) {
+                *s = v;
+            }
+            KvCache::store(KvDataMut::F16(&mut cpu), &src, pos, n_kv_head, n_ctx, head_dim);
+            ctx.kv_store(&mut dev, shape, &src, pos).unwrap();
+            let want: Vec<u16> = cpu.iter().map(|h| h.to_bits()).collect();
+            assert_eq!(dev.as_bytes(), &f16_bytes(&want)[..], "{shape:?} pos {pos}");
+        }
+        assert!(matches!(
+            ctx.kv_store(&mut dev, shape, &vec![0.0; n_kv_head * head_dim], n_ctx),
+            Err(VulkanError::Shape(_))
+        ));
+        assert!(matches!(ctx.kv_store(&mut dev, shape, &[0.0], 0), Err(VulkanError::Shape(_))));
+    }
+    // Odd head_dim and a buffer of the wrong size are errors.
+    let mut small = Buffer::zeroed(ctx, 12).unwrap();
+    let odd = KvShape { n_kv_head: 1, n_ctx: 2, head_dim: 3 };
+    assert!(matches!(ctx.kv_store(&mut small, odd, &[0.0; 3], 0), Err(VulkanError::Shape(_))));
+    let wrong = KvShape { n_kv_head: 1, n_ctx: 2, head_dim: 4 };
+    assert!(matches!(ctx.kv_store(&mut small, wrong, &[0.0; 4], 0), Err(VulkanError::Shape(_))));
+}
+
+/// Decode attention against `unicorn_kernels::attention::attention` (n_q = 1) on random f16
+/// caches: values and queries in [-1, 1), so outputs are of magnitude below 1; within 1e-4
+/// absolute (f32 scores in another order, an online softmax that rescales per chunk of keys,
+/// device tanh and exp).
+fn check_attention(ctx: &Context) {
+    let pool = ThreadPool::new(1);
+    let mut rng = Rng(61);
+    let mut worst = 0f64;
+    let mut cases = 0;
+    for head_dim in [64, 256] {
+        for (n_kv_head, group) in [(2, 1), (1, 3), (2, 4)] {
+            let n_ctx = 320;
+            let shape = KvShape { n_kv_head, n_ctx, head_dim };
+            let total = n_kv_head * n_ctx * head_dim;
+            let k16 = f16_bits(&rng.vec(total, 1.0));
+            let v16 = f16_bits(&rng.vec(total, 1.0));
+            let kb = Buffer::from_bytes(ctx, &f16_bytes(&k16)).unwrap();
+            let vb = Buffer::from_bytes(ctx, &f16_bytes(&v16)).unwrap();
+            let kh: Vec<f16> = k16.iter().map(|&b| f16::from_bits(b)).collect();
+            let vh: Vec<f16> = v16.iter().map(|&b| f16::from_bits(b)).collect();
+            let kv =
+                KvCache { k: KvData::F16(&kh), v: KvData::F16(&vh), n_kv_head, n_ctx, head_dim };
+            let n_head = n_kv_head * group;
+            for kv_len in [1, 7, 64, 300] {
+                for (window, softcap) in [
+                    (None, None),
+                    (Some(5), None),
+                    (None, Some(1.5)),
+                    (Some(50), Some(30.0)),
+                    (None, Some(0.01)),
+                ] {
+                    for (pos0, causal) in
+                        [(kv_len - 1, true), (kv_len / 2, true), (kv_len / 3, false)]
+                    {
+                        // Queries scaled so scores reach a few units and the softmax is peaked.
+                        let q = rng.vec(n_head * head_dim, 3.0);
+                        let p = AttnParams {
+                            n_head,
+                            scale: 1.0 / (head_dim as f32).sqrt(),
+                            pos0,
+                            kv_len,
+                            causal,
+                            window,
+                            softcap,
+                        };
+                        let mut want = vec![0f32; q.len()];
+                        attention(&pool, &q, 1, &kv, &p, &mut want).unwrap();
+                        let got = ctx.attention(&q, &kb, &vb, shape, &p).unwrap();
+                        for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                            let err = f64::from((g - e).abs());
+                            assert!(err <= 1e-4, "{shape:?} {p:?} elem {i}: got {g}, want {e}");
+                            worst = worst.max(err);
+                        }
+                        cases += 1;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("attention: {cases} cases, largest absolute error {worst:e}");
+}
+
+#[test]
+fn attention_matches_the_cpu_kernel() {
+    let Some(ctx) = ctx() else { return };
+    check_attention(ctx);
+}
+
+#[test]
+fn attention_without_subgroup_ops() {
+    let Some(ctx) = ctx_without_subgroups() else { return };
+    check_attention(ctx);
+}
+
+/// A window that hides every key gives zeros; shapes that do not fit are errors.
+#[test]
+fn attention_edge_cases() {
+    let Some(ctx) = ctx() else { return };
+    let shape = KvShape { n_kv_head: 1, n_ctx: 8, head_dim: 4 };
+    let bytes = shape.bytes().unwrap();
+    let kb = Buffer::from_bytes(ctx, &f16_bytes(&f16_bits(&vec![0.25; bytes / 2]))).unwrap();
+    let p = AttnParams {
+        n_head: 2,
+        scale: 0.5,
+        pos0: 7,
+        kv_len: 3,
+        causal: true,
+        window: Some(2),
+        softcap: None,
+    };
+    // The query at 7 with a window of 2 sees keys 6..8, but only 0..3 are valid: none.
+    assert_eq!(ctx.attention(&[1.0; 8], &kb, &kb, shape, &p).unwrap(), vec![0.0; 8]);
+    let bad = |p: AttnParams, q: &[f32]| {
+        matches!(ctx.attention(q, &kb, &kb, shape, &p), Err(VulkanError::Shape(_)))
+    };
+    assert!(bad(AttnParams { kv_len: 9, ..p }, &[1.0; 8]));
+    assert!(bad(p, &[1.0; 7]));
+    assert!(bad(AttnParams { softcap: Some(0.0), ..p }, &[1.0; 8]));
+    let three = KvShape { n_kv_head: 2, n_ctx: 4, head_dim: 4 };
+    assert!(matches!(
+        ctx.attention(&[1.0; 12], &kb, &kb, three, &AttnParams { n_head: 3, ..p }),
+        Err(VulkanError::Shape(_))
+    ));
+    let wide = KvShape { n_kv_head: 1, n_ctx: 1, head_dim: MAX_HEAD_DIM + 2 };
+    let wb = Buffer::zeroed(ctx, wide.bytes().unwrap()).unwrap();
+    let q = vec![0.0; MAX_HEAD_DIM + 2];
+    assert!(matches!(
+        ctx.attention(&q, &wb, &wb, wide, &AttnParams { n_head: 1, kv_len: 1, ..p }),
+        Err(VulkanError::Shape(_))
+    ));
 }
