@@ -31,6 +31,7 @@ fn variants() -> Vec<(String, &'static str, Vec<String>)> {
     }
     // No reduction in these: one variant each.
     v.push(("swiglu".to_string(), "swiglu.comp", Vec::new()));
+    v.push(("geglu".to_string(), "geglu.comp", Vec::new()));
     v.push(("binary".to_string(), "binary.comp", Vec::new()));
     v.push(("rope".to_string(), "rope.comp", Vec::new()));
     v.push(("kv_store".to_string(), "kv_store.comp", Vec::new()));

@@ -6,9 +6,11 @@
 //!   compute queue. No loader or no device is a [`VulkanError`], never a panic.
 //! - [`Buffer`]: storage buffers in host-visible coherent memory, checked against
 //!   `maxStorageBufferRange`.
-//! - Operations ([`Context::matvec`], [`Context::matmul`], [`Context::rms_norm`],
-//!   [`Context::swiglu`], [`Context::add`], [`Context::mul`]) run GLSL compute shaders from the
-//!   workspace's `shaders/`, compiled by `build.rs` with `glslc` and embedded as SPIR-V.
+//! - Operations ([`Context::matvec`], [`Context::matmul`] with the GGUF block formats, k-quants
+//!   and float weights, [`Context::rms_norm`], [`Context::swiglu`], [`Context::geglu`],
+//!   [`Context::add`], [`Context::mul`], [`Context::scale`], [`Context::softmax`],
+//!   [`Context::rope`], [`Context::kv_store`], [`Context::attention`]) run GLSL compute shaders
+//!   from the workspace's `shaders/`, compiled by `build.rs` with `glslc` and embedded as SPIR-V.
 //!
 //! See README.md for what is missing and how to run the tests.
 

@@ -1,4 +1,5 @@
-//! The operations: matrix-vector products with GGUF weights, RMSNorm, SwiGLU, add, mul.
+//! The operations: matrix-vector products with GGUF weights, RMSNorm, SwiGLU, GeGLU, add, mul,
+//! scale, softmax, RoPE, the f16 KV cache store and decode attention.
 //!
 //! Each call records one dispatch, submits it and waits. Inputs are copied into temporary
 //! buffers and the result is read back; keeping activations on the device across a whole layer is
@@ -206,6 +207,11 @@ impl Context {
     /// `silu(gate) * up`, as `unicorn_kernels::ops::swiglu`.
     pub fn swiglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
         self.elementwise(Kernel::Swiglu, gate, up, None)
+    }
+
+    /// `gelu_tanh(gate) * up` (Gemma's feed-forward), as `unicorn_kernels::ops::geglu`.
+    pub fn geglu(&self, gate: &[f32], up: &[f32]) -> Result<Vec<f32>> {
+        self.elementwise(Kernel::Geglu, gate, up, None)
     }
 
     /// `a + b` element-wise.

@@ -20,6 +20,7 @@ pub(crate) enum Kernel {
     Softmax,
     Attn,
     KvStore,
+    Geglu,
 }
 
 /// The weight formats `mul_mv.comp` is compiled for.
@@ -98,7 +99,7 @@ impl MvFormat {
 
 impl Kernel {
     /// How many kernels there are ([`Kernel::index`] is below this).
-    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 7;
+    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 8;
 
     /// A dense index for per-kernel tables.
     pub(crate) fn index(self) -> usize {
@@ -112,6 +113,7 @@ impl Kernel {
             Kernel::Softmax => n + 4,
             Kernel::Attn => n + 5,
             Kernel::KvStore => n + 6,
+            Kernel::Geglu => n + 7,
         }
     }
 
@@ -131,6 +133,7 @@ impl Kernel {
             Kernel::Softmax => "softmax".to_string(),
             Kernel::Attn => "attn".to_string(),
             Kernel::KvStore => "kv_store".to_string(),
+            Kernel::Geglu => "geglu".to_string(),
         };
         if subgroups && self.reduces() {
             base + "_sg"
@@ -166,6 +169,7 @@ mod tests {
             Kernel::Softmax,
             Kernel::Attn,
             Kernel::KvStore,
+            Kernel::Geglu,
         ]);
         let mut seen = [false; Kernel::COUNT];
         for k in kernels {

@@ -387,6 +387,34 @@ fn swiglu_add_mul_match_the_cpu_kernels() {
     assert!(matches!(ctx.swiglu(&[1.0], &[]), Err(VulkanError::Shape(_))));
 }
 
+/// GeGLU: 1 + tanh(z) loses precision where tanh is near -1 (on the CPU as here), by a few ulp of
+/// 1; so within 1e-5 relative plus 1e-6 of |gate * up|.
+#[test]
+fn geglu_matches_the_cpu_kernel() {
+    let Some(ctx) = ctx() else { return };
+    let mut rng = Rng(13);
+    let mut worst = 0f64;
+    for n in [1, 5, 64, 1000, 300_000] {
+        let mut gate = rng.vec(n, 12.0);
+        let up = rng.vec(n, 3.0);
+        // Saturation at both ends and zero.
+        for (g, v) in gate.iter_mut().zip([0.0, 20.0, -20.0, 100.0, -100.0]) {
+            *g = v;
+        }
+        let mut want = vec![0f32; n];
+        ops::geglu(&gate, &up, &mut want);
+        let got = ctx.geglu(&gate, &up).unwrap();
+        for i in 0..n {
+            let (g, e) = (f64::from(got[i]), f64::from(want[i]));
+            let tol = 1e-5 * e.abs() + 1e-6 * f64::from(gate[i] * up[i]).abs();
+            assert!((g - e).abs() <= tol, "geglu({}) * {}: got {g}, want {e}", gate[i], up[i]);
+            worst = worst.max((g - e).abs() / tol.max(1e-30));
+        }
+    }
+    eprintln!("geglu: largest error {worst:.3} of the tolerance");
+    assert!(matches!(ctx.geglu(&[1.0], &[]), Err(VulkanError::Shape(_))));
+}
+
 #[test]
 fn without_allow_cpu_a_cpu_only_machine_has_no_suitable_device() {
     let devices = match unicorn_vulkan::list_devices() {
