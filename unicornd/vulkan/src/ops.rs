@@ -374,7 +374,9 @@ impl Context {
         let qpos = p.pos0;
         let hi = if p.causal { qpos.saturating_add(1).min(p.kv_len) } else { p.kv_len };
         let lo = p.window.map_or(0, |w| qpos.saturating_add(1).saturating_sub(w));
-        let hi = hi.max(lo);
+        if lo >= hi {
+            return Ok(vec![0.0; q.len()]);
+        }
         let push = [
             to_u32("group", p.n_head / shape.n_kv_head)?,
             to_u32("head_dim", shape.head_dim)?,

@@ -721,6 +721,9 @@ fn attention_edge_cases() {
     };
     // The query at 7 with a window of 2 sees keys 6..8, but only 0..3 are valid: none.
     assert_eq!(ctx.attention(&[1.0; 8], &kb, &kb, shape, &p).unwrap(), vec![0.0; 8]);
+    // A position beyond 32 bits with a window sees nothing either: zeros, not a limit error.
+    let far = AttnParams { pos0: usize::MAX, ..p };
+    assert_eq!(ctx.attention(&[1.0; 8], &kb, &kb, shape, &far).unwrap(), vec![0.0; 8]);
     let bad = |p: AttnParams, q: &[f32]| {
         matches!(ctx.attention(q, &kb, &kb, shape, &p), Err(VulkanError::Shape(_)))
     };
@@ -739,4 +742,56 @@ fn attention_edge_cases() {
         ctx.attention(&q, &wb, &wb, wide, &AttnParams { n_head: 1, kv_len: 1, ..p }),
         Err(VulkanError::Shape(_))
     ));
+}
+
+/// A decode loop as the engine runs it: each step stores the token's K and V with `kv_store`
+/// and attends over the cache so far, on the device and on the CPU (`KvCache::store` into an f16
+/// cache, then `attention`); within the attention tolerance, 1e-4 absolute. head_dim 512 is
+/// `MAX_HEAD_DIM`; 6 is even but not a multiple of 4.
+#[test]
+fn decode_steps_store_then_attend() {
+    let Some(ctx) = ctx() else { return };
+    let pool = ThreadPool::new(1);
+    let mut rng = Rng(71);
+    let mut worst = 0f64;
+    for (head_dim, n_kv_head, group, window, softcap) in
+        [(512, 1, 2, None, None), (6, 2, 3, Some(4), Some(20.0)), (128, 2, 1, Some(9), None)]
+    {
+        let n_ctx = 24;
+        let shape = KvShape { n_kv_head, n_ctx, head_dim };
+        let total = n_kv_head * n_ctx * head_dim;
+        let (mut kc, mut vc) = (vec![f16::from_f32(0.0); total], vec![f16::from_f32(0.0); total]);
+        let mut kb = Buffer::zeroed(ctx, shape.bytes().unwrap()).unwrap();
+        let mut vb = Buffer::zeroed(ctx, shape.bytes().unwrap()).unwrap();
+        let n_head = n_kv_head * group;
+        for pos in 0..n_ctx {
+            let k = rng.vec(n_kv_head * head_dim, 1.0);
+            let v = rng.vec(n_kv_head * head_dim, 1.0);
+            KvCache::store(KvDataMut::F16(&mut kc), &k, pos, n_kv_head, n_ctx, head_dim);
+            KvCache::store(KvDataMut::F16(&mut vc), &v, pos, n_kv_head, n_ctx, head_dim);
+            ctx.kv_store(&mut kb, shape, &k, pos).unwrap();
+            ctx.kv_store(&mut vb, shape, &v, pos).unwrap();
+            let q = rng.vec(n_head * head_dim, 2.0);
+            let p = AttnParams {
+                n_head,
+                scale: 1.0 / (head_dim as f32).sqrt(),
+                pos0: pos,
+                kv_len: pos + 1,
+                causal: true,
+                window,
+                softcap,
+            };
+            let kv =
+                KvCache { k: KvData::F16(&kc), v: KvData::F16(&vc), n_kv_head, n_ctx, head_dim };
+            let mut want = vec![0f32; q.len()];
+            attention(&pool, &q, 1, &kv, &p, &mut want).unwrap();
+            let got = ctx.attention(&q, &kb, &vb, shape, &p).unwrap();
+            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                let err = f64::from((g - e).abs());
+                assert!(err <= 1e-4, "{shape:?} pos {pos} elem {i}: got {g}, want {e}");
+                worst = worst.max(err);
+            }
+        }
+    }
+    eprintln!("decode steps: largest absolute error {worst:e}");
 }
