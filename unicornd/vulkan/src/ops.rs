@@ -353,13 +353,13 @@ impl Context {
                 p.kv_len, shape.n_ctx
             )));
         }
-        if q.len() != p.n_head * shape.head_dim {
+        let q_len = p.n_head.checked_mul(shape.head_dim);
+        if q_len != Some(q.len()) {
             return Err(VulkanError::Shape(format!(
-                "q holds {} values, {} heads of {} need {}",
+                "q holds {} values, {} heads of {} need {q_len:?}",
                 q.len(),
                 p.n_head,
                 shape.head_dim,
-                p.n_head * shape.head_dim
             )));
         }
         let softcap = match p.softcap {

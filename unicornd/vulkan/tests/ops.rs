@@ -729,6 +729,9 @@ fn attention_edge_cases() {
     };
     assert!(bad(AttnParams { kv_len: 9, ..p }, &[1.0; 8]));
     assert!(bad(p, &[1.0; 7]));
+    // So many heads that n_head * head_dim overflows: an error, not a panic.
+    let many = AttnParams { n_head: usize::MAX, ..p };
+    assert!(matches!(ctx.attention(&[1.0; 8], &kb, &kb, shape, &many), Err(VulkanError::Shape(_))));
     assert!(bad(AttnParams { softcap: Some(0.0), ..p }, &[1.0; 8]));
     let three = KvShape { n_kv_head: 2, n_ctx: 4, head_dim: 4 };
     assert!(matches!(
