@@ -276,7 +276,12 @@ impl Context {
         let entry = load_entry()?;
         let instance = create_instance(&entry)?;
         let mut guard = InstanceGuard(Some(instance.clone()));
-        Self::with_instance(entry, instance, &mut guard, &options)
+        let ctx = Self::with_instance(entry.clone(), instance, &mut guard, &options);
+        // On error the guard destroys the instance here, while `entry` still keeps the loader
+        // loaded (destroying it after the last `Entry` is gone calls into an unloaded library).
+        drop(guard);
+        drop(entry);
+        ctx
     }
 
     /// Creates the device and the rest. Until the `Context` exists the guard destroys the instance
