@@ -25,6 +25,16 @@ pub struct Buffer<'c> {
     size: usize,
 }
 
+// SAFETY: the buffer owns its memory and mapping; moving it to another thread moves that
+// ownership (the context it borrows is `Sync`, and `Drop` only calls thread-safe device
+// functions on handles nobody else uses).
+unsafe impl Send for Buffer<'_> {}
+
+// SAFETY: through `&Buffer` the host only reads the mapping (`as_bytes`, `to_f32`) and the device
+// only reads it inside an operation that waits for completion; operations write only buffers they
+// create themselves, so shared references on several threads never see a concurrent write.
+unsafe impl Sync for Buffer<'_> {}
+
 impl fmt::Debug for Buffer<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Buffer").field("len", &self.len).finish_non_exhaustive()

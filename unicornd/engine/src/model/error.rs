@@ -27,6 +27,8 @@ pub enum ModelError {
     EmptySequence,
     #[error("kernel: {0}")]
     Kernel(#[from] KernelError),
+    #[error("vulkan: {0}")]
+    Vulkan(#[from] unicorn_vulkan::VulkanError),
     #[error("could not map {bytes} bytes for the KV cache: {source}")]
     KvMemory { bytes: u64, source: std::io::Error },
 }

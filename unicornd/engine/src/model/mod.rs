@@ -10,12 +10,16 @@ mod gemma3;
 mod hparams;
 mod kv;
 mod llama;
+mod placement;
 mod transformer;
 mod weights;
 
 pub use error::ModelError;
 pub use hparams::HParams;
 pub use kv::{KvState, KvType};
+pub use placement::{
+    shared_vulkan_context, Backend, Backends, OpClass, Placement, PlacementError, BACKEND_ENV,
+};
 pub use transformer::{Logits, Seq};
 
 use unicorn_kernels::ThreadPool;
@@ -33,6 +37,7 @@ pub struct Model {
     hp: HParams,
     tokenizer: Tokenizer,
     net: transformer::Transformer,
+    exec: placement::Exec,
     name: String,
     file_type: String,
     n_params: u64,
@@ -40,8 +45,14 @@ pub struct Model {
 }
 
 impl Model {
-    /// Checks the file's architecture, hyper-parameters and tensors, and builds the model.
+    /// Checks the file's architecture, hyper-parameters and tensors, and builds the model, with
+    /// the placement the environment asks for ([`Backends::from_env`]).
     pub fn load(gguf: GgufFile) -> Result<Model, ModelError> {
+        Model::load_with(gguf, Backends::from_env())
+    }
+
+    /// [`Model::load`] running on `backends`.
+    pub fn load_with(gguf: GgufFile, backends: Backends) -> Result<Model, ModelError> {
         let arch = gguf.architecture()?.to_owned();
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let hp = HParams::read(&gguf, &arch, tokenizer.n_vocab())?;
@@ -57,7 +68,13 @@ impl Model {
         let chat_template = md.opt_str("tokenizer.chat_template")?.unwrap_or("").to_owned();
         let file_type = file_type_name(md.opt_uint("general.file_type")?);
         let n_params = gguf.tensor_infos().iter().map(|t| t.n_elements()).sum();
-        Ok(Model { gguf, hp, tokenizer, net, name, file_type, n_params, chat_template })
+        let exec = placement::Exec::new(backends);
+        Ok(Model { gguf, hp, tokenizer, net, exec, name, file_type, n_params, chat_template })
+    }
+
+    /// Where the model's operations run.
+    pub fn backends(&self) -> &Backends {
+        self.exec.backends()
     }
 
     pub fn hparams(&self) -> &HParams {
@@ -104,7 +121,7 @@ impl Model {
         seqs: &mut [Seq<'_>],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        self.net.forward(self.gguf.bytes(), pool, seqs, logits)
+        self.net.forward(self.gguf.bytes(), &self.exec, pool, seqs, logits)
     }
 }
 

@@ -9,6 +9,7 @@ use unicorn_kernels::attention::{attention_batch, Attend, AttnParams};
 use unicorn_kernels::ops::{add_assign, geglu, rms_norm, scale, swiglu, Rope, RopeMode};
 use unicorn_kernels::{matmul, matmul_group, ThreadPool};
 
+use super::placement::{Device, Exec, OpClass};
 use super::weights::{vector, Matrix};
 use super::{HParams, KvState, ModelError};
 use crate::gguf::GgufFile;
@@ -176,10 +177,13 @@ impl Transformer {
 
     /// Runs `seqs` through the network: appends their tokens to their KV caches and writes the
     /// logits they asked for into `out` (`n_vocab` values per logits row, sequence by sequence,
-    /// token order within each). Everything is validated before any state changes.
+    /// token order within each). Everything is validated before any state changes. The matrix
+    /// products and norms of the classes `exec` places on a device run there, the rest on the
+    /// CPU.
     pub fn forward(
         &self,
         bytes: &[u8],
+        exec: &Exec,
         pool: &ThreadPool,
         seqs: &mut [Seq<'_>],
         out: &mut Vec<f32>,
@@ -208,6 +212,9 @@ impl Transformer {
         }
 
         let spec = &self.spec;
+        let (dev_attn, dev_ffn) =
+            (exec.device(OpClass::Attention), exec.device(OpClass::FeedForward));
+        let (dev_out, dev_norm) = (exec.device(OpClass::Output), exec.device(OpClass::Norms));
         let mut x = vec![0.0f32; n * d];
         for (row, &t) in x.chunks_exact_mut(d).zip(seqs.iter().flat_map(|s| s.tokens.iter())) {
             self.tok_embd.row(bytes, t as usize, row)?;
@@ -245,17 +252,24 @@ impl Transformer {
 
         for (li, l) in self.layers.iter().enumerate() {
             let local = spec.swa.filter(|w| w.is_local(li));
-            rms_norm(&x, &mut h, d, Some(&l.attn_norm), hp.rms_eps);
-            // One job for Q, K and V: the input quantized once, the threads kept busy.
-            let qkv = [l.wq.view(bytes)?, l.wk.view(bytes)?, l.wv.view(bytes)?];
-            matmul_group(pool, &h, n, &mut [(qkv[0], &mut q), (qkv[1], &mut k), (qkv[2], &mut v)])?;
+            norm(dev_norm, &x, &mut h, d, Some(&l.attn_norm), hp.rms_eps)?;
+            if let Some(dev) = dev_attn {
+                dev.matmul(&l.wq, bytes, &h, n, &mut q)?;
+                dev.matmul(&l.wk, bytes, &h, n, &mut k)?;
+                dev.matmul(&l.wv, bytes, &h, n, &mut v)?;
+            } else {
+                // One job for Q, K and V: the input quantized once, the threads kept busy.
+                let qkv = [l.wq.view(bytes)?, l.wk.view(bytes)?, l.wv.view(bytes)?];
+                let mut jobs = [(qkv[0], &mut q[..]), (qkv[1], &mut k[..]), (qkv[2], &mut v[..])];
+                matmul_group(pool, &h, n, &mut jobs)?;
+            }
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
                 // Every head of every token is a row of `head_dim` values.
                 normed.resize(q.len(), 0.0);
-                rms_norm(&q, &mut normed, hd, Some(qn), hp.rms_eps);
+                norm(dev_norm, &q, &mut normed, hd, Some(qn), hp.rms_eps)?;
                 std::mem::swap(&mut q, &mut normed);
                 normed.resize(k.len(), 0.0);
-                rms_norm(&k, &mut normed, hd, Some(kn), hp.rms_eps);
+                norm(dev_norm, &k, &mut normed, hd, Some(kn), hp.rms_eps)?;
                 std::mem::swap(&mut k, &mut normed);
             }
             let (rope_l, rope_tab) = match (&local, &rope_local) {
@@ -296,17 +310,25 @@ impl Transformer {
                 jobs.push(Attend { q, n_q: m, kv: s.kv.layer(li), params, out });
             }
             attention_batch(pool, &mut jobs)?;
-            matmul(pool, &l.wo.view(bytes)?, &attn, n, &mut o)?;
+            match dev_attn {
+                Some(dev) => dev.matmul(&l.wo, bytes, &attn, n, &mut o)?,
+                None => matmul(pool, &l.wo.view(bytes)?, &attn, n, &mut o)?,
+            }
             if let Some(w) = &l.post_attn_norm {
-                rms_norm(&o, &mut h, d, Some(w), hp.rms_eps);
+                norm(dev_norm, &o, &mut h, d, Some(w), hp.rms_eps)?;
                 add_assign(&mut x, &h);
             } else {
                 add_assign(&mut x, &o);
             }
 
-            rms_norm(&x, &mut h, d, Some(&l.ffn_norm), hp.rms_eps);
-            let (wg, wu) = (l.w_gate.view(bytes)?, l.w_up.view(bytes)?);
-            matmul_group(pool, &h, n, &mut [(wg, &mut gate), (wu, &mut up)])?;
+            norm(dev_norm, &x, &mut h, d, Some(&l.ffn_norm), hp.rms_eps)?;
+            if let Some(dev) = dev_ffn {
+                dev.matmul(&l.w_gate, bytes, &h, n, &mut gate)?;
+                dev.matmul(&l.w_up, bytes, &h, n, &mut up)?;
+            } else {
+                let (wg, wu) = (l.w_gate.view(bytes)?, l.w_up.view(bytes)?);
+                matmul_group(pool, &h, n, &mut [(wg, &mut gate), (wu, &mut up)])?;
+            }
             // The gated activation of (gate, up) goes into `gate`'s storage via a copy of up.
             normed.clear();
             normed.extend_from_slice(&gate);
@@ -314,9 +336,12 @@ impl Transformer {
                 Ffn::Silu => swiglu(&normed, &up, &mut gate),
                 Ffn::GeluTanh => geglu(&normed, &up, &mut gate),
             }
-            matmul(pool, &l.w_down.view(bytes)?, &gate, n, &mut o)?;
+            match dev_ffn {
+                Some(dev) => dev.matmul(&l.w_down, bytes, &gate, n, &mut o)?,
+                None => matmul(pool, &l.w_down.view(bytes)?, &gate, n, &mut o)?,
+            }
             if let Some(w) = &l.post_ffn_norm {
-                rms_norm(&o, &mut h, d, Some(w), hp.rms_eps);
+                norm(dev_norm, &o, &mut h, d, Some(w), hp.rms_eps)?;
                 add_assign(&mut x, &h);
             } else {
                 add_assign(&mut x, &o);
@@ -345,9 +370,12 @@ impl Transformer {
         }
         normed.clear();
         normed.resize(sel.len(), 0.0);
-        rms_norm(&sel, &mut normed, d, Some(&self.output_norm), hp.rms_eps);
+        norm(dev_norm, &sel, &mut normed, d, Some(&self.output_norm), hp.rms_eps)?;
         out.resize(rows.len() * hp.n_vocab, 0.0);
-        matmul(pool, &self.output.view(bytes)?, &normed, rows.len(), out)?;
+        match dev_out {
+            Some(dev) => dev.matmul(&self.output, bytes, &normed, rows.len(), out)?,
+            None => matmul(pool, &self.output.view(bytes)?, &normed, rows.len(), out)?,
+        }
         if let Some(cap) = spec.final_softcap {
             for v in out.iter_mut() {
                 *v = cap * (*v / cap).tanh();
@@ -355,4 +383,21 @@ impl Transformer {
         }
         Ok(())
     }
+}
+
+/// RMSNorm of each row of `dim` values of `x` into `out`, on `dev` or (`None`) the CPU.
+#[inline]
+fn norm(
+    dev: Option<Device<'_>>,
+    x: &[f32],
+    out: &mut [f32],
+    dim: usize,
+    w: Option<&[f32]>,
+    eps: f32,
+) -> Result<(), ModelError> {
+    match dev {
+        None => rms_norm(x, out, dim, w, eps),
+        Some(dev) => dev.rms_norm(x, out, dim, w, eps)?,
+    }
+    Ok(())
 }

@@ -49,6 +49,16 @@ impl Matrix {
         WeightView::new(self.ty, self.rows, self.cols, &bytes[self.range.clone()])
     }
 
+    /// Where the tensor's data starts in the model file (a key naming the tensor).
+    pub fn offset(&self) -> usize {
+        self.range.start
+    }
+
+    /// The tensor's data in the model file's `bytes`.
+    pub fn bytes<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
+        &bytes[self.range.clone()]
+    }
+
     /// Dequantizes row `r` (an embedding lookup).
     pub fn row(&self, bytes: &[u8], r: usize, out: &mut [f32]) -> Result<(), KernelError> {
         self.view(bytes)?.dequantize_row(r, out)

@@ -1,0 +1,585 @@
+//! Which backend runs which class of operations, and the Vulkan state the forward pass uses.
+//!
+//! A [`Placement`] maps each [`OpClass`] to a [`Backend`]. `UNICORN_BACKEND` asks for one
+//! (`cpu`, `vulkan`, `vulkan-all`, or per class: `feed_forward=vulkan,output=vulkan`);
+//! [`Backends::resolve`] turns the request into what runs, falling back per class along
+//! xdna -> vulkan -> cpu when a backend is not available (logged once at warn, never a panic).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use unicorn_vulkan::{Buffer, Context, DeviceType, Options, VulkanError};
+
+use super::weights::Matrix;
+use super::ModelError;
+
+/// The environment variable that chooses the placement.
+pub const BACKEND_ENV: &str = "UNICORN_BACKEND";
+
+/// A class of operations placed as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpClass {
+    /// The attention block's matrix products: Q, K, V and the output projection `wo`.
+    Attention,
+    /// The feed-forward's matrix products: gate, up and down.
+    FeedForward,
+    /// The output projection (logits).
+    Output,
+    /// The RMSNorms.
+    Norms,
+}
+
+impl OpClass {
+    pub const ALL: [OpClass; 4] =
+        [OpClass::Attention, OpClass::FeedForward, OpClass::Output, OpClass::Norms];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OpClass::Attention => "attention",
+            OpClass::FeedForward => "feed_forward",
+            OpClass::Output => "output",
+            OpClass::Norms => "norms",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// A backend an operation class can run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Cpu,
+    Vulkan,
+    /// The AMD NPU: a name only for now, never available (falls back to Vulkan, then the CPU).
+    Xdna,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Vulkan => "vulkan",
+            Backend::Xdna => "xdna",
+        }
+    }
+}
+
+impl fmt::Display for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A `UNICORN_BACKEND` value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{BACKEND_ENV}={value:?}: {reason} (expected cpu, vulkan, vulkan-all, or class=backend pairs \
+     separated by commas, classes attention, feed_forward, output, norms, backends cpu, vulkan, \
+     xdna)"
+)]
+pub struct PlacementError {
+    pub value: String,
+    pub reason: String,
+}
+
+/// The backend of every operation class.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Placement([Backend; 4]);
+
+impl Default for Placement {
+    fn default() -> Placement {
+        Placement::cpu()
+    }
+}
+
+impl Placement {
+    /// Everything on the CPU.
+    pub const fn cpu() -> Placement {
+        Placement([Backend::Cpu; 4])
+    }
+
+    /// `UNICORN_BACKEND=vulkan`: the feed-forward and output products on Vulkan, the rest on the
+    /// CPU.
+    pub fn vulkan() -> Placement {
+        Placement::cpu()
+            .with(OpClass::FeedForward, Backend::Vulkan)
+            .with(OpClass::Output, Backend::Vulkan)
+    }
+
+    /// `UNICORN_BACKEND=vulkan-all`: every class on Vulkan.
+    pub const fn vulkan_all() -> Placement {
+        Placement([Backend::Vulkan; 4])
+    }
+
+    pub fn get(&self, class: OpClass) -> Backend {
+        self.0[class.index()]
+    }
+
+    /// This placement with `class` on `backend`.
+    #[must_use]
+    pub fn with(mut self, class: OpClass, backend: Backend) -> Placement {
+        self.0[class.index()] = backend;
+        self
+    }
+
+    /// Whether some class is on `backend`.
+    pub fn uses(&self, backend: Backend) -> bool {
+        self.0.contains(&backend)
+    }
+
+    /// Parses a `UNICORN_BACKEND` value. Classes a per-class list leaves out stay on the CPU.
+    pub fn parse(value: &str) -> Result<Placement, PlacementError> {
+        let err = |reason: String| PlacementError { value: value.to_owned(), reason };
+        match value.trim() {
+            "cpu" => return Ok(Placement::cpu()),
+            "vulkan" => return Ok(Placement::vulkan()),
+            "vulkan-all" => return Ok(Placement::vulkan_all()),
+            "" => return Err(err("empty".into())),
+            _ => {}
+        }
+        let mut p = Placement::cpu();
+        let mut seen = Vec::new();
+        for item in value.split(',') {
+            let item = item.trim();
+            let (class, backend) = item
+                .split_once('=')
+                .ok_or_else(|| err(format!("{item:?} is not class=backend")))?;
+            let class = OpClass::ALL
+                .into_iter()
+                .find(|c| c.name() == class.trim())
+                .ok_or_else(|| err(format!("unknown operation class {:?}", class.trim())))?;
+            let backend = backend.trim().parse::<Backend>().map_err(err)?;
+            if seen.contains(&class) {
+                return Err(err(format!("{} is given twice", class.name())));
+            }
+            seen.push(class);
+            p = p.with(class, backend);
+        }
+        Ok(p)
+    }
+}
+
+impl FromStr for Backend {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "cpu" => Ok(Backend::Cpu),
+            "vulkan" => Ok(Backend::Vulkan),
+            "xdna" => Ok(Backend::Xdna),
+            other => Err(format!("unknown backend {other:?}")),
+        }
+    }
+}
+
+impl FromStr for Placement {
+    type Err = PlacementError;
+
+    fn from_str(s: &str) -> Result<Placement, PlacementError> {
+        Placement::parse(s)
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, c) in OpClass::ALL.into_iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            write!(f, "{sep}{}={}", c.name(), self.get(c))?;
+        }
+        Ok(())
+    }
+}
+
+/// The process's Vulkan context, opened once per `allow_cpu` value (the first caller's outcome is
+/// kept: a failure is reported once, not on every model load).
+pub fn shared_vulkan_context(allow_cpu: bool) -> Result<&'static Context, &'static VulkanError> {
+    static WITH_CPU: OnceLock<Result<Context, VulkanError>> = OnceLock::new();
+    static GPU_ONLY: OnceLock<Result<Context, VulkanError>> = OnceLock::new();
+    let cell = if allow_cpu { &WITH_CPU } else { &GPU_ONLY };
+    cell.get_or_init(|| Context::new(Options { allow_cpu, ..Options::default() })).as_ref()
+}
+
+/// Whether a Vulkan device other than a CPU one (a real GPU) exists.
+fn gpu_present() -> bool {
+    unicorn_vulkan::list_devices()
+        .is_ok_and(|ds| ds.iter().any(|d| d.device_type != DeviceType::Cpu))
+}
+
+/// What runs where, resolved: the placement after fallbacks, the Vulkan context when some class
+/// is on it, and why classes fell back.
+#[derive(Clone, Debug)]
+pub struct Backends {
+    placement: Placement,
+    requested: Placement,
+    vulkan: Option<&'static Context>,
+    fallbacks: Vec<String>,
+}
+
+impl Default for Backends {
+    fn default() -> Backends {
+        Backends::cpu()
+    }
+}
+
+impl Backends {
+    /// Everything on the CPU.
+    pub fn cpu() -> Backends {
+        Backends {
+            placement: Placement::cpu(),
+            requested: Placement::cpu(),
+            vulkan: None,
+            fallbacks: Vec::new(),
+        }
+    }
+
+    /// `requested` with each class moved along xdna -> vulkan -> cpu until its backend is
+    /// available. `open_vulkan` is called at most once, only when some class wants Vulkan.
+    /// Each fallback is logged at warn and kept in [`Backends::fallbacks`].
+    pub fn resolve_with(
+        requested: Placement,
+        open_vulkan: impl FnOnce() -> Result<&'static Context, String>,
+    ) -> Backends {
+        let mut fallbacks = Vec::new();
+        let mut placement = requested;
+        if placement.uses(Backend::Xdna) {
+            let msg = "the xdna backend is not available yet; its classes run on vulkan".to_owned();
+            log::warn!("{msg}");
+            fallbacks.push(msg);
+            for c in OpClass::ALL {
+                if placement.get(c) == Backend::Xdna {
+                    placement = placement.with(c, Backend::Vulkan);
+                }
+            }
+        }
+        let mut vulkan = None;
+        if placement.uses(Backend::Vulkan) {
+            match open_vulkan() {
+                Ok(ctx) => {
+                    let i = ctx.info();
+                    log::info!("vulkan backend on {} ({})", i.name, i.device_type);
+                    vulkan = Some(ctx);
+                }
+                Err(e) => {
+                    let msg = format!("vulkan is not available ({e}); its classes run on the cpu");
+                    log::warn!("{msg}");
+                    fallbacks.push(msg);
+                    for c in OpClass::ALL {
+                        if placement.get(c) == Backend::Vulkan {
+                            placement = placement.with(c, Backend::Cpu);
+                        }
+                    }
+                }
+            }
+        }
+        Backends { placement, requested, vulkan, fallbacks }
+    }
+
+    /// [`Backends::resolve_with`] on the process's shared Vulkan context; `allow_cpu` accepts a
+    /// CPU Vulkan device (lavapipe).
+    pub fn resolve(requested: Placement, allow_cpu: bool) -> Backends {
+        Backends::resolve_with(requested, || {
+            shared_vulkan_context(allow_cpu).map_err(|e| e.to_string())
+        })
+    }
+
+    /// What the environment asks for: `UNICORN_BACKEND` (a bad value is logged at error and the
+    /// CPU used), by default Vulkan's classes when a GPU exists and the CPU otherwise;
+    /// `UNICORN_VULKAN_ALLOW_CPU=1` accepts lavapipe. Resolved once per process and logged.
+    pub fn from_env() -> Backends {
+        static ENV: OnceLock<Backends> = OnceLock::new();
+        ENV.get_or_init(|| {
+            let requested = match std::env::var(BACKEND_ENV) {
+                Ok(v) => Placement::parse(&v).unwrap_or_else(|e| {
+                    log::error!("{e}; using the cpu");
+                    Placement::cpu()
+                }),
+                Err(_) if gpu_present() => Placement::vulkan(),
+                Err(_) => Placement::cpu(),
+            };
+            let b = Backends::resolve(requested, Options::from_env().allow_cpu);
+            log::info!("placement: {}", b.describe());
+            b
+        })
+        .clone()
+    }
+
+    /// The placement that runs (after fallbacks).
+    pub fn placement(&self) -> Placement {
+        self.placement
+    }
+
+    /// The placement that was asked for.
+    pub fn requested(&self) -> Placement {
+        self.requested
+    }
+
+    /// Why classes fell back, one line each.
+    pub fn fallbacks(&self) -> &[String] {
+        &self.fallbacks
+    }
+
+    /// The Vulkan device's name, when some class runs on it.
+    pub fn vulkan_device(&self) -> Option<&str> {
+        self.vulkan.map(|c| c.info().name.as_str())
+    }
+
+    /// One line: the placement, the Vulkan device, and fallbacks.
+    pub fn describe(&self) -> String {
+        let mut s = self.placement.to_string();
+        if let Some(d) = self.vulkan_device() {
+            s.push_str(&format!(" (vulkan: {d})"));
+        }
+        if self.placement != self.requested {
+            s.push_str(&format!("; asked for {}", self.requested));
+        }
+        s
+    }
+
+    /// The Vulkan context when `class` runs on it.
+    fn vulkan_for(&self, class: OpClass) -> Option<&'static Context> {
+        match self.placement.get(class) {
+            Backend::Vulkan => self.vulkan,
+            _ => None,
+        }
+    }
+}
+
+/// A model's backends and its weights uploaded to the Vulkan device (lazily, each tensor once,
+/// shared by every forward pass).
+#[derive(Debug)]
+pub(crate) struct Exec {
+    backends: Backends,
+    /// Uploaded weight tensors by their offset in the model file.
+    weights: Mutex<HashMap<usize, Arc<[Chunk]>>>,
+}
+
+/// Rows `row0..row0 + rows` of a weight tensor in one device buffer (a tensor larger than the
+/// device's largest storage buffer is split by rows).
+#[derive(Debug)]
+struct Chunk {
+    row0: usize,
+    rows: usize,
+    buf: Buffer<'static>,
+}
+
+impl Exec {
+    pub fn new(backends: Backends) -> Exec {
+        Exec { backends, weights: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn backends(&self) -> &Backends {
+        &self.backends
+    }
+
+    /// The device that runs `class`, or `None` for the CPU.
+    #[inline]
+    pub fn device(&self, class: OpClass) -> Option<Device<'_>> {
+        self.backends.vulkan_for(class).map(|ctx| Device { ctx, exec: self })
+    }
+
+    /// `m` on the device, uploaded on first use.
+    fn weight(
+        &self,
+        ctx: &'static Context,
+        m: &Matrix,
+        bytes: &[u8],
+    ) -> Result<Arc<[Chunk]>, ModelError> {
+        let mut map = self.weights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(&m.offset()) {
+            return Ok(Arc::clone(b));
+        }
+        let data = m.bytes(bytes);
+        let row_bytes = data.len() / m.rows.max(1);
+        let limit = usize::try_from(ctx.info().max_storage_buffer_range).unwrap_or(usize::MAX);
+        let per = (limit / row_bytes.max(1)).clamp(1, m.rows.max(1));
+        let mut chunks = Vec::with_capacity(m.rows.div_ceil(per));
+        for row0 in (0..m.rows).step_by(per) {
+            let rows = per.min(m.rows - row0);
+            let buf = Buffer::from_bytes(ctx, &data[row0 * row_bytes..][..rows * row_bytes])?;
+            chunks.push(Chunk { row0, rows, buf });
+        }
+        if chunks.len() > 1 {
+            log::debug!(
+                "a {} x {} tensor is on the device in {} parts",
+                m.rows,
+                m.cols,
+                chunks.len()
+            );
+        }
+        let chunks: Arc<[Chunk]> = chunks.into();
+        map.insert(m.offset(), Arc::clone(&chunks));
+        Ok(chunks)
+    }
+}
+
+/// A Vulkan device running a class of a model's operations.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Device<'a> {
+    ctx: &'static Context,
+    exec: &'a Exec,
+}
+
+impl Device<'_> {
+    /// `out[t * rows + r] = dot(W[r], x[t])` for the `n` rows of `x`.
+    pub fn matmul(
+        &self,
+        w: &Matrix,
+        bytes: &[u8],
+        x: &[f32],
+        n: usize,
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let shape = |what: String| ModelError::Vulkan(VulkanError::Shape(what));
+        if x.len() != n * w.cols || out.len() != n * w.rows {
+            return Err(shape(format!(
+                "a {} x {} product of {n} tokens with {} inputs and {} outputs",
+                w.rows,
+                w.cols,
+                x.len(),
+                out.len()
+            )));
+        }
+        let chunks = self.exec.weight(self.ctx, w, bytes)?;
+        let limit = usize::try_from(self.ctx.info().max_storage_buffer_range).unwrap_or(usize::MAX);
+        for c in chunks.iter() {
+            // Tokens per dispatch: the output buffer must fit a storage buffer too.
+            let per = (limit / (4 * c.rows.max(1))).max(1);
+            for t0 in (0..n).step_by(per) {
+                let m = per.min(n - t0);
+                let xs = &x[t0 * w.cols..][..m * w.cols];
+                let y = self.ctx.matmul(w.ty, &c.buf, c.rows, w.cols, xs, m)?;
+                if y.len() != m * c.rows {
+                    return Err(shape(format!(
+                        "matmul returned {} values, not {}",
+                        y.len(),
+                        m * c.rows
+                    )));
+                }
+                if chunks.len() == 1 {
+                    out[t0 * w.rows..][..y.len()].copy_from_slice(&y);
+                } else {
+                    for (t, row) in y.chunks_exact(c.rows).enumerate() {
+                        out[(t0 + t) * w.rows + c.row0..][..c.rows].copy_from_slice(row);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of each row of `dim` values of `x` into `out`.
+    pub fn rms_norm(
+        &self,
+        x: &[f32],
+        out: &mut [f32],
+        dim: usize,
+        w: Option<&[f32]>,
+        eps: f32,
+    ) -> Result<(), ModelError> {
+        let y = self.ctx.rms_norm(x, dim, w, eps)?;
+        if y.len() != out.len() {
+            return Err(ModelError::Vulkan(VulkanError::Shape(format!(
+                "rms_norm returned {} values for an output of {}",
+                y.len(),
+                out.len()
+            ))));
+        }
+        out.copy_from_slice(&y);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_named_placements() {
+        assert_eq!(Placement::parse("cpu").unwrap(), Placement::cpu());
+        let v = Placement::parse("vulkan").unwrap();
+        assert_eq!(v.get(OpClass::FeedForward), Backend::Vulkan);
+        assert_eq!(v.get(OpClass::Output), Backend::Vulkan);
+        assert_eq!(v.get(OpClass::Attention), Backend::Cpu);
+        assert_eq!(v.get(OpClass::Norms), Backend::Cpu);
+        assert_eq!(Placement::parse("vulkan-all").unwrap(), Placement::vulkan_all());
+    }
+
+    #[test]
+    fn parses_per_class_lists() {
+        let p = Placement::parse(" feed_forward=vulkan, output = vulkan,attention=xdna").unwrap();
+        assert_eq!(p.get(OpClass::FeedForward), Backend::Vulkan);
+        assert_eq!(p.get(OpClass::Output), Backend::Vulkan);
+        assert_eq!(p.get(OpClass::Attention), Backend::Xdna);
+        assert_eq!(p.get(OpClass::Norms), Backend::Cpu);
+        assert_eq!(p.to_string(), "attention=xdna,feed_forward=vulkan,output=vulkan,norms=cpu");
+        assert_eq!(Placement::parse(&p.to_string()).unwrap(), p);
+    }
+
+    #[test]
+    fn rejects_bad_values_with_a_clear_message() {
+        for (v, what) in [
+            ("", "empty"),
+            ("gpu", "not class=backend"),
+            ("ffn=vulkan", "unknown operation class \"ffn\""),
+            ("output=cuda", "unknown backend \"cuda\""),
+            ("output=vulkan,output=cpu", "output is given twice"),
+        ] {
+            let e = Placement::parse(v).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains(what), "{v:?}: {msg}");
+            assert!(msg.contains("UNICORN_BACKEND"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn no_vulkan_device_falls_back_to_the_cpu_with_a_warning() {
+        let mut opened = 0;
+        let b = Backends::resolve_with(Placement::vulkan_all(), || {
+            opened += 1;
+            Err(VulkanError::NoSuitableDevice { skipped: Vec::new() }.to_string())
+        });
+        assert_eq!(opened, 1);
+        assert_eq!(b.placement(), Placement::cpu());
+        assert_eq!(b.requested(), Placement::vulkan_all());
+        assert_eq!(b.fallbacks().len(), 1);
+        assert!(b.fallbacks()[0].contains("no suitable Vulkan device"), "{:?}", b.fallbacks());
+        assert!(b.vulkan_device().is_none());
+    }
+
+    #[test]
+    fn xdna_falls_back_to_vulkan_then_cpu() {
+        let p = Placement::cpu().with(OpClass::Attention, Backend::Xdna);
+        let b = Backends::resolve_with(p, || Err("no device".into()));
+        assert_eq!(b.placement(), Placement::cpu());
+        assert_eq!(b.fallbacks().len(), 2);
+        assert!(b.fallbacks()[0].contains("xdna"));
+    }
+
+    #[test]
+    fn the_cpu_placement_never_opens_vulkan() {
+        let b = Backends::resolve_with(Placement::cpu(), || panic!("opened vulkan"));
+        assert_eq!(b.placement(), Placement::cpu());
+        assert!(b.fallbacks().is_empty());
+    }
+
+    /// lavapipe is not taken unless allowed: on a machine whose only Vulkan devices are CPU
+    /// devices, asking for Vulkan without `allow_cpu` runs on the CPU.
+    #[test]
+    fn lavapipe_needs_allow_cpu() {
+        let Ok(devs) = unicorn_vulkan::list_devices() else {
+            eprintln!("no Vulkan loader or instance: nothing to check");
+            return;
+        };
+        if devs.is_empty() || devs.iter().any(|d| d.device_type != DeviceType::Cpu) {
+            eprintln!("not a CPU-only Vulkan machine ({devs:?}): nothing to check");
+            return;
+        }
+        let b = Backends::resolve(Placement::vulkan(), false);
+        assert_eq!(b.placement(), Placement::cpu());
+        assert_eq!(b.fallbacks().len(), 1, "{:?}", b.fallbacks());
+    }
+}

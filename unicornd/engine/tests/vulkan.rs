@@ -1,0 +1,181 @@
+//! The forward pass with operation classes placed on Vulkan against the CPU backend, on the real
+//! models (SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M): the logits of a short prompt (teacher
+//! forced) and of each greedy step, and the greedy tokens up to the first near tie.
+//!
+//! In CI the device is Mesa's lavapipe (allowed here explicitly). These tests do not skip
+//! silently: when lavapipe's ICD file is installed (or `UNICORN_VULKAN_REQUIRE=1`) and no device
+//! can be opened, they fail; only on a machine without lavapipe do they skip, saying so on
+//! stderr. lavapipe is slow (about 2 s per SmolLM2 token), so the prompt is short and the greedy
+//! run a few tokens.
+//!
+//! Tolerance: the Vulkan products take f32 activations where the CPU quantizes them to Q8 (and
+//! sums in another order), so a logit may differ from the CPU's by
+//! `RTOL * max|cpu logits of the row| + ATOL`.
+
+mod common;
+
+use std::time::Instant;
+
+use unicorn_engine::gguf::GgufFile;
+use unicorn_engine::model::{
+    shared_vulkan_context, Backend, Backends, KvType, Logits, Model, OpClass, Placement, Seq,
+};
+use unicorn_kernels::ThreadPool;
+
+const RTOL: f32 = 0.05;
+const ATOL: f32 = 1.0;
+/// Greedy steps compared after the prompt.
+const STEPS: usize = 8;
+/// A CPU top-2 margin below this is a near tie: the comparison of tokens stops there.
+const NEAR_TIE: f32 = 0.5;
+
+fn lavapipe_icd_present() -> bool {
+    std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|dir| {
+        dir.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("lvp_icd.") && name.ends_with(".json")
+        })
+    })
+}
+
+fn must_have_device() -> bool {
+    lavapipe_icd_present() || std::env::var("UNICORN_VULKAN_REQUIRE").is_ok_and(|v| v == "1")
+}
+
+/// `placement` resolved on the shared context (CPU devices allowed), or `None` (after saying
+/// so) where no Vulkan device can exist.
+fn backends(placement: Placement) -> Option<Backends> {
+    let b = Backends::resolve_with(placement, || {
+        shared_vulkan_context(true).map_err(|e| e.to_string())
+    });
+    if b.placement() != placement {
+        assert!(
+            !must_have_device(),
+            "the lavapipe ICD is installed (or UNICORN_VULKAN_REQUIRE=1) but Vulkan is not \
+             available: {:?}",
+            b.fallbacks()
+        );
+        eprintln!("SKIPPED: no Vulkan device ({:?}); scripts/install-deps installs lavapipe", {
+            b.fallbacks()
+        });
+        return None;
+    }
+    eprintln!("placement {}", b.describe());
+    Some(b)
+}
+
+fn load(file: &str, backends: Backends) -> Model {
+    Model::load_with(GgufFile::open(common::model_path(file)).unwrap(), backends).unwrap()
+}
+
+fn argmax(row: &[f32]) -> usize {
+    (0..row.len()).max_by(|&a, &b| row[a].total_cmp(&row[b]).then(b.cmp(&a))).unwrap()
+}
+
+/// The gap between the largest and second largest value.
+fn margin(row: &[f32]) -> f32 {
+    let top = argmax(row);
+    let second = row.iter().enumerate().filter(|&(i, _)| i != top).map(|(_, &v)| v);
+    row[top] - second.fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The largest `|vk - cpu|` of a row as a fraction of what is allowed, and that difference.
+fn compare(what: &str, cpu: &[f32], vk: &[f32]) -> (f32, f32) {
+    assert_eq!(cpu.len(), vk.len());
+    let max_abs = cpu.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let tol = RTOL * max_abs + ATOL;
+    let diff = cpu.iter().zip(vk).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let mean =
+        cpu.iter().zip(vk).map(|(a, b)| f64::from((a - b).abs())).sum::<f64>() / cpu.len() as f64;
+    eprintln!("{what}: max |vk - cpu| {diff:.3}, mean {mean:.4}, max |logit| {max_abs:.2}");
+    assert!(vk.iter().all(|v| v.is_finite()), "{what}: non-finite vulkan logits");
+    assert!(diff <= tol, "{what}: max |vk - cpu| = {diff} > {tol} (max |logit| {max_abs})");
+    (diff / tol, diff)
+}
+
+fn run(file: &str, placement: Placement) {
+    let Some(b) = backends(placement) else { return };
+    let t0 = Instant::now();
+    let cpu = load(file, Backends::cpu());
+    let vk = load(file, b);
+    assert_eq!(vk.backends().placement(), placement);
+    let pool = ThreadPool::new(2);
+    let n_vocab = cpu.hparams().n_vocab;
+    let prompt = cpu.tokenizer().tokenize("The capital of France is", true, false);
+
+    // Teacher forcing: every prompt position's logits.
+    let mut states = [&cpu, &vk].map(|m| m.new_state(64, KvType::F16).unwrap());
+    let mut logits = [Vec::new(), Vec::new()];
+    for ((m, kv), out) in [&cpu, &vk].into_iter().zip(&mut states).zip(&mut logits) {
+        let mut seqs = [Seq { kv, tokens: &prompt, logits: Logits::All }];
+        m.forward(&pool, &mut seqs, out).unwrap();
+    }
+    let (mut worst, mut worst_diff) = (0.0f32, 0.0f32);
+    for (i, (c, v)) in
+        logits[0].chunks_exact(n_vocab).zip(logits[1].chunks_exact(n_vocab)).enumerate()
+    {
+        let (f, d) = compare(&format!("prompt position {i}"), c, v);
+        worst = worst.max(f);
+        worst_diff = worst_diff.max(d);
+    }
+
+    // Greedy: each model continues from its own choice; the tokens must agree up to the first
+    // near tie of the CPU's logits.
+    let last = |l: &[f32]| l[l.len() - n_vocab..].to_vec();
+    let (mut cpu_row, mut vk_row) = (last(&logits[0]), last(&logits[1]));
+    let mut tokens = Vec::new();
+    for step in 0..STEPS {
+        let gap = margin(&cpu_row);
+        let (tc, tv) = (argmax(&cpu_row) as u32, argmax(&vk_row) as u32);
+        if gap < NEAR_TIE {
+            eprintln!("step {step}: near tie (margin {gap}), stopping the comparison");
+            break;
+        }
+        assert_eq!(tc, tv, "step {step}: greedy tokens differ (cpu margin {gap}) after {tokens:?}");
+        tokens.push(tc);
+        for ((m, kv), out) in [&cpu, &vk].into_iter().zip(&mut states).zip(&mut logits) {
+            let mut seqs = [Seq { kv, tokens: &[tc], logits: Logits::Last }];
+            m.forward(&pool, &mut seqs, out).unwrap();
+        }
+        let (f, d) = compare(&format!("greedy step {step}"), &logits[0], &logits[1]);
+        worst = worst.max(f);
+        worst_diff = worst_diff.max(d);
+        (cpu_row, vk_row) = (logits[0].clone(), logits[1].clone());
+    }
+    eprintln!(
+        "{file} on {}: {} prompt tokens, {} greedy tokens equal ({:?}); largest |vk - cpu| \
+         {worst_diff}, {:.2} of the tolerance; {:.1} s",
+        placement,
+        prompt.len(),
+        tokens.len(),
+        String::from_utf8_lossy(&cpu.tokenizer().detokenize(&tokens, false).unwrap()),
+        worst,
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(tokens.len() >= 4, "only {} greedy tokens compared", tokens.len());
+}
+
+fn with_attention() -> Placement {
+    Placement::vulkan().with(OpClass::Attention, Backend::Vulkan)
+}
+
+#[test]
+fn smollm2_feed_forward_and_output_on_vulkan_match_the_cpu() {
+    run(common::SMOLLM2, Placement::vulkan());
+}
+
+#[test]
+fn smollm2_attention_products_on_vulkan_too_match_the_cpu() {
+    run(common::SMOLLM2, with_attention());
+}
+
+#[test]
+fn gemma3_feed_forward_and_output_on_vulkan_match_the_cpu() {
+    run(common::GEMMA3, Placement::vulkan());
+}
+
+#[test]
+fn gemma3_attention_products_on_vulkan_too_match_the_cpu() {
+    run(common::GEMMA3, with_attention());
+}
