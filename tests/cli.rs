@@ -32,6 +32,8 @@ fn status_and_ping() {
         out.contains("user mode") && out.contains("cpu") && out.contains("(this command)"),
         "{out}"
     );
+    // The CPU entry says where each class of operations runs.
+    assert!(out.contains("placement: attention="), "{out}");
     let (status, out, err) = run(unicorn(&d).args(["status", "--json"]));
     assert!(status.success(), "{err}");
     assert!(out.contains(&format!("\"pid\":{}", d.pid())), "{out}");

@@ -1,18 +1,32 @@
 //! What compute devices this machine has, as `unicorn status` reports them.
 //!
-//! The CPU is always used. Render nodes and accel nodes are found and described, with whether
-//! this daemon can open them; running jobs on them belongs to the Vulkan and xdna backends,
-//! and until those exist the devices are listed as not in use, with the reason.
+//! The CPU is always used; its entry also says which backend runs which class of operations (the
+//! placement, `UNICORN_BACKEND`). Render nodes and accel nodes are found and described, with
+//! whether this daemon can open them and whether the Vulkan backend runs on some device (the
+//! Vulkan device is not matched to a node); the xdna backend does not exist yet.
 
 use std::path::Path;
 
 use unicorn::protocol::{Device, DeviceKind};
+use unicorn_engine::model::Backends;
 
-/// Every device found, the CPU first.
-pub fn discover() -> Vec<Device> {
-    let mut devices = vec![cpu()];
-    devices.extend(nodes("/dev/dri", "renderD", DeviceKind::Gpu, "drm"));
-    devices.extend(nodes("/dev/accel", "accel", DeviceKind::Npu, "accel"));
+/// Every device found, the CPU first, described with the placement `backends`.
+pub fn discover(backends: &Backends) -> Vec<Device> {
+    let mut cpu = cpu();
+    cpu.detail.push_str(&format!("; placement: {}", backends.describe()));
+    let gpu = match backends.vulkan_device() {
+        Some(name) => format!("the Vulkan backend runs on {name}"),
+        None => "the Vulkan backend is not used (placement)".to_owned(),
+    };
+    let mut devices = vec![cpu];
+    devices.extend(nodes("/dev/dri", "renderD", DeviceKind::Gpu, "drm", &gpu));
+    devices.extend(nodes(
+        "/dev/accel",
+        "accel",
+        DeviceKind::Npu,
+        "accel",
+        "no NPU backend in this version",
+    ));
     devices
 }
 
@@ -53,7 +67,7 @@ fn cpu() -> Device {
 }
 
 /// Device nodes `dir/prefixN`, with the driver sysfs names and whether we may open them.
-fn nodes(dir: &str, prefix: &str, kind: DeviceKind, class: &str) -> Vec<Device> {
+fn nodes(dir: &str, prefix: &str, kind: DeviceKind, class: &str, backend: &str) -> Vec<Device> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -78,11 +92,6 @@ fn nodes(dir: &str, prefix: &str, kind: DeviceKind, class: &str) -> Vec<Device> 
                 Ok(()) => "accessible".to_owned(),
                 Err(e) => format!("not accessible to this daemon ({e})"),
             };
-            let backend = match kind {
-                DeviceKind::Gpu => "no Vulkan backend in this version",
-                DeviceKind::Npu => "no NPU backend in this version",
-                DeviceKind::Cpu => "",
-            };
             Device {
                 kind,
                 name: format!("{} ({driver})", path.display()),
@@ -99,10 +108,13 @@ mod tests {
 
     #[test]
     fn the_cpu_is_always_there_and_in_use() {
-        let d = discover();
+        let d = discover(&Backends::cpu());
         assert_eq!(d[0].kind, DeviceKind::Cpu);
         assert!(d[0].in_use);
         assert!(d[0].detail.contains("hardware threads"));
+        assert!(d[0]
+            .detail
+            .contains("placement: attention=cpu,feed_forward=cpu,output=cpu,norms=cpu"));
         assert!(d[1..].iter().all(|x| x.kind != DeviceKind::Cpu && !x.in_use));
     }
 }

@@ -181,7 +181,10 @@ impl Server {
             ServerError::Socket { path: "engine".into(), message: e.message().to_owned() }
         })?;
         log::info!("engine: {} compute threads", config.threads);
-        let devices = crate::devices::discover();
+        // Resolved and logged ("placement: ...", a warning per fallback) once per process;
+        // every model uses it.
+        let backends = unicorn_engine::model::Backends::from_env();
+        let devices = crate::devices::discover(&backends);
         for d in &devices {
             log::info!(
                 "device {}: {} ({}; {})",
