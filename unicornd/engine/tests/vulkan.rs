@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use unicorn_engine::gguf::GgufFile;
 use unicorn_engine::model::{
-    shared_vulkan_context, Backend, Backends, KvType, Logits, Model, OpClass, Placement, Seq,
+    shared_vulkan_context, Backends, KvType, Logits, Model, Placement, Seq,
 };
 use unicorn_kernels::ThreadPool;
 
@@ -156,18 +156,15 @@ fn run(file: &str, placement: Placement) {
     assert!(tokens.len() >= 4, "only {} greedy tokens compared", tokens.len());
 }
 
-fn with_attention() -> Placement {
-    Placement::vulkan().with(OpClass::Attention, Backend::Vulkan)
-}
-
 #[test]
 fn smollm2_feed_forward_and_output_on_vulkan_match_the_cpu() {
     run(common::SMOLLM2, Placement::vulkan());
 }
 
+/// `vulkan-all`: the attention products and the norms too.
 #[test]
-fn smollm2_attention_products_on_vulkan_too_match_the_cpu() {
-    run(common::SMOLLM2, with_attention());
+fn smollm2_everything_on_vulkan_matches_the_cpu() {
+    run(common::SMOLLM2, Placement::vulkan_all());
 }
 
 #[test]
@@ -175,7 +172,8 @@ fn gemma3_feed_forward_and_output_on_vulkan_match_the_cpu() {
     run(common::GEMMA3, Placement::vulkan());
 }
 
+/// `vulkan-all`: with Gemma's Q/K norms and post-norms on the device as well.
 #[test]
-fn gemma3_attention_products_on_vulkan_too_match_the_cpu() {
-    run(common::GEMMA3, with_attention());
+fn gemma3_everything_on_vulkan_matches_the_cpu() {
+    run(common::GEMMA3, Placement::vulkan_all());
 }
