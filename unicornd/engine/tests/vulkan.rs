@@ -32,20 +32,6 @@ const STEPS: usize = 8;
 /// A CPU top-2 margin below this is a near tie: the comparison of tokens stops there.
 const NEAR_TIE: f32 = 0.5;
 
-fn lavapipe_icd_present() -> bool {
-    std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|dir| {
-        dir.flatten().any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("lvp_icd.") && name.ends_with(".json")
-        })
-    })
-}
-
-fn must_have_device() -> bool {
-    lavapipe_icd_present() || std::env::var("UNICORN_VULKAN_REQUIRE").is_ok_and(|v| v == "1")
-}
-
 /// `placement` resolved on the shared context (CPU devices allowed), or `None` (after saying
 /// so) where no Vulkan device can exist.
 fn backends(placement: Placement) -> Option<Backends> {
@@ -54,7 +40,7 @@ fn backends(placement: Placement) -> Option<Backends> {
     });
     if b.placement() != placement {
         assert!(
-            !must_have_device(),
+            !unicorn_vulkan::device_required(),
             "the lavapipe ICD is installed (or UNICORN_VULKAN_REQUIRE=1) but Vulkan is not \
              available: {:?}",
             b.fallbacks()

@@ -26,3 +26,17 @@ pub use context::{
 };
 pub use error::{Result, VulkanError};
 pub use ops::{KvShape, MAX_HEAD_DIM};
+
+/// Whether a Vulkan device must be found here, so that a test that finds none fails instead of
+/// skipping: Mesa's lavapipe ICD file is installed (`scripts/install-deps` installs it), or
+/// `UNICORN_VULKAN_REQUIRE=1` (CI sets it).
+pub fn device_required() -> bool {
+    let lavapipe = std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|dir| {
+        dir.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with("lvp_icd.") && name.ends_with(".json")
+        })
+    });
+    lavapipe || std::env::var("UNICORN_VULKAN_REQUIRE").is_ok_and(|v| v == "1")
+}

@@ -19,20 +19,6 @@ use unicorn_vulkan::{Buffer, Context, DeviceType, KvShape, Options, VulkanError,
 
 const MATVEC_TOL: f64 = 1e-4;
 
-fn lavapipe_icd_present() -> bool {
-    std::fs::read_dir("/usr/share/vulkan/icd.d").is_ok_and(|dir| {
-        dir.flatten().any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with("lvp_icd.") && name.ends_with(".json")
-        })
-    })
-}
-
-fn must_have_device() -> bool {
-    lavapipe_icd_present() || std::env::var("UNICORN_VULKAN_REQUIRE").is_ok_and(|v| v == "1")
-}
-
 /// The shared context, or `None` (after saying so) where no Vulkan device can exist.
 fn ctx() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
@@ -63,7 +49,7 @@ fn open(options: Options) -> Option<Context> {
         }
         Err(e) => {
             assert!(
-                !must_have_device(),
+                !unicorn_vulkan::device_required(),
                 "the lavapipe ICD is installed (or UNICORN_VULKAN_REQUIRE=1) but no Vulkan \
                  device could be opened: {e}"
             );
@@ -420,7 +406,10 @@ fn without_allow_cpu_a_cpu_only_machine_has_no_suitable_device() {
     let devices = match unicorn_vulkan::list_devices() {
         Ok(d) => d,
         Err(e) => {
-            assert!(!must_have_device(), "lavapipe is installed but Vulkan fails: {e}");
+            assert!(
+                !unicorn_vulkan::device_required(),
+                "lavapipe is installed but Vulkan fails: {e}"
+            );
             assert!(matches!(
                 e,
                 VulkanError::Loader(_)
