@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{lcg, make, view, Mat};
+use common::{gemma3_products, lcg, make, smollm2_products, view, Mat, Product};
 
 use std::time::{Duration, Instant};
 
@@ -48,8 +48,8 @@ type Shape = (&'static str, GgmlType, usize, usize);
 
 struct Model {
     shapes: Vec<Shape>,
-    layers: Vec<Vec<(GgmlType, usize, usize)>>,
-    output: (GgmlType, usize, usize),
+    layers: Vec<Vec<Product>>,
+    output: Product,
 }
 
 fn smollm2() -> Model {
@@ -62,26 +62,13 @@ fn smollm2() -> Model {
             ("ffn_down 576x1536 q4_1", q, 576, 1536),
             ("q8_0 4096x576", GgmlType::Q8_0, 4096, 576),
         ],
-        layers: (0..30)
-            .map(|_| {
-                vec![
-                    (q, 576, 576),
-                    (q, 192, 576),
-                    (q, 192, 576),
-                    (q, 576, 576),
-                    (q, 1536, 576),
-                    (q, 1536, 576),
-                    (q, 576, 1536),
-                ]
-            })
-            .collect(),
-        output: (GgmlType::Q8_0, 49152, 576),
+        layers: smollm2_products().0,
+        output: smollm2_products().1,
     }
 }
 
 fn gemma3() -> Model {
     use GgmlType::{Q4K, Q5_0, Q6K, Q8_0};
-    let wide = [0, 1, 4, 7, 10, 13, 15, 16, 17];
     Model {
         shapes: vec![
             ("attn_q 1024x640 q5_0", Q5_0, 1024, 640),
@@ -93,21 +80,8 @@ fn gemma3() -> Model {
             ("ffn_down 640x2048 q6_K", Q6K, 640, 2048),
             ("q8_0 4096x640", Q8_0, 4096, 640),
         ],
-        layers: (0..18)
-            .map(|l| {
-                let w = wide.contains(&l);
-                vec![
-                    (Q5_0, 1024, 640),
-                    (Q5_0, 256, 640),
-                    (if w { Q8_0 } else { Q5_0 }, 256, 640),
-                    (Q4K, 640, 1024),
-                    (Q5_0, 2048, 640),
-                    (Q5_0, 2048, 640),
-                    (if w { Q6K } else { Q4K }, 640, 2048),
-                ]
-            })
-            .collect(),
-        output: (Q8_0, 262144, 640),
+        layers: gemma3_products().0,
+        output: gemma3_products().1,
     }
 }
 

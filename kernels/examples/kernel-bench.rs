@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::{lcg, make, view, Mat};
+use common::{gemma3_products, lcg, make, smollm2_products, view, Mat, Product};
 
 use std::time::{Duration, Instant};
 
@@ -50,8 +50,8 @@ struct Model {
     /// Shapes timed one by one (and, where `batch`, as 128-token products).
     shapes: Vec<(Shape, bool)>,
     /// Each layer's products in order.
-    layers: Vec<Vec<(GgmlType, usize, usize)>>,
-    output: (GgmlType, usize, usize),
+    layers: Vec<Vec<Product>>,
+    output: Product,
     /// Query heads, KV heads, head size.
     attn: (usize, usize, usize),
 }
@@ -69,30 +69,15 @@ fn smollm2() -> Model {
             (("q8_0 4096x576 (in L3)", GgmlType::Q8_0, 4096, 576), false),
             (("output 49152x576 f16", GgmlType::F16, 49152, 576), false),
         ],
-        layers: (0..30)
-            .map(|_| {
-                vec![
-                    (q, 576, 576),
-                    (q, 192, 576),
-                    (q, 192, 576),
-                    (q, 576, 576),
-                    (q, 1536, 576),
-                    (q, 1536, 576),
-                    (q, 576, 1536),
-                ]
-            })
-            .collect(),
-        output: (GgmlType::Q8_0, 49152, 576),
+        layers: smollm2_products().0,
+        output: smollm2_products().1,
         attn: (9, 3, 64),
     }
 }
 
-/// Gemma 3 270M as `gemma-3-270m-q4_k_m.gguf` stores it: d_model 640 is not a multiple of 256,
-/// so the matrices reading it (q, k, v, gate, up) fall back to Q5_0/Q8_0; attn_output reads
-/// 1024 and ffn_down 2048, which are Q4_K, and ffn_down Q6_K in 9 of the 18 layers.
+/// Gemma 3 270M Q4_K_M (its types: [`gemma3_products`]).
 fn gemma3() -> Model {
     use GgmlType::{Q4K, Q5_0, Q6K, Q8_0};
-    let wide = [0, 1, 4, 7, 10, 13, 15, 16, 17]; // layers with Q8_0 attn_v and Q6_K ffn_down
     Model {
         name: "Gemma 3 270M Q4_K_M",
         shapes: vec![
@@ -105,21 +90,8 @@ fn gemma3() -> Model {
             (("ffn_down 640x2048 q6_K", Q6K, 640, 2048), true),
             (("output 262144x640 q8_0", Q8_0, 262144, 640), false),
         ],
-        layers: (0..18)
-            .map(|l| {
-                let w = wide.contains(&l);
-                vec![
-                    (Q5_0, 1024, 640),
-                    (Q5_0, 256, 640),
-                    (if w { Q8_0 } else { Q5_0 }, 256, 640),
-                    (Q4K, 640, 1024),
-                    (Q5_0, 2048, 640),
-                    (Q5_0, 2048, 640),
-                    (if w { Q6K } else { Q4K }, 640, 2048),
-                ]
-            })
-            .collect(),
-        output: (Q8_0, 262144, 640),
+        layers: gemma3_products().0,
+        output: gemma3_products().1,
         attn: (4, 1, 256),
     }
 }

@@ -44,3 +44,45 @@ pub fn make(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Mat {
 pub fn view(m: &Mat) -> WeightView<'_> {
     WeightView::new(m.ty, m.rows, m.cols, &m.data).unwrap()
 }
+
+/// One product of a layer: weight type, rows (outputs), cols (inputs).
+pub type Product = (GgmlType, usize, usize);
+
+/// SmolLM2-135M Q4_1's products in model order: 30 layers of q, k, v, o, gate, up, down, and
+/// the Q8_0 output projection.
+pub fn smollm2_products() -> (Vec<Vec<Product>>, Product) {
+    let q = GgmlType::Q4_1;
+    let layer = vec![
+        (q, 576, 576),
+        (q, 192, 576),
+        (q, 192, 576),
+        (q, 576, 576),
+        (q, 1536, 576),
+        (q, 1536, 576),
+        (q, 576, 1536),
+    ];
+    (vec![layer; 30], (GgmlType::Q8_0, 49152, 576))
+}
+
+/// Gemma 3 270M as `gemma-3-270m-q4_k_m.gguf` stores it: d_model 640 is not a multiple of 256,
+/// so the matrices reading it (q, k, v, gate, up) fall back to Q5_0/Q8_0; attn_output reads
+/// 1024 and ffn_down 2048, which are Q4_K, and ffn_down Q6_K in 9 of the 18 layers.
+pub fn gemma3_products() -> (Vec<Vec<Product>>, Product) {
+    use GgmlType::{Q4K, Q5_0, Q6K, Q8_0};
+    let wide = [0, 1, 4, 7, 10, 13, 15, 16, 17]; // layers with Q8_0 attn_v and Q6_K ffn_down
+    let layers = (0..18)
+        .map(|l| {
+            let w = wide.contains(&l);
+            vec![
+                (Q5_0, 1024, 640),
+                (Q5_0, 256, 640),
+                (if w { Q8_0 } else { Q5_0 }, 256, 640),
+                (Q4K, 640, 1024),
+                (Q5_0, 2048, 640),
+                (Q5_0, 2048, 640),
+                (if w { Q6K } else { Q4K }, 640, 2048),
+            ]
+        })
+        .collect();
+    (layers, (Q8_0, 262144, 640))
+}
