@@ -30,11 +30,8 @@ struct Buf {
 }
 
 impl Buf {
-    fn zeroed(ty: KvType, n: usize) -> Result<Buf, ModelError> {
-        let bytes = n.checked_mul(elem_bytes(ty)).ok_or(ModelError::KvMemory {
-            bytes: u64::MAX,
-            source: std::io::ErrorKind::OutOfMemory.into(),
-        })?;
+    /// `bytes` of zeroes (a whole number of elements of `ty`).
+    fn zeroed(ty: KvType, bytes: usize) -> Result<Buf, ModelError> {
         // A mapping cannot be empty; one element more than asked is never read.
         let map = MmapMut::map_anon(bytes.max(elem_bytes(ty)))
             .map_err(|source| ModelError::KvMemory { bytes: bytes as u64, source })?;
@@ -91,8 +88,10 @@ impl KvState {
             return Err(ModelError::BadHParam { key: "n_ctx".into(), message: "0 tokens".into() });
         }
         let per = hp.n_head_kv.checked_mul(n_ctx).and_then(|v| v.checked_mul(hp.head_dim));
-        let total = per.and_then(|p| p.checked_mul(2)).and_then(|p| p.checked_mul(hp.n_layer));
-        let (Some(per), Some(total)) = (per, total) else {
+        let bytes = per
+            .and_then(|p| p.checked_mul(2 * elem_bytes(ty)))
+            .and_then(|p| p.checked_mul(hp.n_layer));
+        let (Some(per), Some(bytes)) = (per, bytes) else {
             return Err(ModelError::BadHParam {
                 key: "n_ctx".into(),
                 message: format!("{n_ctx} too large"),
@@ -103,7 +102,7 @@ impl KvState {
             n_head_kv: hp.n_head_kv,
             head_dim: hp.head_dim,
             ty,
-            cache: Buf::zeroed(ty, total)?,
+            cache: Buf::zeroed(ty, bytes)?,
             per,
             tokens: Vec::with_capacity(n_ctx.min(1 << 16)),
         })
