@@ -210,6 +210,8 @@ impl HwContext {
             ty: sys::CMD_SUBMIT_EXEC_BUF,
             cmd_handles: u64::from(cmd.handle()),
             cmd_count: 1,
+            arg_count: u32::try_from(handles.len())
+                .map_err(|_| XdnaError::Invalid(format!("{} argument BOs", handles.len())))?,
             ..Default::default()
         };
         self.dev.exec_cmd(&mut a, &handles).map_err(XdnaError::ioctl("EXEC_CMD"))?;
