@@ -294,6 +294,12 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             println!("  {:<4} {} [{used}] {}", kind.name(), d.name, d.detail);
         }
     }
+    if !st.npu.summary.is_empty() {
+        println!("npu: {}", st.npu.summary);
+        for d in &st.npu.details {
+            println!("     {d}");
+        }
+    }
     println!(
         "compute threads: {}; engine queue: {} job(s); {} steps, {} of them batching several contexts",
         st.threads, st.engine_queue, st.engine_steps, st.engine_batched_steps
@@ -374,6 +380,9 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
             "name": m.name, "arch": m.arch, "file_type": m.file_type, "size_bytes": m.size_bytes,
             "digest": m.digest, "sessions": m.users, "contexts": m.contexts, "storage": m.storage,
         })).collect::<Vec<_>>(),
+        "npu": {
+            "usable": st.npu.usable, "summary": st.npu.summary, "details": st.npu.details,
+        },
         "devices": st.devices.iter().map(|d| serde_json::json!({
             "kind": d.kind.name(), "name": d.name, "in_use": d.in_use, "detail": d.detail,
         })).collect::<Vec<_>>(),

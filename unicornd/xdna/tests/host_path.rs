@@ -69,7 +69,9 @@ fn the_whole_host_path_runs_and_tears_down() {
     y.read(0, &mut out).unwrap();
     assert_eq!(out, [0x5a; 16]);
     let calls = fake.calls();
-    let pos = |p: &str| calls.iter().position(|c| c.starts_with(p)).unwrap_or_else(|| panic!("{p} in {calls:?}"));
+    let pos = |p: &str| {
+        calls.iter().position(|c| c.starts_with(p)).unwrap_or_else(|| panic!("{p} in {calls:?}"))
+    };
     assert!(pos("CREATE_BO(type 2") < pos("mmap(1)"));
     assert!(pos("mmap(1)") < pos("CREATE_BO(type 3"));
     assert!(pos("CREATE_BO(type 3") < pos("CREATE_HWCTX"));
@@ -165,7 +167,11 @@ fn the_fake_validates_like_the_driver() {
         CreateBo { size: 128 << 20, ty: sys::BO_DEV_HEAP, ..Default::default() },
     ] {
         let mut b = bad;
-        assert_eq!(fake.create_bo(&mut b).unwrap_err().raw_os_error(), Some(libc::EINVAL), "{bad:?}");
+        assert_eq!(
+            fake.create_bo(&mut b).unwrap_err().raw_os_error(),
+            Some(libc::EINVAL),
+            "{bad:?}"
+        );
     }
     // One heap per client.
     let mut h = CreateBo { size: 1 << 20, ty: sys::BO_DEV_HEAP, ..Default::default() };
@@ -214,19 +220,50 @@ fn config_and_exec_are_checked() {
     // EXEC on an unconfigured context.
     let instr = client.dev_bo_with(&[0u8; 64]).unwrap();
     let cmd = run_for(&client, 1, &instr, &[]);
-    let mut e = ExecCmd { hwctx: c.handle, cmd_handles: u64::from(cmd.handle()), cmd_count: 1, ..Default::default() };
+    let mut e = ExecCmd {
+        hwctx: c.handle,
+        cmd_handles: u64::from(cmd.handle()),
+        cmd_count: 1,
+        ..Default::default()
+    };
     assert_eq!(fake.exec_cmd(&mut e, &[]).unwrap_err().raw_os_error(), Some(libc::EINVAL));
     // EXEC of a non-CMD BO, of a CU the context lacks, and with a dead argument BO.
-    let mut e = ExecCmd { hwctx: ctx.handle(), cmd_handles: u64::from(shm.handle()), cmd_count: 1, ..Default::default() };
+    let mut e = ExecCmd {
+        hwctx: ctx.handle(),
+        cmd_handles: u64::from(shm.handle()),
+        cmd_count: 1,
+        ..Default::default()
+    };
     assert_eq!(fake.exec_cmd(&mut e, &[]).unwrap_err().raw_os_error(), Some(libc::EINVAL));
     let bad_cu = run_for(&client, 1 << 5, &instr, &[]);
     assert_eq!(errno(&ctx.run(&bad_cu, &[]).unwrap_err()), Some(libc::EINVAL));
-    let mut e = ExecCmd { hwctx: ctx.handle(), cmd_handles: u64::from(cmd.handle()), cmd_count: 1, arg_count: 1, ..Default::default() };
+    let mut e = ExecCmd {
+        hwctx: ctx.handle(),
+        cmd_handles: u64::from(cmd.handle()),
+        cmd_count: 1,
+        arg_count: 1,
+        ..Default::default()
+    };
     assert_eq!(fake.exec_cmd(&mut e, &[9999]).unwrap_err().raw_os_error(), Some(libc::ENOENT));
     // arg_count must match the handles given; the type must be EXEC_BUF.
-    let mut e = ExecCmd { hwctx: ctx.handle(), cmd_handles: u64::from(cmd.handle()), cmd_count: 1, arg_count: 2, ..Default::default() };
-    assert_eq!(fake.exec_cmd(&mut e, &[instr.handle()]).unwrap_err().raw_os_error(), Some(libc::EINVAL));
-    let mut e = ExecCmd { hwctx: ctx.handle(), ty: sys::CMD_SUBMIT_SIGNAL, cmd_handles: u64::from(cmd.handle()), cmd_count: 1, ..Default::default() };
+    let mut e = ExecCmd {
+        hwctx: ctx.handle(),
+        cmd_handles: u64::from(cmd.handle()),
+        cmd_count: 1,
+        arg_count: 2,
+        ..Default::default()
+    };
+    assert_eq!(
+        fake.exec_cmd(&mut e, &[instr.handle()]).unwrap_err().raw_os_error(),
+        Some(libc::EINVAL)
+    );
+    let mut e = ExecCmd {
+        hwctx: ctx.handle(),
+        ty: sys::CMD_SUBMIT_SIGNAL,
+        cmd_handles: u64::from(cmd.handle()),
+        cmd_count: 1,
+        ..Default::default()
+    };
     assert_eq!(fake.exec_cmd(&mut e, &[]).unwrap_err().raw_os_error(), Some(libc::EINVAL));
     // A corrupted header (count past the BO) is refused.
     let junk = Bo::new(client.device(), BoKind::Cmd, 4096).unwrap();

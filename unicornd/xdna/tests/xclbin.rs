@@ -107,7 +107,10 @@ fn payload_corruptions() {
     for count in [0x7fff_ffffu32, 0xffff_ffff, 1000] {
         let mut bad = d.clone();
         put_u32(&mut bad, ip, count);
-        assert!(matches!(Xclbin::parse(&bad), Err(XclbinError::Section { what: "IP_LAYOUT", .. })), "{count}");
+        assert!(
+            matches!(Xclbin::parse(&bad), Err(XclbinError::Section { what: "IP_LAYOUT", .. })),
+            "{count}"
+        );
     }
     // AIE_PARTITION: a huge PDI count, a PDI array past the section, a name offset past it.
     let mut bad = d.clone();
@@ -164,7 +167,9 @@ proptest! {
 fn fuzz_seeds_and_corpus_run_as_a_test() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds");
     let mut n = 0;
-    for sub in [dir, std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/xclbin_parse")] {
+    for sub in
+        [dir, std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/xclbin_parse")]
+    {
         let Ok(entries) = std::fs::read_dir(&sub) else { continue };
         for e in entries.flatten() {
             check_invariants(&std::fs::read(e.path()).unwrap());

@@ -18,7 +18,8 @@ pub use error::ModelError;
 pub use hparams::HParams;
 pub use kv::{KvState, KvType};
 pub use placement::{
-    shared_vulkan_context, Backend, Backends, OpClass, Placement, PlacementError, BACKEND_ENV,
+    set_npu_offer, shared_vulkan_context, Backend, Backends, NpuOffer, OpClass, Placement,
+    PlacementError, BACKEND_ENV,
 };
 pub use transformer::{Logits, Seq};
 
