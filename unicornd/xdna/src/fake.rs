@@ -247,7 +247,7 @@ impl Device for FakeDevice {
         let all = rows * u32::from(Self::METADATA.cols);
         if arg.max_opc == 0
             || arg.num_tiles == 0
-            || arg.num_tiles % rows != 0
+            || !arg.num_tiles.is_multiple_of(rows)
             || arg.num_tiles > all
         {
             return einval();
