@@ -34,6 +34,15 @@ def tensor(n, dtype=bfloat16):
     return np.ndarray[(n,), np.dtype[dtype]]
 
 
+def row_block_products(wf, xv, yf, kf, blocks, k):
+    """In a core: `blocks` blocks of ROWS_PER_TILE rows of W, each times the vector xv."""
+    for _ in range(blocks):
+        wv, yv = wf.acquire(1), yf.acquire(1)
+        kf(wv, xv, yv, ROWS_PER_TILE, k)
+        wf.release(1)
+        yf.release(1)
+
+
 def matvec(m, k, cols=4):
     """Each of `cols` columns takes every `cols`-th block of ROWS_PER_TILE rows of W."""
     assert m % (ROWS_PER_TILE * cols) == 0, "M must split into row blocks per column"
@@ -48,11 +57,7 @@ def matvec(m, k, cols=4):
 
         def core(wf, xf, yf, kf):
             xv = xf.acquire(1)
-            for _ in range(blocks):
-                wv, yv = wf.acquire(1), yf.acquire(1)
-                kf(wv, xv, yv, ROWS_PER_TILE, k)
-                wf.release(1)
-                yf.release(1)
+            row_block_products(wf, xv, yf, kf, blocks, k)
             xf.release(1)
 
         workers.append(Worker(core, [w.cons(), x.cons(), y.prod(), kern]))
@@ -91,11 +96,7 @@ def matmul(m, k, n, cols=4):
         def core(wf, xf, yf, kf):
             for _ in range(n // cols):
                 xv = xf.acquire(1)
-                for _ in range(blocks):
-                    wv, yv = wf.acquire(1), yf.acquire(1)
-                    kf(wv, xv, yv, ROWS_PER_TILE, k)
-                    wf.release(1)
-                    yf.release(1)
+                row_block_products(wf, xv, yf, kf, blocks, k)
                 xf.release(1)
 
         workers.append(Worker(core, [w.cons(), x.cons(), y.prod(), kern]))

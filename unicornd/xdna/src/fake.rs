@@ -71,7 +71,7 @@ struct State {
     next_handle: u32,
     heap: Option<u32>,
     heap_map: Option<Arc<Mmap>>,
-    /// (offset, size) of DEV BOs in the heap.
+    /// (offset, size, handle) of DEV BOs in the heap.
     heap_used: Vec<(u64, u64, u32)>,
     ctxs: HashMap<u32, FakeCtx>,
     next_ctx: u32,
