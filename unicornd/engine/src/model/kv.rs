@@ -75,6 +75,8 @@ pub struct KvState {
     n_head_kv: usize,
     head_dim: usize,
     ty: KvType,
+    /// Layers with a cache of their own (`HParams::n_layer_kv`).
+    n_caches: usize,
     /// Per cache (layer with its own K and V), K then V, each `n_head_kv x n_ctx x head_dim` values.
     cache: Buf,
     /// Values in one layer's K (or V).
@@ -103,6 +105,7 @@ impl KvState {
             n_head_kv: hp.n_head_kv,
             head_dim: hp.head_dim,
             ty,
+            n_caches: hp.n_layer_kv,
             cache: Buf::zeroed(ty, bytes)?,
             per,
             tokens: Vec::with_capacity(n_ctx.min(1 << 16)),
@@ -116,6 +119,11 @@ impl KvState {
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Bytes this cache reserves (resident only as positions fill): [`KvState::bytes_for`].
+    pub fn bytes(&self) -> u64 {
+        (2 * self.n_caches * self.per * elem_bytes(self.ty)) as u64
     }
 
     /// Tokens decoded so far (the next token goes at this position).
