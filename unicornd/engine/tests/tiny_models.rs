@@ -114,8 +114,8 @@ fn load(case: &Case, backends: Backends) -> (Fixture, Model) {
 
 /// Tokenization, every prompt position, and the teacher-forced greedy steps, on `backends`:
 /// token by token after the prompt (the single-token path and the cache across calls), or with
-/// `one_pass` all in the prompt's pass (lavapipe waits for every operation: 64 passes of 25
-/// layers take half a minute there).
+/// `one_pass` all in one batched pass with the prompts (lavapipe waits for every operation: 64
+/// passes of 25 layers take half a minute there).
 fn run(case: &Case, backends: Backends, one_pass: bool) {
     let t0 = Instant::now();
     let placement = backends.placement();
@@ -129,26 +129,52 @@ fn run(case: &Case, backends: Backends, one_pass: bool) {
     let (last_shape, last) = fixture.npy(&format!("{}.last_logits.npy", case.model));
     assert_eq!(last_shape, [PROMPTS, n_vocab]);
 
+    // Every prompt in one pass, every position's logits (with `one_pass`: all four prompts
+    // batched, each followed by llama.cpp's greedy ids); `rows[k]` are prompt k's.
+    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["prompt_ids"])).collect();
+    let generated: Vec<Vec<u32>> = prompts.iter().map(|p| ids(&p["generated_ids"])).collect();
+    let inputs: Vec<Vec<u32>> = prompt_ids
+        .iter()
+        .zip(&generated)
+        .map(|(p, g)| if one_pass { [&p[..], &g[..g.len() - 1]].concat() } else { p.clone() })
+        .collect();
+    let mut kvs: Vec<KvState> = prompt_ids
+        .iter()
+        .zip(&generated)
+        .map(|(p, g)| model.new_state(p.len() + g.len(), KvType::F16).unwrap())
+        .collect();
+    let mut logits = Vec::new();
+    let mut rows: Vec<Vec<Vec<f32>>> = Vec::new();
+    let batches: Vec<Vec<usize>> = if one_pass {
+        vec![(0..PROMPTS).collect()]
+    } else {
+        (0..PROMPTS).map(|k| vec![k]).collect()
+    };
+    for batch in batches {
+        let mut seqs: Vec<Seq> = kvs
+            .iter_mut()
+            .zip(&inputs)
+            .enumerate()
+            .filter(|(k, _)| batch.contains(k))
+            .map(|(_, (kv, input))| Seq { kv, tokens: input, logits: Logits::All })
+            .collect();
+        model.forward(&pool, &mut seqs, &mut logits).unwrap();
+        let mut rest = &logits[..];
+        for &k in &batch {
+            let (mine, others) = rest.split_at(inputs[k].len() * n_vocab);
+            rows.push(mine.chunks_exact(n_vocab).map(<[f32]>::to_vec).collect());
+            rest = others;
+        }
+        assert!(rest.is_empty());
+    }
+
     let (mut prompt_worst, mut step_worst) = (Worst::new(), Worst::new());
     let (mut compared, mut steps) = (0, 0);
     for (k, p) in prompts.iter().enumerate() {
-        let prompt = ids(&p["prompt_ids"]);
+        let (prompt, generated, kv) = (&prompt_ids[k], &generated[k], &mut kvs[k]);
         let text = p["prompt"].as_str().unwrap();
-        assert_eq!(model.tokenizer().tokenize(text, true, true), prompt, "tokens of {text:?}");
-
-        // The prompt in one pass, every position's logits; with `one_pass`, llama.cpp's greedy
-        // ids after it in the same pass.
-        let generated = ids(&p["generated_ids"]);
-        let mut kv = model.new_state(prompt.len() + generated.len(), KvType::F16).unwrap();
-        let mut input = prompt.clone();
-        if one_pass {
-            input.extend_from_slice(&generated[..generated.len() - 1]);
-        }
-        let mut logits = Vec::new();
-        let mut seq = [Seq { kv: &mut kv, tokens: &input, logits: Logits::All }];
-        model.forward(&pool, &mut seq, &mut logits).unwrap();
-        assert_eq!(logits.len(), input.len() * n_vocab);
-        let all_rows: Vec<Vec<f32>> = logits.chunks_exact(n_vocab).map(<[f32]>::to_vec).collect();
+        assert_eq!(&model.tokenizer().tokenize(text, true, true), prompt, "tokens of {text:?}");
+        let all_rows = &rows[k];
         let rows = &all_rows[..prompt.len()];
         if case.all_positions {
             let (shape, all) = fixture.npy(&format!("{}.logits_all.p{k}.npy", case.model));
@@ -189,7 +215,7 @@ fn run(case: &Case, backends: Backends, one_pass: bool) {
                 row.clone_from(&all_rows[prompt.len() + i]);
             } else if i + 1 < generated.len() {
                 let mut seq =
-                    [Seq { kv: &mut kv, tokens: &generated[i..=i], logits: Logits::Last }];
+                    [Seq { kv: &mut *kv, tokens: &generated[i..=i], logits: Logits::Last }];
                 model.forward(&pool, &mut seq, &mut logits).unwrap();
                 row.copy_from_slice(&logits);
             }
@@ -306,7 +332,7 @@ fn unchanged(_: &str, v: &GgufValue) -> Option<GgufValue> {
 #[test]
 fn gemma3n_loading_names_what_is_missing_or_unsupported() {
     // The rewriting itself changes nothing.
-    edited_gemma3n(unchanged, keep_all).unwrap();
+    let original = edited_gemma3n(unchanged, keep_all).unwrap();
 
     let missing = |name: &'static str| {
         let e = edited_gemma3n(unchanged, |t| t != name).unwrap_err();
@@ -359,6 +385,17 @@ fn gemma3n_loading_names_what_is_missing_or_unsupported() {
     ];
     let m = edited_gemma3n(|k, v| (!fixed.contains(&k)).then(|| v.clone()), keep_all).unwrap();
     assert_eq!(m.hparams().n_layer_kv, 20);
+    assert_eq!(prompt_logits(&m), prompt_logits(&original));
+}
+
+/// The logits of every position of the first fixture prompt.
+fn prompt_logits(m: &Model) -> Vec<f32> {
+    let tokens = [2, 818, 505, 670, 509, 514, 529, 633, 936, 831, 563];
+    let mut kv = m.new_state(tokens.len(), KvType::F16).unwrap();
+    let mut out = Vec::new();
+    let mut seq = [Seq { kv: &mut kv, tokens: &tokens, logits: Logits::All }];
+    m.forward(&ThreadPool::new(2), &mut seq, &mut out).unwrap();
+    out
 }
 
 #[test]
