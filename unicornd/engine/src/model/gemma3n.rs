@@ -23,19 +23,22 @@
 //! - V is RMS-normed per head (no weight), the attention scale is 1, norm weights are used as
 //!   stored (no `+1`), and the logits are soft-capped.
 //!
-//! Read from the file, with llama.cpp's fixed value (commit 0c1e570, which reads none of these
-//! but the soft-cap) when a key is absent:
-//! - `altup.num_inputs` (4), `altup.active_idx` (0);
-//! - `embedding_length_per_layer_input` (256), checked against `per_layer_token_embd`;
-//! - `attention.shared_kv_layers` (llama.cpp: the first 20 layers have a cache);
-//! - `attention.sliding_window_pattern` (llama.cpp: every 5th layer global);
-//! - `rope.freq_base_swa` (10 000; global layers use `rope.freq_base`);
-//! - `activation_sparsity_scale`, per layer `icdf(p)`, `-inf` for none (llama.cpp: layers 0..9
-//!   with 1.6448533535);
-//! - `final_logit_softcapping` (30).
+//! Values llama.cpp (commit 0c1e570) fixes in code rather than reading from the file. Here each
+//! is read from the file when the key is there (the converter writes them), with
+//! llama.cpp's value as the fallback:
+//! - AltUp: 4 streams, active index 0 (`altup.num_inputs`, `altup.active_idx`);
+//! - the per-layer input width 256 (`embedding_length_per_layer_input`), checked against the
+//!   shape of `per_layer_token_embd`;
+//! - caches in layers 0..19 (`attention.shared_kv_layers`: the last n layers share);
+//! - activation sparsity in layers 0..9 with multiplier 1.6448533535 = icdf(0.95)
+//!   (`activation_sparsity_scale`: icdf(p) per layer, `-inf` for a dense one);
+//! - the LAuReL rank 64: the shape of `laurel_l`;
+//! - the attention scale 1.0 (no key; fixed here too: Q and K are normed instead).
 //!
-//! Fixed here as in llama.cpp: the attention scale 1.0 (Q and K are normed instead); the LAuReL
-//! rank is the shape of `laurel_l`.
+//! Read by llama.cpp too, with its value for a file without the key: the soft-cap
+//! `final_logit_softcapping` (30), the local/global pattern `attention.sliding_window_pattern`
+//! (every 5th layer global), the local layers' RoPE base `rope.freq_base_swa` (10 000; global
+//! layers use `rope.freq_base`).
 //!
 //! Where they run: LAuReL's products with the attention class, the per-layer input's gate and
 //! projection with the feed-forward class; the AltUp router, coefficients and projections and
