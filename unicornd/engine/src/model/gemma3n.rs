@@ -44,17 +44,15 @@
 //! projection with the feed-forward class; the AltUp router, coefficients and projections and
 //! `per_layer_model_proj` (small, or once per token) on the CPU.
 
-use unicorn_kernels::ops::{add_assign, geglu, scale, RopeMode};
-use unicorn_kernels::ThreadPool;
-
-use super::placement::{Exec, OpClass};
+use super::placement::OpClass;
 use super::transformer::{
-    embeddings, layer_tensor, Attention, AttnOpts, FeedForward, Ffn, KvSource, Network, Pass, Seq,
-    SlidingWindow,
+    embeddings, layer_tensor, Attention, AttnOpts, FeedForward, Ffn, KvSource, Network, Pass, Run,
+    Seq, SlidingWindow,
 };
 use super::weights::{vector, Matrix};
 use super::{HParams, ModelError};
 use crate::gguf::GgufFile;
+use unicorn_kernels::ops::{add_assign, geglu, scale, RopeMode};
 
 /// llama.cpp's fixed values, used when the file does not give them.
 const ALTUP_INPUTS: usize = 4;
@@ -398,15 +396,13 @@ impl Gemma3n {
 impl Network for Gemma3n {
     fn forward(
         &self,
-        bytes: &[u8],
-        exec: &Exec,
-        pool: &ThreadPool,
+        run: Run<'_>,
         seqs: &mut [Seq<'_>],
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let hp = &self.hp;
         let local = Some((self.window, self.swa_rope_base));
-        let mut pass = Pass::new(hp, bytes, exec, pool, seqs, RopeMode::Neox, local)?;
+        let mut pass = Pass::new(hp, run, seqs, RopeMode::Neox, local)?;
         let (n, d, w, a) = (pass.n(), hp.n_embd, self.per_layer_width, self.n_altup);
         let embd = pass.embed(&self.tok_embd, seqs, (d as f32).sqrt())?;
         let inputs = self.per_layer_inputs(&pass, seqs, &embd)?;

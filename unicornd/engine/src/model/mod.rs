@@ -128,7 +128,8 @@ impl Model {
         seqs: &mut [Seq<'_>],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        self.net.forward(self.gguf.bytes(), &self.exec, pool, seqs, logits)
+        let run = transformer::Run { bytes: self.gguf.bytes(), exec: &self.exec, pool };
+        self.net.forward(run, seqs, logits)
     }
 }
 

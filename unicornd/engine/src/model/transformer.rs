@@ -18,6 +18,15 @@ use super::weights::{vector, Matrix};
 use super::{HParams, KvState, ModelError};
 use crate::gguf::GgufFile;
 
+/// What a forward pass runs with: the model file's bytes (which the weights point into), where
+/// each operation class runs, and the CPU's threads.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Run<'a> {
+    pub bytes: &'a [u8],
+    pub exec: &'a Exec,
+    pub pool: &'a ThreadPool,
+}
+
 /// A network the model runs: the plain [`Transformer`], or an architecture's own arrangement
 /// of the shared steps.
 pub(crate) trait Network: std::fmt::Debug + Send + Sync {
@@ -28,9 +37,7 @@ pub(crate) trait Network: std::fmt::Debug + Send + Sync {
     /// CPU.
     fn forward(
         &self,
-        bytes: &[u8],
-        exec: &Exec,
-        pool: &ThreadPool,
+        run: Run<'_>,
         seqs: &mut [Seq<'_>],
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError>;
@@ -252,9 +259,7 @@ impl<'a> Pass<'a> {
     /// of local layers.
     pub fn new(
         hp: &'a HParams,
-        bytes: &'a [u8],
-        exec: &'a Exec,
-        pool: &'a ThreadPool,
+        run: Run<'a>,
         seqs: &[Seq<'_>],
         rope_mode: RopeMode,
         local: Option<(usize, f32)>,
@@ -298,9 +303,9 @@ impl<'a> Pass<'a> {
         });
         let rope_global = tables(rope);
         Ok(Pass {
-            bytes,
-            exec,
-            pool,
+            bytes: run.bytes,
+            exec: run.exec,
+            pool: run.pool,
             hp,
             n,
             pos,
@@ -677,15 +682,13 @@ impl Transformer {
 impl Network for Transformer {
     fn forward(
         &self,
-        bytes: &[u8],
-        exec: &Exec,
-        pool: &ThreadPool,
+        run: Run<'_>,
         seqs: &mut [Seq<'_>],
         out: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let (hp, spec) = (&self.hp, &self.spec);
         let local = spec.swa.as_ref().map(|w| (w.window, w.rope_base));
-        let mut pass = Pass::new(hp, bytes, exec, pool, seqs, spec.rope_mode, local)?;
+        let mut pass = Pass::new(hp, run, seqs, spec.rope_mode, local)?;
         let d = hp.n_embd;
         let embed_scale = if spec.embed_scale { (d as f32).sqrt() } else { 1.0 };
         let mut x = pass.embed(&self.tok_embd, seqs, embed_scale)?;
