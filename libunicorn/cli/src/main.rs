@@ -323,7 +323,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
     }
     println!("sessions:");
     println!(
-        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9} {:>6}",
+        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>24} {:>9} {:>6}",
         "ID",
         "PID",
         "UID",
@@ -342,7 +342,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
     for s in &st.sessions {
         let me = if s.id == own_session { " (this command)" } else { "" };
         println!(
-            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9} {:>6}{me}",
+            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>24} {:>9} {:>6}{me}",
             s.id,
             s.pid,
             s.uid,
@@ -354,7 +354,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             s.jobs_in_flight,
             format!("{} ({})", s.buffers, fmt_bytes(s.buffer_bytes)),
             s.models,
-            format!("{} ({} pos)", s.contexts, s.kv_tokens),
+            format!("{} ({} pos, {})", s.contexts, s.kv_tokens, fmt_bytes(s.kv_bytes)),
             s.tokens_decoded,
             format!("{:.1}", s.token_rate),
         );
@@ -392,7 +392,7 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
             "jobs_completed": s.jobs_completed, "jobs_failed": s.jobs_failed,
             "jobs_in_flight": s.jobs_in_flight, "buffers": s.buffers,
             "buffer_bytes": s.buffer_bytes, "models": s.models, "contexts": s.contexts,
-            "kv_tokens": s.kv_tokens, "tokens_decoded": s.tokens_decoded,
+            "kv_tokens": s.kv_tokens, "kv_bytes": s.kv_bytes, "tokens_decoded": s.tokens_decoded,
             "tokens_per_s": s.token_rate,
         })).collect::<Vec<_>>(),
     })

@@ -164,6 +164,9 @@ pub struct SessionInfo {
     pub contexts: u32,
     /// KV-cache tokens of this session's contexts.
     pub kv_tokens: u64,
+    /// Bytes the KV caches of this session's contexts reserve (a layer that reads another
+    /// layer's cache, as in Gemma 3n, has none).
+    pub kv_bytes: u64,
     /// Tokens decoded for this session.
     pub tokens_decoded: u64,
     /// Tokens per second decoded for this session lately (a 5-second moving average).
@@ -670,6 +673,7 @@ impl Reply {
                             .u32(x.models)
                             .u32(x.contexts)
                             .u64(x.kv_tokens)
+                            .u64(x.kv_bytes)
                             .u64(x.tokens_decoded)
                             .u32(x.token_rate.to_bits());
                     })
@@ -775,7 +779,7 @@ impl Reply {
                 sessions_served: r.u64("sessions served")?,
                 jobs_completed: r.u64("jobs completed")?,
                 sessions_disconnected: r.u64("sessions disconnected")?,
-                sessions: r.list("sessions", 83, |r| {
+                sessions: r.list("sessions", 91, |r| {
                     Ok(SessionInfo {
                         id: r.u64("session id")?,
                         pid: r.u32("pid")?,
@@ -791,6 +795,7 @@ impl Reply {
                         models: r.u32("models")?,
                         contexts: r.u32("contexts")?,
                         kv_tokens: r.u64("kv tokens")?,
+                        kv_bytes: r.u64("kv bytes")?,
                         tokens_decoded: r.u64("tokens decoded")?,
                         token_rate: f32::from_bits(r.u32("token rate")?),
                     })
@@ -1007,6 +1012,7 @@ mod tests {
                     models: 1,
                     contexts: 2,
                     kv_tokens: 4096,
+                    kv_bytes: 1 << 20,
                     tokens_decoded: 77,
                     token_rate: 12.5,
                 }],

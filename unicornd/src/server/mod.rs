@@ -864,6 +864,7 @@ impl Server {
                     models: a.models.len() as u32,
                     contexts: a.contexts.len() as u32,
                     kv_tokens: a.kv_tokens,
+                    kv_bytes: a.kv_bytes,
                     tokens_decoded: a.tokens_decoded,
                     token_rate: a.rate.rate(now),
                 })

@@ -7,10 +7,12 @@
 
 mod error;
 mod gemma3;
+mod gemma3n;
 mod hparams;
 mod kv;
 mod llama;
 mod placement;
+mod qwen3;
 mod transformer;
 mod weights;
 
@@ -29,7 +31,7 @@ use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 
 /// Architectures this engine runs.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3, gemma3n, qwen3";
 
 /// A loaded model: the file, its tokenizer, and the network over the file's bytes.
 #[derive(Debug)]
@@ -37,7 +39,7 @@ pub struct Model {
     gguf: GgufFile,
     hp: HParams,
     tokenizer: Tokenizer,
-    net: transformer::Transformer,
+    net: Box<dyn transformer::Network>,
     exec: placement::Exec,
     name: String,
     file_type: String,
@@ -56,14 +58,19 @@ impl Model {
     pub fn load_with(gguf: GgufFile, backends: Backends) -> Result<Model, ModelError> {
         let arch = gguf.architecture()?.to_owned();
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let hp = HParams::read(&gguf, &arch, tokenizer.n_vocab())?;
-        let net = match arch.as_str() {
-            "llama" => llama::load(&gguf, &hp)?,
-            "gemma3" => gemma3::load(&gguf, &hp)?,
+        let load = match arch.as_str() {
+            "llama" => llama::load,
+            "gemma3" => gemma3::load,
+            "gemma3n" => gemma3n::load,
+            "qwen3" => qwen3::load,
             other => {
                 return Err(ModelError::UnsupportedArch(other.to_owned(), SUPPORTED_ARCHITECTURES))
             }
         };
+        // What is missing or wrong in the file, said with the architecture that needs it.
+        let in_arch = |e| ModelError::Arch { arch: arch.clone(), source: Box::new(e) };
+        let mut hp = HParams::read(&gguf, &arch, tokenizer.n_vocab()).map_err(in_arch)?;
+        let net = load(&gguf, &mut hp).map_err(in_arch)?;
         let md = gguf.metadata();
         let name = md.opt_str("general.name")?.unwrap_or("").to_owned();
         let chat_template = md.opt_str("tokenizer.chat_template")?.unwrap_or("").to_owned();
@@ -122,7 +129,8 @@ impl Model {
         seqs: &mut [Seq<'_>],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        self.net.forward(self.gguf.bytes(), &self.exec, pool, seqs, logits)
+        let run = transformer::Run { bytes: self.gguf.bytes(), exec: &self.exec, pool };
+        self.net.forward(run, seqs, logits)
     }
 }
 
