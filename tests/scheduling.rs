@@ -241,6 +241,40 @@ fn a_long_decode_can_be_cancelled_and_leaves_its_context_as_it_was() {
 }
 
 #[test]
+fn a_cancellable_decode_stops_when_its_flag_is_set_from_another_thread() {
+    let mut d = Daemon::start();
+    let mut c = d.client();
+    let m = c.load_model(&default_model()).unwrap();
+    let ctx = c.create_context(&m, &ContextParams { n_ctx: 4096, ..Default::default() }).unwrap();
+    c.decode(&ctx, &[504, 3575], LogitsWanted::None, false).unwrap();
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        })
+    };
+    // 4000 tokens take seconds: the flag is set long before they are done.
+    let tokens = vec![282u32; 4000];
+    let start = std::time::Instant::now();
+    let err = c.decode_cancellable(&ctx, &tokens, LogitsWanted::None, true, &flag).unwrap_err();
+    setter.join().unwrap();
+    assert_eq!(err.status(), Status::Cancelled, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+    // Neither the decode's nor the CANCEL's completion is left for the caller to reap.
+    let mut stray = Vec::new();
+    assert_eq!(c.reap(&mut stray, 8).unwrap(), 0, "{stray:?}");
+    assert_eq!(c.in_flight(), 0);
+    // The context is where it was before the cancelled decode; an unset flag changes nothing.
+    let idle = std::sync::atomic::AtomicBool::new(false);
+    let out = c.decode_cancellable(&ctx, &[282], LogitsWanted::None, true, &idle).unwrap();
+    assert_eq!(out.n_past, 3);
+    assert!(out.token.is_some());
+    d.assert_healthy();
+}
+
+#[test]
 fn a_client_killed_mid_batch_does_not_disturb_the_others() {
     let mut d = Daemon::start();
     let alone: Vec<Vec<u64>> = PROMPTS[..3]
