@@ -48,12 +48,11 @@ impl Session {
         self.cancel = flag;
     }
 
-    /// Changes the sampler from the next decode on.
+    /// Changes the sampler from the next decode on. Sent even when unchanged: it restarts the
+    /// random sequence from the seed, so that a seeded request repeats on a reused context.
     pub fn set_sampler(&mut self, sampler: SamplerParams) -> Result<()> {
-        if sampler != self.sampler {
-            self.client.set_sampler(&self.ctx, &sampler)?;
-            self.sampler = sampler;
-        }
+        self.client.set_sampler(&self.ctx, &sampler)?;
+        self.sampler = sampler;
         Ok(())
     }
 

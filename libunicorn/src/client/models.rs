@@ -212,7 +212,8 @@ impl Client {
         self.expect_done(&Request::FreeContext { ctx: c.handle })
     }
 
-    /// Changes how the context samples, from its next job on.
+    /// Changes how the context samples, from its next job on; the sampler starts afresh (its
+    /// random sequence from the seed, its penalty history empty) even when `s` is unchanged.
     pub fn set_sampler(&mut self, c: &ModelContext, s: &SamplerParams) -> Result<()> {
         self.expect_done(&Request::SetSampler { ctx: c.handle, sampler: *s })
     }
