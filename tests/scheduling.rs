@@ -201,14 +201,20 @@ fn contexts_and_kv_positions_are_limited_per_user_across_sessions() {
     d.assert_healthy();
 }
 
-#[test]
-fn a_long_decode_can_be_cancelled_and_leaves_its_context_as_it_was() {
-    let mut d = Daemon::start();
+/// A client with a 4096-position context that holds two tokens.
+fn two_tokens_decoded(d: &Daemon) -> (unicorn::Client, unicorn::ModelContext) {
     let mut c = d.client();
     let m = c.load_model(&default_model()).unwrap();
     let ctx = c.create_context(&m, &ContextParams { n_ctx: 4096, ..Default::default() }).unwrap();
     let before = c.decode(&ctx, &[504, 3575], LogitsWanted::None, false).unwrap().n_past;
     assert_eq!(before, 2);
+    (c, ctx)
+}
+
+#[test]
+fn a_long_decode_can_be_cancelled_and_leaves_its_context_as_it_was() {
+    let mut d = Daemon::start();
+    let (mut c, ctx) = two_tokens_decoded(&d);
     // 4000 tokens take seconds; the CANCEL goes right behind the DECODE.
     let buf = unicorn::sys::memfd::create_sealed_memfd("tokens", 16384).unwrap();
     let h = c.register_buffer(&buf, 16384).unwrap();
@@ -243,10 +249,7 @@ fn a_long_decode_can_be_cancelled_and_leaves_its_context_as_it_was() {
 #[test]
 fn a_cancellable_decode_stops_when_its_flag_is_set_from_another_thread() {
     let mut d = Daemon::start();
-    let mut c = d.client();
-    let m = c.load_model(&default_model()).unwrap();
-    let ctx = c.create_context(&m, &ContextParams { n_ctx: 4096, ..Default::default() }).unwrap();
-    c.decode(&ctx, &[504, 3575], LogitsWanted::None, false).unwrap();
+    let (mut c, ctx) = two_tokens_decoded(&d);
     let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let setter = {
         let flag = flag.clone();

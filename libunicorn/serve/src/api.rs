@@ -153,20 +153,12 @@ impl CommonFields {
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
-            match v {
-                Some(p) if !(-2.0..=2.0).contains(&p) => {
-                    return Err(ApiError::invalid(
-                        Some(param),
-                        format!("{param} = {p}: must be between -2 and 2"),
-                    ))
-                }
-                Some(p) if p != 0.0 => {
-                    return Err(ApiError::invalid(
-                        Some(param),
-                        format!("{param} = {p}: only 0 is supported (repeat_penalty is)"),
-                    ))
-                }
-                _ => {}
+            let p = checked(param, v, 0.0, |p| (-2.0..=2.0).contains(&p), "between -2 and 2")?;
+            if p != 0.0 {
+                return Err(ApiError::invalid(
+                    Some(param),
+                    format!("{param} = {p}: only 0 is supported (repeat_penalty is)"),
+                ));
             }
         }
         let max_tokens = match (self.max_completion_tokens, self.max_tokens) {
@@ -184,41 +176,33 @@ impl CommonFields {
             Some((_, m)) => Some(m as u32),
             None => default_max,
         };
-        let temperature = self.temperature.unwrap_or(1.0);
-        if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid(
-                Some("temperature"),
-                format!("temperature = {temperature}: must be between 0 and 2"),
-            ));
-        }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid(
-                Some("top_p"),
-                format!("top_p = {top_p}: must be greater than 0 and at most 1"),
-            ));
-        }
+        let temperature = checked(
+            "temperature",
+            self.temperature,
+            1.0,
+            |t| (0.0..=2.0).contains(&t),
+            "between 0 and 2",
+        )?;
+        let top_p = checked(
+            "top_p",
+            self.top_p,
+            1.0,
+            |p| p > 0.0 && p <= 1.0,
+            "greater than 0 and at most 1",
+        )?;
         let top_k = self.top_k.unwrap_or(0);
-        if !(0..=i64::from(u32::MAX)).contains(&top_k) {
-            return Err(ApiError::invalid(
-                Some("top_k"),
-                format!("top_k = {top_k}: must be at least 0"),
-            ));
-        }
-        let min_p = self.min_p.unwrap_or(0.0);
-        if !(0.0..=1.0).contains(&min_p) {
-            return Err(ApiError::invalid(
-                Some("min_p"),
-                format!("min_p = {min_p}: must be between 0 and 1"),
-            ));
-        }
-        let repeat_penalty = self.repeat_penalty.unwrap_or(1.0);
-        if !(repeat_penalty > 0.0 && repeat_penalty <= 10.0) {
-            return Err(ApiError::invalid(
-                Some("repeat_penalty"),
-                format!("repeat_penalty = {repeat_penalty}: must be greater than 0 and at most 10"),
-            ));
-        }
+        let top_k = u32::try_from(top_k).map_err(|_| {
+            ApiError::invalid(Some("top_k"), format!("top_k = {top_k}: must be at least 0"))
+        })?;
+        let min_p =
+            checked("min_p", self.min_p, 0.0, |p| (0.0..=1.0).contains(&p), "between 0 and 1")?;
+        let repeat_penalty = checked(
+            "repeat_penalty",
+            self.repeat_penalty,
+            1.0,
+            |p| p > 0.0 && p <= 10.0,
+            "greater than 0 and at most 10",
+        )?;
         let stops = parse_stop(self.stop.as_ref())?;
         // Any 64-bit seed: negative ones are taken as their two's complement.
         let seed = self.seed.map(|s| s as u64).unwrap_or_else(fresh_seed);
@@ -227,7 +211,7 @@ impl CommonFields {
         } else {
             SamplerParams {
                 temperature: temperature as f32,
-                top_k: top_k as u32,
+                top_k,
                 top_p: top_p as f32,
                 min_p: min_p as f32,
                 repeat_penalty: repeat_penalty as f32,
@@ -238,6 +222,23 @@ impl CommonFields {
         let stream = self.stream.unwrap_or(false);
         let include_usage = stream && self.stream_options.as_ref().is_some_and(|o| o.include_usage);
         Ok(GenParams { model, max_tokens, sampler, stops, stream, include_usage })
+    }
+}
+
+/// `value` (or `default` when absent) if `ok` holds for it, else a 400 naming `param` and saying
+/// what `rule` asks.
+fn checked(
+    param: &'static str,
+    value: Option<f64>,
+    default: f64,
+    ok: impl Fn(f64) -> bool,
+    rule: &str,
+) -> Result<f64, ApiError> {
+    let v = value.unwrap_or(default);
+    if ok(v) {
+        Ok(v)
+    } else {
+        Err(ApiError::invalid(Some(param), format!("{param} = {v}: must be {rule}")))
     }
 }
 
