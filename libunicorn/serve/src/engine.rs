@@ -11,9 +11,10 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use unicorn::protocol::messages::MAX_TOKENIZE_BYTES;
 use unicorn::{Client, ClientOptions, ContextParams, Priority, SamplerParams, Status};
 use unicorn_generate::{generate, Message, Session, StopReason, Template};
@@ -52,6 +53,34 @@ pub struct Job {
     /// When the request arrived, for the time to first token.
     pub arrived: Instant,
     pub endpoint: &'static str,
+}
+
+/// How long a generation waits for its client to take the next piece before it gives up: a
+/// client that keeps its connection open and reads nothing must not hold a slot for ever.
+const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Sends `ev` to the request's handler, waiting while the channel is full (the client reads
+/// slowly) for at most [`STALL_TIMEOUT`]. False when the handler is gone or stalled.
+fn send(tx: &mpsc::Sender<Event>, ev: Event) -> bool {
+    send_within(tx, ev, STALL_TIMEOUT)
+}
+
+fn send_within(tx: &mpsc::Sender<Event>, mut ev: Event, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match tx.try_send(ev) {
+            Ok(()) => return true,
+            Err(TrySendError::Closed(_)) => return false,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                ev = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(TrySendError::Full(_)) => {
+                log::warn!("a client read nothing for {timeout:?}; its generation stops");
+                return false;
+            }
+        }
+    }
 }
 
 /// What the generation thread tells the request's handler, in this order: `Started` or
@@ -229,7 +258,7 @@ impl Engine {
         let mut s = match self.checkout(job.model) {
             Ok(s) => s,
             Err(e) => {
-                let _ = tx.blocking_send(Event::Failed(e));
+                send(tx, Event::Failed(e));
                 return;
             }
         };
@@ -243,7 +272,7 @@ impl Engine {
                     self.metrics.daemon_cancel();
                 } else {
                     log::debug!("request failed: {}", e.error.message);
-                    let _ = tx.blocking_send(Event::Failed(e.error));
+                    send(tx, Event::Failed(e.error));
                 }
                 // A refused request or a cancelled decode leaves the context as it was; any
                 // other failure may have broken the session (the daemon gone): it is dropped,
@@ -311,7 +340,7 @@ impl Engine {
             None => room as u32,
         };
         s.set_sampler(job.sampler)?;
-        if tx.blocking_send(Event::Started).is_err() {
+        if !send(tx, Event::Started) {
             return Ok(());
         }
         let mut stops = StopMatcher::new(job.stops.clone());
@@ -323,7 +352,7 @@ impl Engine {
                 self.metrics.first_token(job.endpoint, job.arrived.elapsed());
             }
             let (text, hit) = stops.push(piece);
-            if !text.is_empty() && tx.blocking_send(Event::Text(text)).is_err() {
+            if !text.is_empty() && !send(tx, Event::Text(text)) {
                 return Ok::<_, JobError>(ControlFlow::Break(()));
             }
             stopped = hit;
@@ -337,13 +366,13 @@ impl Engine {
         }
         let rest = stops.finish();
         if !rest.is_empty() {
-            let _ = tx.blocking_send(Event::Text(rest));
+            send(tx, Event::Text(rest));
         }
         let finish = match g.stop {
             StopReason::Eog | StopReason::Caller => Finish::Stop,
             StopReason::Length | StopReason::Context => Finish::Length,
         };
-        let _ = tx.blocking_send(Event::Done { finish, usage });
+        send(tx, Event::Done { finish, usage });
         Ok(())
     }
 }
@@ -365,5 +394,31 @@ impl From<ApiError> for JobError {
 impl From<unicorn_generate::Error> for JobError {
     fn from(e: unicorn_generate::Error) -> JobError {
         JobError { status: e.status(), error: e.into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_send_gives_up_on_a_reader_that_is_gone_or_stalled() {
+        let (tx, mut rx) = mpsc::channel(1);
+        assert!(send_within(&tx, Event::Started, Duration::from_millis(50)));
+        // Full: waits, then gives up.
+        let t = Instant::now();
+        assert!(!send_within(&tx, Event::Started, Duration::from_millis(50)));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        // A reader that takes the piece meanwhile lets it through.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let got = rx.blocking_recv();
+            (got, rx)
+        });
+        assert!(send_within(&tx, Event::Text("x".into()), Duration::from_secs(10)));
+        let (got, rx) = reader.join().unwrap();
+        assert_eq!(got, Some(Event::Started));
+        drop(rx);
+        assert!(!send_within(&tx, Event::Started, Duration::from_secs(10)));
     }
 }
