@@ -459,6 +459,8 @@ uint32_t unicorn_context_n_ctx(const unicorn_context *ctx);
 uint32_t unicorn_context_n_vocab(const unicorn_context *ctx);
 
 // Changes how the context samples, from its next decode on (decodes already queued included).
+// The sampler starts afresh, its random sequence from the seed, even when `params` are the
+// settings it already has.
 //
 // # Safety
 // `ctx` is a live context; `params` is NULL or valid for reads of one

@@ -166,6 +166,23 @@ fn a_seed_reproduces_a_sampled_continuation() {
     assert_eq!(sample(7), first, "the same seed gave another continuation");
     let others: Vec<_> = (100..104).map(&mut sample).collect();
     assert!(others.iter().any(|o| o != &first), "four other seeds all gave the same tokens");
+    // On one reused context, setting the same sampler again restarts its draws from the seed
+    // (a server that reuses contexts across requests relies on it).
+    let sampler = SamplerParams { seed: 7, ..SamplerParams::DEFAULT };
+    let ctx = c.create_context(&m, &ContextParams { n_ctx: 128, kv_f32: false, sampler }).unwrap();
+    let again = |c: &mut unicorn::Client| {
+        c.set_sampler(&ctx, &sampler).unwrap();
+        c.rewind(&ctx, 0).unwrap();
+        let mut out =
+            vec![c.decode(&ctx, &prompt, LogitsWanted::None, true).unwrap().token.unwrap()];
+        for _ in 0..24 {
+            let t = *out.last().unwrap();
+            out.push(c.decode(&ctx, &[t], LogitsWanted::None, true).unwrap().token.unwrap());
+        }
+        out
+    };
+    assert_eq!(again(&mut c), first);
+    assert_eq!(again(&mut c), first, "the same sampler set again did not restart its draws");
 }
 
 #[test]

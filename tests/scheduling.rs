@@ -201,14 +201,20 @@ fn contexts_and_kv_positions_are_limited_per_user_across_sessions() {
     d.assert_healthy();
 }
 
-#[test]
-fn a_long_decode_can_be_cancelled_and_leaves_its_context_as_it_was() {
-    let mut d = Daemon::start();
+/// A client with a 4096-position context that holds two tokens.
+fn two_tokens_decoded(d: &Daemon) -> (unicorn::Client, unicorn::ModelContext) {
     let mut c = d.client();
     let m = c.load_model(&default_model()).unwrap();
     let ctx = c.create_context(&m, &ContextParams { n_ctx: 4096, ..Default::default() }).unwrap();
     let before = c.decode(&ctx, &[504, 3575], LogitsWanted::None, false).unwrap().n_past;
     assert_eq!(before, 2);
+    (c, ctx)
+}
+
+#[test]
+fn a_long_decode_can_be_cancelled_and_leaves_its_context_as_it_was() {
+    let mut d = Daemon::start();
+    let (mut c, ctx) = two_tokens_decoded(&d);
     // 4000 tokens take seconds; the CANCEL goes right behind the DECODE.
     let buf = unicorn::sys::memfd::create_sealed_memfd("tokens", 16384).unwrap();
     let h = c.register_buffer(&buf, 16384).unwrap();
@@ -237,6 +243,37 @@ fn a_long_decode_can_be_cancelled_and_leaves_its_context_as_it_was() {
     // The context is where it was before the cancelled job.
     let after = c.decode(&ctx, &[282], LogitsWanted::None, false).unwrap().n_past;
     assert_eq!(after, 3);
+    d.assert_healthy();
+}
+
+#[test]
+fn a_cancellable_decode_stops_when_its_flag_is_set_from_another_thread() {
+    let mut d = Daemon::start();
+    let (mut c, ctx) = two_tokens_decoded(&d);
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let setter = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        })
+    };
+    // 4000 tokens take seconds: the flag is set long before they are done.
+    let tokens = vec![282u32; 4000];
+    let start = std::time::Instant::now();
+    let err = c.decode_cancellable(&ctx, &tokens, LogitsWanted::None, true, &flag).unwrap_err();
+    setter.join().unwrap();
+    assert_eq!(err.status(), Status::Cancelled, "{err}");
+    assert!(start.elapsed() < Duration::from_secs(20));
+    // Neither the decode's nor the CANCEL's completion is left for the caller to reap.
+    let mut stray = Vec::new();
+    assert_eq!(c.reap(&mut stray, 8).unwrap(), 0, "{stray:?}");
+    assert_eq!(c.in_flight(), 0);
+    // The context is where it was before the cancelled decode; an unset flag changes nothing.
+    let idle = std::sync::atomic::AtomicBool::new(false);
+    let out = c.decode_cancellable(&ctx, &[282], LogitsWanted::None, true, &idle).unwrap();
+    assert_eq!(out.n_past, 3);
+    assert!(out.token.is_some());
     d.assert_healthy();
 }
 

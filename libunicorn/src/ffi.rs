@@ -1254,6 +1254,8 @@ pub unsafe extern "C" fn unicorn_context_n_vocab(ctx: *const unicorn_context) ->
 }
 
 /// Changes how the context samples, from its next decode on (decodes already queued included).
+/// The sampler starts afresh, its random sequence from the seed, even when `params` are the
+/// settings it already has.
 ///
 /// # Safety
 /// `ctx` is a live context; `params` is NULL or valid for reads of one

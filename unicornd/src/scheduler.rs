@@ -41,6 +41,8 @@ pub fn sampler_params(p: &WireSampler) -> Result<SamplerParams, Error> {
 struct ContextState {
     kv: KvState,
     sampler: Sampler,
+    /// The `SetSampler` count that `sampler` was built for.
+    sampler_version: u64,
     /// Logits of the last token decoded, for sampling.
     last_logits: Vec<f32>,
 }
@@ -54,8 +56,8 @@ pub struct Context {
     pub kv_bytes: u64,
     state: Mutex<ContextState>,
     /// The sampler settings to use from the next job on (set from the event loop without
-    /// waiting for a running job).
-    next_sampler: Mutex<SamplerParams>,
+    /// waiting for a running job), and how many times they were set.
+    next_sampler: Mutex<(SamplerParams, u64)>,
     /// Set when the context is freed or its session ends: queued jobs are dropped.
     pub cancelled: AtomicBool,
 }
@@ -72,14 +74,22 @@ impl Context {
             n_ctx: kv.n_ctx() as u32,
             kv_bytes: kv.bytes(),
             model,
-            state: Mutex::new(ContextState { kv, sampler: s, last_logits: Vec::new() }),
-            next_sampler: Mutex::new(sampler),
+            state: Mutex::new(ContextState {
+                kv,
+                sampler: s,
+                sampler_version: 0,
+                last_logits: Vec::new(),
+            }),
+            next_sampler: Mutex::new((sampler, 0)),
             cancelled: AtomicBool::new(false),
         })
     }
 
+    /// Takes effect at the next job, with a fresh sampler even when `p` is unchanged: a client
+    /// that sets the same seed again gets the same draws again.
     pub fn set_sampler(&self, p: SamplerParams) {
-        *self.next_sampler.lock().unwrap_or_else(|e| e.into_inner()) = p;
+        let mut next = self.next_sampler.lock().unwrap_or_else(|e| e.into_inner());
+        *next = (p, next.1.wrapping_add(1));
     }
 }
 
@@ -490,10 +500,11 @@ fn model_error(e: ModelError) -> Error {
 /// Prepares a job's first step: the sampler it asked for, its rewind, room for its tokens.
 fn start(st: &mut ContextState, r: &mut Running) -> Result<(), Error> {
     let ctx = &r.job.ctx;
-    let wanted = *ctx.next_sampler.lock().unwrap_or_else(|e| e.into_inner());
-    if &wanted != st.sampler.params() {
+    let (wanted, version) = *ctx.next_sampler.lock().unwrap_or_else(|e| e.into_inner());
+    if version != st.sampler_version {
         st.sampler =
             Sampler::new(wanted).map_err(|e| Error::new(Status::InvalidArgument, e.to_string()))?;
+        st.sampler_version = version;
     }
     if let Some(p) = r.job.rewind_to {
         st.kv.rewind(p as usize).map_err(model_error)?;

@@ -75,6 +75,12 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Mode::Adaptive)]
         mode: Mode,
     },
+    /// Serve the OpenAI HTTP API (models, completions, chat completions with streaming, health,
+    /// Prometheus metrics) as a client of the daemon.
+    ///
+    /// Loopback only unless --host says otherwise; any other address needs an API key (--api-key
+    /// or $UNICORN_API_KEY), which clients then send as `Authorization: Bearer KEY`.
+    Serve(ServeArgs),
     /// Benchmarks that print unicorn beside its peer, measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -138,6 +144,43 @@ enum BenchWhat {
         #[arg(long, default_value_t = 4)]
         warmup: u32,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Model file to serve (GGUF), named in the API by its file name without `.gguf`; repeat
+    /// for several [default: SmolLM2-135M-Instruct Q4_1 from the model cache].
+    #[arg(short = 'm', long = "model", value_name = "FILE")]
+    models: Vec<PathBuf>,
+    /// API key that requests must carry [default: $UNICORN_API_KEY; none on loopback].
+    #[arg(long, value_name = "KEY")]
+    api_key: Option<String>,
+    /// Context size of each request in tokens [default: the model's training context, at
+    /// most 4096].
+    #[arg(short = 'c', long, default_value_t = 0)]
+    ctx_size: u32,
+    /// Requests generating at once, each with its own context in the daemon.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    max_concurrent: u32,
+    /// Requests that may wait for a free slot; beyond, requests get 429.
+    #[arg(long, default_value_t = 32)]
+    max_queue: u32,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Chat template for every model: `chatml`, `gemma`, or a Jinja file [default: each
+    /// model's own].
+    #[arg(long, value_name = "NAME|FILE")]
+    chat_template: Option<String>,
+    /// Compute threads of the daemon this command starts, if it starts one.
+    #[arg(short = 't', long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    threads: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -226,6 +269,35 @@ fn run(cli: Cli) -> Result<()> {
                 prompt.as_deref(),
                 chat_template.as_deref(),
             )
+        }
+        Command::Serve(args) => {
+            let api_key = args.api_key.or_else(|| {
+                std::env::var(unicorn_serve::API_KEY_ENV).ok().filter(|k| !k.is_empty())
+            });
+            // Refused before a daemon is started or a model loaded.
+            unicorn_serve::check_exposure(&args.host, api_key.as_deref())?;
+            let models = if args.models.is_empty() {
+                vec![generate::resolve_model(None)?]
+            } else {
+                args.models
+                    .iter()
+                    .map(|m| generate::resolve_model(Some(m)))
+                    .collect::<Result<_, _>>()?
+            };
+            let opts = ClientOptions { name: "unicorn-serve".into(), ..opts };
+            let control = spawn::connect_with_threads(&opts, spawn, args.threads)?;
+            let config = unicorn_serve::Config {
+                host: args.host,
+                port: args.port,
+                models,
+                api_key,
+                ctx_size: args.ctx_size,
+                max_concurrent: args.max_concurrent as usize,
+                max_queue: args.max_queue as usize,
+                max_body_bytes: args.max_body_bytes,
+                chat_template: args.chat_template,
+            };
+            Ok(unicorn_serve::run(config, control)?)
         }
         Command::Bench {
             what: BenchWhat::Model { model, prefill, decode, decode_prompt, repeat, warmup },

@@ -9,6 +9,7 @@
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -124,6 +125,9 @@ pub(super) struct Staging {
 
 /// How long a model load may take before the daemon is declared stuck.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a cancellable wait looks at its flag. A cancel arrives this much later at worst,
+/// and the wake-ups cost nothing next to a decode step.
+const CANCEL_POLL: Duration = Duration::from_millis(5);
 
 impl Client {
     /// Opens `path` and has the daemon load it (the daemon never opens paths itself).
@@ -208,7 +212,8 @@ impl Client {
         self.expect_done(&Request::FreeContext { ctx: c.handle })
     }
 
-    /// Changes how the context samples, from its next job on.
+    /// Changes how the context samples, from its next job on; the sampler starts afresh (its
+    /// random sequence from the seed, its penalty history empty) even when `s` is unchanged.
     pub fn set_sampler(&mut self, c: &ModelContext, s: &SamplerParams) -> Result<()> {
         self.expect_done(&Request::SetSampler { ctx: c.handle, sampler: *s })
     }
@@ -230,12 +235,26 @@ impl Client {
         logits: LogitsWanted,
         sample: bool,
     ) -> Result<DecodeOutput> {
-        self.decode_at(c, tokens, logits, sample, None)
+        self.decode_at(c, tokens, logits, sample, None, None)
+    }
+
+    /// [`Client::decode`] that another thread can stop: once `cancel` is set, the job is
+    /// cancelled in the daemon (a `CANCEL`, taking effect at its next step boundary) and this
+    /// returns [`Status::Cancelled`], the context as it was before the call.
+    pub fn decode_cancellable(
+        &mut self,
+        c: &ModelContext,
+        tokens: &[u32],
+        logits: LogitsWanted,
+        sample: bool,
+        cancel: &AtomicBool,
+    ) -> Result<DecodeOutput> {
+        self.decode_at(c, tokens, logits, sample, None, Some(cancel))
     }
 
     /// Forgets the context's positions from `n_past` on, to reuse a common prefix.
     pub fn rewind(&mut self, c: &ModelContext, n_past: u32) -> Result<()> {
-        self.decode_at(c, &[], LogitsWanted::None, false, Some(n_past)).map(drop)
+        self.decode_at(c, &[], LogitsWanted::None, false, Some(n_past), None).map(drop)
     }
 
     fn decode_at(
@@ -245,6 +264,7 @@ impl Client {
         logits: LogitsWanted,
         sample: bool,
         rewind_to: Option<u32>,
+        cancel: Option<&AtomicBool>,
     ) -> Result<DecodeOutput> {
         let n = u32::try_from(tokens.len()).ok().filter(|n| *n <= MAX_DECODE_TOKENS).ok_or_else(
             || {
@@ -283,7 +303,7 @@ impl Client {
             None
         };
         let job = Job::Decode(Decode { ctx: c.handle, input, logits: out, sample, rewind_to });
-        let done = self.run_sync(job)?;
+        let done = self.run_sync_cancellable(job, cancel)?;
         if done.status != Status::Ok {
             return Err(Error::new(done.status, format!("decode failed: {}", done.status)));
         }
@@ -343,29 +363,67 @@ impl Client {
     /// Submits one job and waits for its completion, keeping other jobs' completions for
     /// [`Client::reap`].
     pub(super) fn run_sync(&mut self, job: Job) -> Result<Completion> {
+        self.run_sync_cancellable(job, None)
+    }
+
+    /// [`Client::run_sync`] that cancels the job in the daemon once `cancel` is set; the job's
+    /// completion (`Cancelled`, or its result if it finished first) is still what it returns.
+    fn run_sync_cancellable(
+        &mut self,
+        job: Job,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<Completion> {
         self.check_open()?;
-        let token = self.next_probe;
-        self.next_probe = self.next_probe.wrapping_add(1).max(RESERVED_USER_DATA);
+        let token = self.probe_id();
         while self.submit_any(&[(job, token)])? == 0 {
             // The ring is full of the caller's own jobs: wait for some to finish.
             self.wait(None)?;
             self.reap_into_stash()?;
         }
+        // The CANCEL's own completion must be taken off the ring too (it carries a reserved
+        // user_data that the caller must never reap), so a sent CANCEL is waited for.
+        let mut cancel_id = None;
+        let mut cancel_done = false;
+        let mut found = None;
         loop {
             let mut got = Vec::with_capacity(8);
             self.reap_ring(&mut got, usize::MAX)?;
-            let mut found = None;
             for c in got {
                 if c.user_data == token {
                     found = Some(c);
+                } else if Some(c.user_data) == cancel_id {
+                    cancel_done = true;
                 } else {
                     self.stash.push_back(c);
                 }
             }
             if let Some(c) = found {
-                return Ok(c);
+                if cancel_id.is_none() || cancel_done {
+                    return Ok(c);
+                }
             }
-            self.wait_ring_only()?;
+            match cancel {
+                Some(flag) => {
+                    if found.is_none() && cancel_id.is_none() && flag.load(Ordering::Acquire) {
+                        let id = self.probe_id();
+                        // A full ring takes the CANCEL on a later round.
+                        if self.submit_any(&[(Job::Cancel { target: token }, id)])? == 1 {
+                            cancel_id = Some(id);
+                        }
+                    }
+                    self.wait_for_ring(Some(CANCEL_POLL))?;
+                }
+                None => {
+                    self.wait_ring_only()?;
+                }
+            }
         }
+    }
+
+    /// A user_data for the library's own jobs.
+    fn probe_id(&mut self) -> u64 {
+        let id = self.next_probe;
+        self.next_probe = self.next_probe.wrapping_add(1).max(RESERVED_USER_DATA);
+        id
     }
 }
