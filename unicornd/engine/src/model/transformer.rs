@@ -6,10 +6,11 @@
 //! runs per sequence.
 
 use unicorn_kernels::attention::{attention_batch, Attend, AttnParams};
-use unicorn_kernels::ops::{add_assign, geglu, rms_norm, scale, swiglu, Rope, RopeMode};
-use unicorn_kernels::{matmul, matmul_group, ThreadPool};
+use unicorn_kernels::ops::{scale, Rope, RopeMode};
+use unicorn_kernels::{matmul_group, ThreadPool};
 
-use super::placement::{Device, Exec, OpClass};
+use super::flow::{Act, Flow};
+use super::placement::{Exec, OpClass};
 use super::weights::{vector, Matrix};
 use super::{HParams, KvState, ModelError};
 use crate::gguf::GgufFile;
@@ -212,9 +213,8 @@ impl Transformer {
         }
 
         let spec = &self.spec;
-        let (dev_attn, dev_ffn) =
-            (exec.device(OpClass::Attention), exec.device(OpClass::FeedForward));
-        let (dev_out, dev_norm) = (exec.device(OpClass::Output), exec.device(OpClass::Norms));
+        let mut flow = Flow::new(exec)?;
+        let submits_before = flow.submits();
         let mut x = vec![0.0f32; n * d];
         for (row, &t) in x.chunks_exact_mut(d).zip(seqs.iter().flat_map(|s| s.tokens.iter())) {
             self.tok_embd.row(bytes, t as usize, row)?;
@@ -243,56 +243,65 @@ impl Transformer {
             (local, tables(&local))
         });
 
-        let mut h = vec![0.0f32; n * d];
-        let (mut q, mut k, mut v) = (vec![0.0; n * qd], vec![0.0; n * kvd], vec![0.0; n * kvd]);
-        let mut attn = vec![0.0f32; n * qd];
-        let mut o = vec![0.0f32; n * d];
-        let (mut gate, mut up) = (vec![0.0f32; n * ff], vec![0.0f32; n * ff]);
-        let mut normed = Vec::new();
+        let mut x = Act::from_vec(x);
+        let mut h = Act::zeros(n * d);
+        let (mut q, mut k, mut v) = (Act::zeros(n * qd), Act::zeros(n * kvd), Act::zeros(n * kvd));
+        let mut attn = Act::zeros(n * qd);
+        let mut o = Act::zeros(n * d);
+        let (mut gate, mut up, mut act) =
+            (Act::zeros(n * ff), Act::zeros(n * ff), Act::zeros(n * ff));
+        let qk_normed = spec.qk_norm.then(|| (Act::zeros(n * qd), Act::zeros(n * kvd)));
+        let (mut qn, mut kn) = qk_normed.unwrap_or_default();
+        use OpClass::{Attention, FeedForward};
 
         for (li, l) in self.layers.iter().enumerate() {
             let local = spec.swa.filter(|w| w.is_local(li));
-            norm(dev_norm, &x, &mut h, d, Some(&l.attn_norm), hp.rms_eps)?;
-            if let Some(dev) = dev_attn {
-                dev.matmul(&l.wq, bytes, &h, n, &mut q)?;
-                dev.matmul(&l.wk, bytes, &h, n, &mut k)?;
-                dev.matmul(&l.wv, bytes, &h, n, &mut v)?;
+            flow.norm(&mut x, &mut h, d, &l.attn_norm, hp.rms_eps)?;
+            if flow.on(Attention) {
+                flow.matmul(Attention, &l.wq, bytes, pool, &mut h, n, &mut q)?;
+                flow.matmul(Attention, &l.wk, bytes, pool, &mut h, n, &mut k)?;
+                flow.matmul(Attention, &l.wv, bytes, pool, &mut h, n, &mut v)?;
             } else {
                 // One job for Q, K and V: the input quantized once, the threads kept busy.
                 let qkv = [l.wq.view(bytes)?, l.wk.view(bytes)?, l.wv.view(bytes)?];
+                let h = flow.host(&mut h)?;
+                let (q, k, v) =
+                    (flow.host_mut(&mut q)?, flow.host_mut(&mut k)?, flow.host_mut(&mut v)?);
                 let mut jobs = [(qkv[0], &mut q[..]), (qkv[1], &mut k[..]), (qkv[2], &mut v[..])];
-                matmul_group(pool, &h, n, &mut jobs)?;
+                matmul_group(pool, h, n, &mut jobs)?;
             }
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+            if let (Some(qw), Some(kw)) = (&l.q_norm, &l.k_norm) {
                 // Every head of every token is a row of `head_dim` values.
-                normed.resize(q.len(), 0.0);
-                norm(dev_norm, &q, &mut normed, hd, Some(qn), hp.rms_eps)?;
-                std::mem::swap(&mut q, &mut normed);
-                normed.resize(k.len(), 0.0);
-                norm(dev_norm, &k, &mut normed, hd, Some(kn), hp.rms_eps)?;
-                std::mem::swap(&mut k, &mut normed);
+                flow.norm(&mut q, &mut qn, hd, qw, hp.rms_eps)?;
+                std::mem::swap(&mut q, &mut qn);
+                flow.norm(&mut k, &mut kn, hd, kw, hp.rms_eps)?;
+                std::mem::swap(&mut k, &mut kn);
             }
             let (rope_l, rope_tab) = match (&local, &rope_local) {
                 (Some(_), Some((r, tab))) => (r, tab),
                 _ => (&rope, &rope_global),
             };
+            // RoPE, the KV cache and attention run on the CPU: the device's work so far is
+            // submitted here, when Q, K and V are read back.
+            let (qh, kh) = (flow.host_mut(&mut q)?, flow.host_mut(&mut k)?);
+            let vh = flow.host(&mut v)?;
             for t in 0..n {
                 let tab = &rope_tab[t * hp.rope_dims..][..hp.rope_dims];
                 if hp.rope_dims > 0 {
-                    rope_l.apply(tab, &mut q[t * qd..][..qd], hd);
-                    rope_l.apply(tab, &mut k[t * kvd..][..kvd], hd);
+                    rope_l.apply(tab, &mut qh[t * qd..][..qd], hd);
+                    rope_l.apply(tab, &mut kh[t * kvd..][..kvd], hd);
                 }
             }
             for (s, &t0) in seqs.iter_mut().zip(&starts) {
                 for i in 0..s.tokens.len() {
                     let t = t0 + i;
-                    s.kv.store(li, pos[t], &k[t * kvd..][..kvd], &v[t * kvd..][..kvd]);
+                    s.kv.store(li, pos[t], &kh[t * kvd..][..kvd], &vh[t * kvd..][..kvd]);
                 }
             }
             // Every sequence's attention in one job: a batch of single-token decodes has few
             // heads each.
             let mut jobs = Vec::with_capacity(seqs.len());
-            let mut attn_rest = attn.as_mut_slice();
+            let mut attn_rest = flow.host_mut(&mut attn)?.as_mut_slice();
             for (s, &t0) in seqs.iter().zip(&starts) {
                 let m = s.tokens.len();
                 let params = AttnParams {
@@ -306,45 +315,35 @@ impl Transformer {
                 };
                 let (out, rest) = std::mem::take(&mut attn_rest).split_at_mut(m * qd);
                 attn_rest = rest;
-                let q = &q[t0 * qd..][..m * qd];
+                let q = &qh[t0 * qd..][..m * qd];
                 jobs.push(Attend { q, n_q: m, kv: s.kv.layer(li), params, out });
             }
             attention_batch(pool, &mut jobs)?;
-            match dev_attn {
-                Some(dev) => dev.matmul(&l.wo, bytes, &attn, n, &mut o)?,
-                None => matmul(pool, &l.wo.view(bytes)?, &attn, n, &mut o)?,
-            }
+            flow.matmul(Attention, &l.wo, bytes, pool, &mut attn, n, &mut o)?;
             if let Some(w) = &l.post_attn_norm {
-                norm(dev_norm, &o, &mut h, d, Some(w), hp.rms_eps)?;
-                add_assign(&mut x, &h);
+                flow.norm(&mut o, &mut h, d, w, hp.rms_eps)?;
+                flow.add(&mut x, &mut h)?;
             } else {
-                add_assign(&mut x, &o);
+                flow.add(&mut x, &mut o)?;
             }
 
-            norm(dev_norm, &x, &mut h, d, Some(&l.ffn_norm), hp.rms_eps)?;
-            if let Some(dev) = dev_ffn {
-                dev.matmul(&l.w_gate, bytes, &h, n, &mut gate)?;
-                dev.matmul(&l.w_up, bytes, &h, n, &mut up)?;
+            flow.norm(&mut x, &mut h, d, &l.ffn_norm, hp.rms_eps)?;
+            if flow.on(FeedForward) {
+                flow.matmul(FeedForward, &l.w_gate, bytes, pool, &mut h, n, &mut gate)?;
+                flow.matmul(FeedForward, &l.w_up, bytes, pool, &mut h, n, &mut up)?;
             } else {
                 let (wg, wu) = (l.w_gate.view(bytes)?, l.w_up.view(bytes)?);
-                matmul_group(pool, &h, n, &mut [(wg, &mut gate), (wu, &mut up)])?;
+                let h = flow.host(&mut h)?;
+                let (g, u) = (flow.host_mut(&mut gate)?, flow.host_mut(&mut up)?);
+                matmul_group(pool, h, n, &mut [(wg, g), (wu, u)])?;
             }
-            // The gated activation of (gate, up) goes into `gate`'s storage via a copy of up.
-            normed.clear();
-            normed.extend_from_slice(&gate);
-            match spec.ffn {
-                Ffn::Silu => swiglu(&normed, &up, &mut gate),
-                Ffn::GeluTanh => geglu(&normed, &up, &mut gate),
-            }
-            match dev_ffn {
-                Some(dev) => dev.matmul(&l.w_down, bytes, &gate, n, &mut o)?,
-                None => matmul(pool, &l.w_down.view(bytes)?, &gate, n, &mut o)?,
-            }
+            flow.glu(spec.ffn, &mut gate, &mut up, &mut act)?;
+            flow.matmul(FeedForward, &l.w_down, bytes, pool, &mut act, n, &mut o)?;
             if let Some(w) = &l.post_ffn_norm {
-                norm(dev_norm, &o, &mut h, d, Some(w), hp.rms_eps)?;
-                add_assign(&mut x, &h);
+                flow.norm(&mut o, &mut h, d, w, hp.rms_eps)?;
+                flow.add(&mut x, &mut h)?;
             } else {
-                add_assign(&mut x, &o);
+                flow.add(&mut x, &mut o)?;
             }
         }
 
@@ -357,47 +356,46 @@ impl Transformer {
                 Logits::All => rows.extend(t0..t0 + s.tokens.len()),
             }
         }
+        out.clear();
+        if !rows.is_empty() {
+            // Every row in order (a single decode, or every position): no gathering, so the
+            // hidden state may stay on the device.
+            let mut sel = if rows.len() == n {
+                x
+            } else {
+                let x = flow.host(&mut x)?;
+                let mut sel = Vec::with_capacity(rows.len() * d);
+                for &r in &rows {
+                    sel.extend_from_slice(&x[r * d..][..d]);
+                }
+                Act::from_vec(sel)
+            };
+            let mut normed = Act::zeros(rows.len() * d);
+            flow.norm(&mut sel, &mut normed, d, &self.output_norm, hp.rms_eps)?;
+            let mut logits = Act::from_vec(std::mem::take(out));
+            flow.host_mut(&mut logits)?.resize(rows.len() * hp.n_vocab, 0.0);
+            flow.matmul(
+                OpClass::Output,
+                &self.output,
+                bytes,
+                pool,
+                &mut normed,
+                rows.len(),
+                &mut logits,
+            )?;
+            *out = flow.take(&mut logits)?;
+            if let Some(cap) = spec.final_softcap {
+                for v in out.iter_mut() {
+                    *v = cap * (*v / cap).tanh();
+                }
+            }
+        }
+        flow.finish(submits_before);
+        // Only now, when nothing can fail any more, do the sequences advance (a failed pass can
+        // be run again, e.g. on the CPU after a device error).
         for s in seqs.iter_mut() {
             s.kv.push_tokens(s.tokens);
         }
-        out.clear();
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut sel = Vec::with_capacity(rows.len() * d);
-        for &r in &rows {
-            sel.extend_from_slice(&x[r * d..][..d]);
-        }
-        normed.clear();
-        normed.resize(sel.len(), 0.0);
-        norm(dev_norm, &sel, &mut normed, d, Some(&self.output_norm), hp.rms_eps)?;
-        out.resize(rows.len() * hp.n_vocab, 0.0);
-        match dev_out {
-            Some(dev) => dev.matmul(&self.output, bytes, &normed, rows.len(), out)?,
-            None => matmul(pool, &self.output.view(bytes)?, &normed, rows.len(), out)?,
-        }
-        if let Some(cap) = spec.final_softcap {
-            for v in out.iter_mut() {
-                *v = cap * (*v / cap).tanh();
-            }
-        }
         Ok(())
     }
-}
-
-/// RMSNorm of each row of `dim` values of `x` into `out`, on `dev` or (`None`) the CPU.
-#[inline]
-fn norm(
-    dev: Option<Device<'_>>,
-    x: &[f32],
-    out: &mut [f32],
-    dim: usize,
-    w: Option<&[f32]>,
-    eps: f32,
-) -> Result<(), ModelError> {
-    match dev {
-        None => rms_norm(x, out, dim, w, eps),
-        Some(dev) => dev.rms_norm(x, out, dim, w, eps)?,
-    }
-    Ok(())
 }
