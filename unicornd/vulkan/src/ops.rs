@@ -183,11 +183,7 @@ impl Context {
         let Some(plan) = self.plan_rms_norm(x.len(), dim, weight.map(<[f32]>::len), eps)? else {
             return Ok(Vec::new());
         };
-        let xb = Buffer::from_f32(self, x)?;
-        let wb = Buffer::from_f32(self, weight.unwrap_or(&[]))?;
-        let out = Buffer::zeroed(self, std::mem::size_of_val(x))?;
-        self.run(plan, [&xb, &wb, &out])?;
-        Ok(out.to_f32())
+        self.run_f32(plan, x, weight.unwrap_or(&[]))
     }
 
     /// Checks and plans an RMSNorm of `n` values in rows of `dim`, with a weight of
@@ -212,6 +208,15 @@ impl Context {
         let push = vec![rows, to_u32("dim", dim)?, u32::from(weight_len.is_some()), eps.to_bits()];
         let [gx, gy] = self.row_grid(rows);
         Ok(Some(Plan { kernel: Kernel::RmsNorm, push, groups: [gx, gy, 1] }))
+    }
+
+    /// Runs `plan` on copies of `a` and `b` into an output as long as `a`, and reads it back.
+    fn run_f32(&self, plan: Plan, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        let ab = Buffer::from_f32(self, a)?;
+        let bb = Buffer::from_f32(self, b)?;
+        let out = Buffer::zeroed(self, std::mem::size_of_val(a))?;
+        self.run(plan, [&ab, &bb, &out])?;
+        Ok(out.to_f32())
     }
 
     /// Runs one planned dispatch on `buffers` and waits for it.
@@ -444,11 +449,7 @@ impl Context {
         let Some(plan) = self.plan_elementwise(k, a.len(), b.len(), op)? else {
             return Ok(Vec::new());
         };
-        let ab = Buffer::from_f32(self, a)?;
-        let bb = Buffer::from_f32(self, b)?;
-        let out = Buffer::zeroed(self, std::mem::size_of_val(a))?;
-        self.run(plan, [&ab, &bb, &out])?;
-        Ok(out.to_f32())
+        self.run_f32(plan, a, b)
     }
 
     /// Checks and plans `k` (SwiGLU, GeGLU, or the binary `op`) on inputs of `a` and `b` values.
