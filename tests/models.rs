@@ -57,6 +57,23 @@ fn two_sessions_loading_one_file_share_one_model() {
     assert!(eventually(Duration::from_secs(5), || a.status().unwrap().models.is_empty()));
 }
 
+/// `unicorn status` reports the bytes each session's KV caches reserve; Gemma 3n's last layers
+/// read earlier layers' caches and reserve none (the engine's random-weight fixture: 25 layers,
+/// the last 5 sharing).
+#[test]
+fn status_counts_kv_cache_bytes_without_the_sharing_layers() {
+    let d = Daemon::start();
+    let mut c = d.client();
+    let fixture = "unicornd/engine/tests/fixtures/gemma3n-tiny/gemma3n-tiny-q8_0.gguf";
+    let m = c.load_model(&repo_root().join(fixture)).unwrap();
+    assert_eq!((m.info().arch.as_str(), m.info().n_layer), ("gemma3n", 25));
+    let _ctx = c.create_context(&m, &ContextParams { n_ctx: 256, ..greedy_ctx() }).unwrap();
+    let st = c.status().unwrap();
+    let s = st.sessions.iter().find(|s| s.contexts == 1).expect("the session with the context");
+    // 20 layers x (K and V) x 2 KV heads x 32 values x 2 bytes (f16) x 256 positions.
+    assert_eq!(s.kv_bytes, 20 * 2 * 64 * 2 * 256);
+}
+
 #[test]
 fn logits_through_the_rings_match_llama_cpp() {
     let d = Daemon::start();

@@ -50,6 +50,8 @@ struct ContextState {
 pub struct Context {
     pub model: Arc<LoadedModel>,
     pub n_ctx: u32,
+    /// Bytes its KV cache reserves.
+    pub kv_bytes: u64,
     state: Mutex<ContextState>,
     /// The sampler settings to use from the next job on (set from the event loop without
     /// waiting for a running job).
@@ -68,6 +70,7 @@ impl Context {
             .map_err(|e| Error::new(Status::InvalidArgument, e.to_string()))?;
         Ok(Context {
             n_ctx: kv.n_ctx() as u32,
+            kv_bytes: kv.bytes(),
             model,
             state: Mutex::new(ContextState { kv, sampler: s, last_logits: Vec::new() }),
             next_sampler: Mutex::new(sampler),

@@ -294,6 +294,12 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             println!("  {:<4} {} [{used}] {}", kind.name(), d.name, d.detail);
         }
     }
+    if !st.npu.summary.is_empty() {
+        println!("npu: {}", st.npu.summary);
+        for d in &st.npu.details {
+            println!("     {d}");
+        }
+    }
     println!(
         "compute threads: {}; engine queue: {} job(s); {} steps, {} of them batching several contexts",
         st.threads, st.engine_queue, st.engine_steps, st.engine_batched_steps
@@ -317,7 +323,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
     }
     println!("sessions:");
     println!(
-        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9} {:>6}",
+        "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>24} {:>9} {:>6}",
         "ID",
         "PID",
         "UID",
@@ -336,7 +342,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
     for s in &st.sessions {
         let me = if s.id == own_session { " (this command)" } else { "" };
         println!(
-            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>8} {:>9} {:>6}{me}",
+            "  {:>5} {:>8} {:>6} {:<16} {:<12} {:>8} {:>10} {:>7} {:>9} {:>8} {:>6} {:>24} {:>9} {:>6}{me}",
             s.id,
             s.pid,
             s.uid,
@@ -348,7 +354,7 @@ fn print_status(st: &DaemonStatus, own_session: u64) {
             s.jobs_in_flight,
             format!("{} ({})", s.buffers, fmt_bytes(s.buffer_bytes)),
             s.models,
-            format!("{} ({} pos)", s.contexts, s.kv_tokens),
+            format!("{} ({} pos, {})", s.contexts, s.kv_tokens, fmt_bytes(s.kv_bytes)),
             s.tokens_decoded,
             format!("{:.1}", s.token_rate),
         );
@@ -374,6 +380,9 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
             "name": m.name, "arch": m.arch, "file_type": m.file_type, "size_bytes": m.size_bytes,
             "digest": m.digest, "sessions": m.users, "contexts": m.contexts, "storage": m.storage,
         })).collect::<Vec<_>>(),
+        "npu": {
+            "usable": st.npu.usable, "summary": st.npu.summary, "details": st.npu.details,
+        },
         "devices": st.devices.iter().map(|d| serde_json::json!({
             "kind": d.kind.name(), "name": d.name, "in_use": d.in_use, "detail": d.detail,
         })).collect::<Vec<_>>(),
@@ -383,7 +392,7 @@ fn status_json(st: &DaemonStatus, own_session: u64) -> serde_json::Value {
             "jobs_completed": s.jobs_completed, "jobs_failed": s.jobs_failed,
             "jobs_in_flight": s.jobs_in_flight, "buffers": s.buffers,
             "buffer_bytes": s.buffer_bytes, "models": s.models, "contexts": s.contexts,
-            "kv_tokens": s.kv_tokens, "tokens_decoded": s.tokens_decoded,
+            "kv_tokens": s.kv_tokens, "kv_bytes": s.kv_bytes, "tokens_decoded": s.tokens_decoded,
             "tokens_per_s": s.token_rate,
         })).collect::<Vec<_>>(),
     })

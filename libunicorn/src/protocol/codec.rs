@@ -190,6 +190,11 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    /// Bytes not read yet (a reply from an older daemon ends before fields appended later).
+    pub fn remaining(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
     /// Fails unless every byte was consumed (used on requests, which the daemon reads strictly).
     pub fn finish(&self, what: &str) -> Result<(), Error> {
         let left = self.buf.len() - self.pos;

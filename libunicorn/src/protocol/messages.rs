@@ -164,6 +164,9 @@ pub struct SessionInfo {
     pub contexts: u32,
     /// KV-cache tokens of this session's contexts.
     pub kv_tokens: u64,
+    /// Bytes the KV caches of this session's contexts reserve (a layer that reads another
+    /// layer's cache, as in Gemma 3n, has none).
+    pub kv_bytes: u64,
     /// Tokens decoded for this session.
     pub tokens_decoded: u64,
     /// Tokens per second decoded for this session lately (a 5-second moving average).
@@ -194,6 +197,19 @@ pub struct DaemonStatus {
     /// Forward passes run, and those that batched more than one context.
     pub engine_steps: u64,
     pub engine_batched_steps: u64,
+    /// The NPU as discovery found it (appended in 0.1; empty from an older daemon).
+    pub npu: NpuStatus,
+}
+
+/// The NPU in a status reply: whether the xdna backend can use one, and in words what was
+/// found or why there is none, and which NPU kernels are loaded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NpuStatus {
+    pub usable: bool,
+    /// One line: the device, or plainly why there is no usable NPU.
+    pub summary: String,
+    /// One line each: kernels, placement.
+    pub details: Vec<String>,
 }
 
 /// How the daemon samples the next token of a context (see `unicorn_sampler_params` in C).
@@ -657,6 +673,7 @@ impl Reply {
                             .u32(x.models)
                             .u32(x.contexts)
                             .u64(x.kv_tokens)
+                            .u64(x.kv_bytes)
                             .u64(x.tokens_decoded)
                             .u32(x.token_rate.to_bits());
                     })
@@ -674,7 +691,12 @@ impl Reply {
                     .u32(s.threads)
                     .u32(s.engine_queue)
                     .u64(s.engine_steps)
-                    .u64(s.engine_batched_steps);
+                    .u64(s.engine_batched_steps)
+                    .bool(s.npu.usable)
+                    .str(&s.npu.summary)
+                    .list(&s.npu.details, |w, d| {
+                        w.str(d);
+                    });
             }
             Reply::BufferRegistered { handle, size } => {
                 w = header(kind::BUFFER_REGISTERED, request_id);
@@ -757,7 +779,7 @@ impl Reply {
                 sessions_served: r.u64("sessions served")?,
                 jobs_completed: r.u64("jobs completed")?,
                 sessions_disconnected: r.u64("sessions disconnected")?,
-                sessions: r.list("sessions", 83, |r| {
+                sessions: r.list("sessions", 91, |r| {
                     Ok(SessionInfo {
                         id: r.u64("session id")?,
                         pid: r.u32("pid")?,
@@ -773,6 +795,7 @@ impl Reply {
                         models: r.u32("models")?,
                         contexts: r.u32("contexts")?,
                         kv_tokens: r.u64("kv tokens")?,
+                        kv_bytes: r.u64("kv bytes")?,
                         tokens_decoded: r.u64("tokens decoded")?,
                         token_rate: f32::from_bits(r.u32("token rate")?),
                     })
@@ -794,6 +817,17 @@ impl Reply {
                 engine_queue: r.u32("engine queue")?,
                 engine_steps: r.u64("engine steps")?,
                 engine_batched_steps: r.u64("engine batched steps")?,
+                npu: if r.remaining() == 0 {
+                    NpuStatus::default()
+                } else {
+                    NpuStatus {
+                        usable: r.bool("npu usable")?,
+                        summary: r.str("npu summary", usize::from(u16::MAX))?,
+                        details: r.list("npu details", 2, |r| {
+                            r.str("npu detail", usize::from(u16::MAX))
+                        })?,
+                    }
+                },
             }),
             kind::BUFFER_REGISTERED => {
                 Reply::BufferRegistered { handle: r.u32("handle")?, size: r.u64("size")? }
@@ -894,6 +928,40 @@ mod tests {
         }
     }
 
+    /// A status reply from a daemon older than the NPU field decodes with an empty one.
+    #[test]
+    fn status_without_the_npu_field_decodes() {
+        let st = DaemonStatus {
+            version: "0.1.0".into(),
+            pid: 1,
+            system_mode: true,
+            uptime_ms: 2,
+            socket_path: "/s".into(),
+            sessions_served: 0,
+            jobs_completed: 0,
+            sessions_disconnected: 0,
+            sessions: vec![],
+            devices: vec![device()],
+            models: vec![],
+            threads: 2,
+            engine_queue: 0,
+            engine_steps: 0,
+            engine_batched_steps: 0,
+            npu: NpuStatus::default(),
+        };
+        let bytes = Reply::Status(st.clone()).encode(3);
+        // bool + empty string (2 bytes) + empty list (2 bytes)
+        let old = &bytes[..bytes.len() - 5];
+        assert_eq!(Reply::decode(old).unwrap(), (3, Reply::Status(st.clone())));
+        // A truncated NPU field is an error, not a default.
+        let with = DaemonStatus {
+            npu: NpuStatus { usable: true, summary: "npu".into(), details: vec!["k".into()] },
+            ..st
+        };
+        let bytes = Reply::Status(with).encode(3);
+        assert!(Reply::decode(&bytes[..bytes.len() - 1]).is_err());
+    }
+
     #[test]
     fn replies_round_trip() {
         let replies = [
@@ -944,6 +1012,7 @@ mod tests {
                     models: 1,
                     contexts: 2,
                     kv_tokens: 4096,
+                    kv_bytes: 1 << 20,
                     tokens_decoded: 77,
                     token_rate: 12.5,
                 }],
@@ -962,6 +1031,11 @@ mod tests {
                 engine_queue: 3,
                 engine_steps: 10,
                 engine_batched_steps: 4,
+                npu: NpuStatus {
+                    usable: false,
+                    summary: "no NPU: no /dev/accel node".into(),
+                    details: vec!["kernels: none".into(), "placement: cpu".into()],
+                },
             }),
             Reply::BufferRegistered { handle: 3, size: 8192 },
             Reply::Done,

@@ -16,8 +16,8 @@ pub mod vocab;
 
 pub use job::{Completion, Decode, Job, LogitsOut, Opcode, Sqe, TokenInput};
 pub use messages::{
-    DaemonStatus, Device, DeviceKind, Hello, Limits, ModelInfo, ModelStatus, Priority, Reply,
-    Request, SamplerParams, SessionInfo, Welcome,
+    DaemonStatus, Device, DeviceKind, Hello, Limits, ModelInfo, ModelStatus, NpuStatus, Priority,
+    Reply, Request, SamplerParams, SessionInfo, Welcome,
 };
 pub use ring::RingLayout;
 

@@ -1,7 +1,9 @@
 //! Time of one decode step for N sequences batched together, against N = 1: how well a step
 //! shares the weight reads across clients.
 //!
-//!     cargo run --release -p unicorn-engine --example batch_bench -- MODEL.gguf [THREADS]
+//!     cargo run --release -p unicorn-engine --example batch_bench -- MODEL.gguf [THREADS] [N,N,..]
+//!
+//! (the batch sizes default to 1,2,4,8; one size alone is handy under a profiler)
 
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use unicorn_kernels::ThreadPool;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {
-        eprintln!("usage: batch_bench MODEL.gguf [THREADS]");
+        eprintln!("usage: batch_bench MODEL.gguf [THREADS] [N,N,..]");
         std::process::exit(2);
     };
     let threads: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(2);
@@ -26,9 +28,19 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let sizes: Vec<usize> = match args.get(3) {
+        Some(list) => match list.split(',').map(str::parse).collect() {
+            Ok(v) => v,
+            Err(_) => {
+                eprintln!("batch_bench: batch sizes must be numbers separated by commas: {list}");
+                std::process::exit(2);
+            }
+        },
+        None => vec![1, 2, 4, 8],
+    };
     let pool = ThreadPool::new(threads);
     let prompt: Vec<u32> = (100..116).collect();
-    for n in [1usize, 2, 4, 8] {
+    for n in sizes {
         let mut kvs: Vec<_> = (0..n).map(|_| model.new_state(512, KvType::F16).unwrap()).collect();
         let mut out = Vec::new();
         for kv in kvs.iter_mut() {

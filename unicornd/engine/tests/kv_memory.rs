@@ -27,6 +27,7 @@ fn empty_caches_are_not_resident() {
         n_head_kv: 3,
         head_dim: 64,
         n_ff: 1536,
+        n_layer_kv: 30,
         rms_eps: 1e-5,
         rope_base: 10000.0,
         rope_dims: 64,

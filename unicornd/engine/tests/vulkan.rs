@@ -20,9 +20,7 @@ mod common;
 use std::time::Instant;
 
 use unicorn_engine::gguf::GgufFile;
-use unicorn_engine::model::{
-    shared_vulkan_context, Backends, KvType, Logits, Model, Placement, Seq,
-};
+use unicorn_engine::model::{Backends, KvType, Logits, Model, Placement, Seq};
 use unicorn_kernels::ThreadPool;
 
 const RTOL: f32 = 0.05;
@@ -31,28 +29,6 @@ const ATOL: f32 = 1.0;
 const STEPS: usize = 8;
 /// A CPU top-2 margin below this is a near tie: the comparison of tokens stops there.
 const NEAR_TIE: f32 = 0.5;
-
-/// `placement` resolved on the shared context (CPU devices allowed), or `None` (after saying
-/// so) where no Vulkan device can exist.
-fn backends(placement: Placement) -> Option<Backends> {
-    let b = Backends::resolve_with(placement, || {
-        shared_vulkan_context(true).map_err(|e| e.to_string())
-    });
-    if b.placement() != placement {
-        assert!(
-            !unicorn_vulkan::device_required(),
-            "the lavapipe ICD is installed (or UNICORN_VULKAN_REQUIRE=1) but Vulkan is not \
-             available: {:?}",
-            b.fallbacks()
-        );
-        eprintln!("SKIPPED: no Vulkan device ({:?}); scripts/install-deps installs lavapipe", {
-            b.fallbacks()
-        });
-        return None;
-    }
-    eprintln!("placement {}", b.describe());
-    Some(b)
-}
 
 fn load(file: &str, backends: Backends) -> Model {
     Model::load_with(GgufFile::open(common::model_path(file)).unwrap(), backends).unwrap()
@@ -84,7 +60,7 @@ fn compare(what: &str, cpu: &[f32], vk: &[f32]) -> (f32, f32) {
 }
 
 fn run(file: &str, placement: Placement) {
-    let Some(b) = backends(placement) else { return };
+    let Some(b) = common::vulkan_backends(placement) else { return };
     let t0 = Instant::now();
     let cpu = load(file, Backends::cpu());
     let vk = load(file, b);

@@ -132,6 +132,7 @@ pub struct Server {
     timers: BinaryHeap<Reverse<Timer>>,
     timer_seq: u64,
     devices: Vec<Device>,
+    npu_status: unicorn::protocol::NpuStatus,
     started: Instant,
     counters: Counters,
     recv_buf: Vec<u8>,
@@ -183,8 +184,12 @@ impl Server {
         log::info!("engine: {} compute threads", config.threads);
         // Resolved and logged ("placement: ...", a warning per fallback) once per process;
         // every model uses it.
+        let npu = crate::devices::npu();
+        log::info!("npu: {}", npu.report);
+        unicorn_engine::model::set_npu_offer(npu.offer.clone());
         let backends = unicorn_engine::model::Backends::from_env();
-        let devices = crate::devices::discover(&backends);
+        let devices = crate::devices::discover(&backends, &npu);
+        let npu_status = npu.status(&backends);
         for d in &devices {
             log::info!(
                 "device {}: {} ({}; {})",
@@ -205,6 +210,7 @@ impl Server {
             timers: BinaryHeap::new(),
             timer_seq: 0,
             devices,
+            npu_status,
             started: Instant::now(),
             counters: Counters::default(),
             recv_buf: vec![0u8; MAX_REQUEST_BYTES],
@@ -858,6 +864,7 @@ impl Server {
                     models: a.models.len() as u32,
                     contexts: a.contexts.len() as u32,
                     kv_tokens: a.kv_tokens,
+                    kv_bytes: a.kv_bytes,
                     tokens_decoded: a.tokens_decoded,
                     token_rate: a.rate.rate(now),
                 })
@@ -880,6 +887,7 @@ impl Server {
             engine_queue: self.engine.stats().queued.load(Atomic::Relaxed) as u32,
             engine_steps: self.engine.stats().steps.load(Atomic::Relaxed),
             engine_batched_steps: self.engine.stats().batched_steps.load(Atomic::Relaxed),
+            npu: self.npu_status.clone(),
         }
     }
 

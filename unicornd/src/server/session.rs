@@ -74,6 +74,8 @@ pub struct Active {
     next_ctx: u32,
     /// KV-cache positions of this session's contexts.
     pub kv_tokens: u64,
+    /// Bytes the KV caches of this session's contexts reserve.
+    pub kv_bytes: u64,
     pub tokens_decoded: u64,
     /// The request id of a model load in progress.
     pub loading: Option<u32>,
@@ -191,6 +193,7 @@ impl Active {
             contexts: HashMap::new(),
             next_ctx: 1,
             kv_tokens: 0,
+            kv_bytes: 0,
             tokens_decoded: 0,
             loading: None,
             decodes: HashMap::new(),
@@ -570,6 +573,7 @@ impl Active {
         let h = self.next_ctx;
         self.next_ctx = self.next_ctx.wrapping_add(1).max(1);
         self.kv_tokens += u64::from(ctx.n_ctx);
+        self.kv_bytes += ctx.kv_bytes;
         self.contexts.insert(h, ctx);
         h
     }
@@ -581,6 +585,7 @@ impl Active {
             .ok_or_else(|| Error::new(Status::NotFound, format!("no context {handle}")))?;
         ctx.cancelled.store(true, Ordering::Release);
         self.kv_tokens -= u64::from(ctx.n_ctx);
+        self.kv_bytes -= ctx.kv_bytes;
         Ok(())
     }
 

@@ -257,4 +257,22 @@ impl Array {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// The elements as `u64`, when every one is a non-negative integer (of any width).
+    pub fn to_u64s(&self) -> Option<Vec<u64>> {
+        fn all<T: Copy>(v: &[T], f: impl Fn(T) -> Option<u64>) -> Option<Vec<u64>> {
+            v.iter().map(|&x| f(x)).collect()
+        }
+        match self {
+            Array::U8(v) => all(v, |x| Some(x.into())),
+            Array::U16(v) => all(v, |x| Some(x.into())),
+            Array::U32(v) => all(v, |x| Some(x.into())),
+            Array::U64(v) => all(v, Some),
+            Array::I8(v) => all(v, |x| u64::try_from(x).ok()),
+            Array::I16(v) => all(v, |x| u64::try_from(x).ok()),
+            Array::I32(v) => all(v, |x| u64::try_from(x).ok()),
+            Array::I64(v) => all(v, |x| u64::try_from(x).ok()),
+            _ => None,
+        }
+    }
 }

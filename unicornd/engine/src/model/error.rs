@@ -13,6 +13,10 @@ pub enum ModelError {
     Tokenizer(#[from] TokenizerError),
     #[error("architecture {0:?} is not supported (unicorn runs: {1})")]
     UnsupportedArch(String, &'static str),
+    /// A file that the architecture `arch` cannot run: a tensor or key missing, a shape or a
+    /// combination of hyper-parameters it does not support.
+    #[error("{arch}: {source}")]
+    Arch { arch: String, source: Box<ModelError> },
     #[error("{key}: {message}")]
     BadHParam { key: String, message: String },
     #[error("tensor {name}: {message}")]

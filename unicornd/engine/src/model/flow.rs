@@ -45,6 +45,21 @@ impl Act {
     pub fn from_vec(v: Vec<f32>) -> Act {
         Act { host: v, host_ok: true, dev: None, homes: [None; 2] }
     }
+
+    /// Values it holds.
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    /// Makes `self` an activation of `len` values to be overwritten: unchanged when it has that
+    /// length; otherwise `len` zeros on the host (in its old host storage).
+    pub fn resize(&mut self, len: usize) {
+        if self.host.len() != len {
+            self.host.clear();
+            self.host.resize(len, 0.0);
+            (self.host_ok, self.dev, self.homes) = (true, None, [None; 2]);
+        }
+    }
 }
 
 /// A pass's device state (when some class is on the device) and what runs where.
@@ -99,6 +114,13 @@ impl<'e> Flow<'e> {
         Ok(&mut a.host)
     }
 
+    /// `a`'s host storage, to be overwritten (nothing is read back): the device copy is dropped.
+    pub fn overwrite<'a>(&mut self, a: &'a mut Act) -> &'a mut Vec<f32> {
+        a.dev = None;
+        a.host_ok = true;
+        &mut a.host
+    }
+
     /// `a`'s current value on the device, uploaded if needed.
     fn dev(gpu: &mut Gpu, a: &mut Act) -> Result<Tensor, ModelError> {
         if let Some(t) = a.dev {
@@ -114,40 +136,40 @@ impl<'e> Flow<'e> {
     fn out(gpu: &mut Gpu, a: &mut Act) -> Result<Tensor, ModelError> {
         let slot = usize::from(a.dev.is_some() && a.dev == a.homes[0]);
         let t = match a.homes[slot] {
-            Some(t) => t,
-            None => *a.homes[slot].insert(gpu.step.tensor(a.host.len())?),
+            Some(t) if t.len() == a.host.len() => t,
+            _ => *a.homes[slot].insert(gpu.step.tensor(a.host.len())?),
         };
         a.dev = Some(t);
         a.host_ok = false;
         Ok(t)
     }
 
-    /// RMSNorm of the rows of `dim` values of `x` into `out`, times `w`.
+    /// RMSNorm of the rows of `dim` values of `x` into `out`, times `w` when given.
     pub fn norm(
         &mut self,
         x: &mut Act,
         out: &mut Act,
         dim: usize,
-        w: &[f32],
+        w: Option<&[f32]>,
         eps: f32,
     ) -> Result<(), ModelError> {
         if let Some(gpu) = self.gpu_for(OpClass::Norms) {
-            let (xt, wt) = (Flow::dev(gpu, x)?, gpu.vector(w)?);
+            let xt = Flow::dev(gpu, x)?;
+            let wt = w.map(|w| gpu.vector(w)).transpose()?;
             let ot = Flow::out(gpu, out)?;
-            gpu.step.rms_norm(xt, dim, Some(wt), eps, ot)?;
+            gpu.step.rms_norm(xt, dim, wt, eps, ot)?;
         } else {
             let x = self.host(x)?;
-            let out = self.host_mut(out)?;
-            rms_norm(x, out, dim, Some(w), eps);
+            rms_norm(x, self.overwrite(out), dim, w, eps);
         }
         Ok(())
     }
 
-    /// `out[t] = m x[t]` for the `n` rows of `x`, where `class` runs.
+    /// `out[t] = m x[t]` for the `n` rows of `x`, where `class` runs (`None`: on the CPU).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul(
         &mut self,
-        class: OpClass,
+        class: Option<OpClass>,
         m: &Matrix,
         bytes: &[u8],
         pool: &ThreadPool,
@@ -155,7 +177,7 @@ impl<'e> Flow<'e> {
         n: usize,
         out: &mut Act,
     ) -> Result<(), ModelError> {
-        if let Some(gpu) = self.gpu_for(class) {
+        if let Some(gpu) = class.and_then(|c| self.gpu_for(c)) {
             let parts = gpu.matrix(m, bytes)?;
             let xt = Flow::dev(gpu, x)?;
             let ot = Flow::out(gpu, out)?;
@@ -165,8 +187,7 @@ impl<'e> Flow<'e> {
             }
         } else {
             let x = self.host(x)?;
-            let out = self.host_mut(out)?;
-            matmul(pool, &m.view(bytes)?, x, n, out)?;
+            matmul(pool, &m.view(bytes)?, x, n, self.overwrite(out))?;
         }
         Ok(())
     }
@@ -199,7 +220,7 @@ impl<'e> Flow<'e> {
             }
         } else {
             let (g, u) = (self.host(gate)?, self.host(up)?);
-            let out = self.host_mut(out)?;
+            let out = self.overwrite(out);
             match ffn {
                 Ffn::Silu => swiglu(g, u, out),
                 Ffn::GeluTanh => geglu(g, u, out),

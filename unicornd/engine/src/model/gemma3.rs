@@ -14,14 +14,14 @@
 
 use unicorn_kernels::ops::RopeMode;
 
-use super::transformer::{Ffn, SlidingWindow, Spec, Transformer};
+use super::transformer::{Ffn, Network, SlidingWindow, Spec, Transformer};
 use super::{HParams, ModelError};
 use crate::gguf::GgufFile;
 
 const SWA_PATTERN: usize = 6;
 const SWA_ROPE_BASE: f32 = 10_000.0;
 
-pub(crate) fn load(gguf: &GgufFile, hp: &HParams) -> Result<Transformer, ModelError> {
+pub(crate) fn load(gguf: &GgufFile, hp: &mut HParams) -> Result<Box<dyn Network>, ModelError> {
     let key = "gemma3.attention.sliding_window";
     let window = gguf.metadata().get_uint(key)?;
     if window == 0 || window > 1 << 24 {
@@ -39,12 +39,8 @@ pub(crate) fn load(gguf: &GgufFile, hp: &HParams) -> Result<Transformer, ModelEr
         post_norms: true,
         ffn: Ffn::GeluTanh,
         attn_scale,
-        swa: Some(SlidingWindow {
-            window: window as usize,
-            pattern: SWA_PATTERN,
-            rope_base: SWA_ROPE_BASE,
-        }),
+        swa: Some(SlidingWindow::every(SWA_PATTERN, hp.n_layer, window as usize, SWA_ROPE_BASE)),
         final_softcap: None,
     };
-    Transformer::load(gguf, hp, spec)
+    Ok(Box::new(Transformer::load(gguf, hp, spec)?))
 }

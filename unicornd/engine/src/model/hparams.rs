@@ -2,7 +2,7 @@
 //! by them: a hostile file must not make the engine allocate absurd buffers or divide by zero.
 
 use super::ModelError;
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, Metadata, Value};
 
 /// Upper bounds far above any real model, so that sizes computed from them cannot overflow.
 const MAX_EMBD: u64 = 1 << 16;
@@ -23,6 +23,9 @@ pub struct HParams {
     pub n_head_kv: usize,
     pub head_dim: usize,
     pub n_ff: usize,
+    /// Layers with a KV cache of their own: the first `n_layer_kv`; any later layer reads the
+    /// cache of one of them (Gemma 3n). `n_layer` for every other architecture.
+    pub n_layer_kv: usize,
     pub rms_eps: f32,
     pub rope_base: f32,
     /// Leading dimensions of each head that RoPE rotates.
@@ -116,7 +119,8 @@ impl HParams {
             n_head,
             n_head_kv,
             head_dim,
-            n_ff: uint("feed_forward_length", MAX_FF)?,
+            n_ff: feed_forward_length(md, &key("feed_forward_length"), n_layer)?,
+            n_layer_kv: n_layer,
             rms_eps,
             rope_base,
             rope_dims,
@@ -133,4 +137,31 @@ impl HParams {
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
     }
+}
+
+/// `feed_forward_length`: one number, or one per layer (Gemma 3n's converter writes an array).
+/// Layers of different widths are not supported; equal ones are the one number.
+fn feed_forward_length(md: &Metadata, key: &str, n_layer: usize) -> Result<usize, ModelError> {
+    let bad = |m: String| ModelError::BadHParam { key: key.to_owned(), message: m };
+    let widths: Vec<u64> = match md.value(key)? {
+        Value::Array(a) => {
+            let all =
+                a.to_u64s().ok_or_else(|| bad("not an array of non-negative integers".into()))?;
+            if all.len() != n_layer {
+                return Err(bad(format!("{} values for {n_layer} layers", all.len())));
+            }
+            all
+        }
+        _ => vec![md.get_uint(key)?],
+    };
+    let first = widths[0];
+    if let Some(other) = widths.iter().find(|&&w| w != first) {
+        return Err(bad(format!(
+            "layers of different widths ({first} and {other}) are not supported"
+        )));
+    }
+    if first == 0 || first > MAX_FF {
+        return Err(bad(format!("{first} is outside 1..={MAX_FF}")));
+    }
+    Ok(first as usize)
 }

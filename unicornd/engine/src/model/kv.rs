@@ -1,6 +1,7 @@
 //! A context's state: its KV cache, the tokens it has seen, and its position.
 //!
-//! Per layer, K and V each hold `n_head_kv x n_ctx x head_dim` values in the layout of
+//! Per layer with a cache of its own (`HParams::n_layer_kv`: Gemma 3n's last layers read an
+//! earlier layer's cache and have none), K and V each hold `n_head_kv x n_ctx x head_dim` values in the layout of
 //! `unicorn_kernels::attention` (one KV head's positions contiguous). f16 halves the memory and
 //! the attention's memory traffic, and is what llama.cpp uses by default.
 
@@ -74,7 +75,9 @@ pub struct KvState {
     n_head_kv: usize,
     head_dim: usize,
     ty: KvType,
-    /// Per layer, K then V, each `n_head_kv x n_ctx x head_dim` values.
+    /// Layers with a cache of their own (`HParams::n_layer_kv`).
+    n_caches: usize,
+    /// Per cache (layer with its own K and V), K then V, each `n_head_kv x n_ctx x head_dim` values.
     cache: Buf,
     /// Values in one layer's K (or V).
     per: usize,
@@ -90,7 +93,7 @@ impl KvState {
         let per = hp.n_head_kv.checked_mul(n_ctx).and_then(|v| v.checked_mul(hp.head_dim));
         let bytes = per
             .and_then(|p| p.checked_mul(2 * elem_bytes(ty)))
-            .and_then(|p| p.checked_mul(hp.n_layer));
+            .and_then(|p| p.checked_mul(hp.n_layer_kv));
         let (Some(per), Some(bytes)) = (per, bytes) else {
             return Err(ModelError::BadHParam {
                 key: "n_ctx".into(),
@@ -102,6 +105,7 @@ impl KvState {
             n_head_kv: hp.n_head_kv,
             head_dim: hp.head_dim,
             ty,
+            n_caches: hp.n_layer_kv,
             cache: Buf::zeroed(ty, bytes)?,
             per,
             tokens: Vec::with_capacity(n_ctx.min(1 << 16)),
@@ -110,11 +114,16 @@ impl KvState {
 
     /// Bytes a cache of `n_ctx` positions takes for a model of shape `hp`.
     pub fn bytes_for(hp: &HParams, n_ctx: usize, ty: KvType) -> u64 {
-        2 * hp.n_layer as u64 * hp.kv_dim() as u64 * n_ctx as u64 * elem_bytes(ty) as u64
+        2 * hp.n_layer_kv as u64 * hp.kv_dim() as u64 * n_ctx as u64 * elem_bytes(ty) as u64
     }
 
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
+    }
+
+    /// Bytes this cache reserves (resident only as positions fill): [`KvState::bytes_for`].
+    pub fn bytes(&self) -> u64 {
+        (2 * self.n_caches * self.per * elem_bytes(self.ty)) as u64
     }
 
     /// Tokens decoded so far (the next token goes at this position).
@@ -144,7 +153,7 @@ impl KvState {
         self.tokens.extend_from_slice(tokens);
     }
 
-    /// Stores one token's keys and values of `layer` at `pos`.
+    /// Stores one token's keys and values in cache `layer` (`< n_layer_kv`) at `pos`.
     pub(crate) fn store(&mut self, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let (n_kv, n_ctx, hd) = (self.n_head_kv, self.n_ctx, self.head_dim);
         let (kr, vr) = self.ranges(layer);
@@ -158,7 +167,7 @@ impl KvState {
         (k0..k0 + self.per, k0 + self.per..k0 + 2 * self.per)
     }
 
-    /// The cache of `layer`, for attention.
+    /// Cache `layer` (`< n_layer_kv`), for attention.
     pub(crate) fn layer(&self, layer: usize) -> KvCache<'_> {
         let (kr, vr) = self.ranges(layer);
         KvCache {

@@ -3,10 +3,11 @@
 //! SwiGLU feed-forward, and the token embedding as output projection when `output.weight` is
 //! absent.
 
-use super::transformer::{Spec, Transformer};
+use super::transformer::{Network, Spec, Transformer};
 use super::{HParams, ModelError};
 use crate::gguf::GgufFile;
 
-pub(crate) fn load(gguf: &GgufFile, hp: &HParams) -> Result<Transformer, ModelError> {
-    Transformer::load(gguf, hp, Spec::llama(hp))
+/// Architecture loaders take `&mut HParams` because some (Gemma 3n) complete the common ones.
+pub(crate) fn load(gguf: &GgufFile, hp: &mut HParams) -> Result<Box<dyn Network>, ModelError> {
+    Ok(Box::new(Transformer::load(gguf, hp, Spec::llama(hp))?))
 }

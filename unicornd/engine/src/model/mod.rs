@@ -8,10 +8,12 @@
 mod error;
 mod flow;
 mod gemma3;
+mod gemma3n;
 mod hparams;
 mod kv;
 mod llama;
 mod placement;
+mod qwen3;
 mod transformer;
 mod weights;
 
@@ -19,7 +21,8 @@ pub use error::ModelError;
 pub use hparams::HParams;
 pub use kv::{KvState, KvType};
 pub use placement::{
-    shared_vulkan_context, Backend, Backends, OpClass, Placement, PlacementError, BACKEND_ENV,
+    set_npu_offer, shared_vulkan_context, Backend, Backends, NpuOffer, OpClass, Placement,
+    PlacementError, BACKEND_ENV,
 };
 pub use transformer::{Logits, Seq};
 
@@ -29,7 +32,7 @@ use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
 
 /// Architectures this engine runs.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3";
+pub const SUPPORTED_ARCHITECTURES: &str = "llama, gemma3, gemma3n, qwen3";
 
 /// A loaded model: the file, its tokenizer, and the network over the file's bytes.
 #[derive(Debug)]
@@ -37,7 +40,7 @@ pub struct Model {
     gguf: GgufFile,
     hp: HParams,
     tokenizer: Tokenizer,
-    net: transformer::Transformer,
+    net: Box<dyn transformer::Network>,
     exec: placement::Exec,
     name: String,
     file_type: String,
@@ -56,14 +59,19 @@ impl Model {
     pub fn load_with(gguf: GgufFile, backends: Backends) -> Result<Model, ModelError> {
         let arch = gguf.architecture()?.to_owned();
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
-        let hp = HParams::read(&gguf, &arch, tokenizer.n_vocab())?;
-        let net = match arch.as_str() {
-            "llama" => llama::load(&gguf, &hp)?,
-            "gemma3" => gemma3::load(&gguf, &hp)?,
+        let load = match arch.as_str() {
+            "llama" => llama::load,
+            "gemma3" => gemma3::load,
+            "gemma3n" => gemma3n::load,
+            "qwen3" => qwen3::load,
             other => {
                 return Err(ModelError::UnsupportedArch(other.to_owned(), SUPPORTED_ARCHITECTURES))
             }
         };
+        // What is missing or wrong in the file, said with the architecture that needs it.
+        let in_arch = |e| ModelError::Arch { arch: arch.clone(), source: Box::new(e) };
+        let mut hp = HParams::read(&gguf, &arch, tokenizer.n_vocab()).map_err(in_arch)?;
+        let net = load(&gguf, &mut hp).map_err(in_arch)?;
         let md = gguf.metadata();
         let name = md.opt_str("general.name")?.unwrap_or("").to_owned();
         let chat_template = md.opt_str("tokenizer.chat_template")?.unwrap_or("").to_owned();
@@ -122,13 +130,13 @@ impl Model {
         seqs: &mut [Seq<'_>],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        let bytes = self.gguf.bytes();
-        match self.net.forward(bytes, &self.exec, pool, seqs, logits) {
+        let run = transformer::Run { bytes: self.gguf.bytes(), exec: &self.exec, pool };
+        match self.net.forward(run, seqs, logits) {
             // A device error (e.g. a lost device): the pass left the sequences as they were, so
             // it runs again with every class on the CPU, as do all later ones.
             Err(ModelError::Vulkan(e)) if self.exec.uses_device() => {
                 self.exec.fail_over(&e);
-                self.net.forward(bytes, &self.exec, pool, seqs, logits)
+                self.net.forward(run, seqs, logits)
             }
             r => r,
         }

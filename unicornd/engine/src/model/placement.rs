@@ -57,7 +57,8 @@ impl OpClass {
 pub enum Backend {
     Cpu,
     Vulkan,
-    /// The AMD NPU: a name only for now, never available (falls back to Vulkan, then the CPU).
+    /// The AMD NPU: available for a class only when the process's [`NpuOffer`] covers it
+    /// (otherwise the class falls back to Vulkan, then the CPU).
     Xdna,
 }
 
@@ -206,6 +207,50 @@ pub fn shared_vulkan_context(allow_cpu: bool) -> Result<&'static Context, &'stat
     cell.get_or_init(|| Context::new(Options { allow_cpu, ..Options::default() })).as_ref()
 }
 
+/// What the NPU can take in this process: the classes that a usable amdxdna device with loaded
+/// kernels runs, and why the others cannot run there. The daemon sets it once at start
+/// ([`set_npu_offer`]) from discovery and the kernel manifest; without it no class is offered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NpuOffer {
+    classes: Vec<OpClass>,
+    reason: String,
+}
+
+impl NpuOffer {
+    /// Nothing offered, because of `reason`.
+    pub fn none(reason: impl Into<String>) -> NpuOffer {
+        NpuOffer { classes: Vec::new(), reason: reason.into() }
+    }
+
+    /// `classes` offered; `reason` says why the others are not.
+    pub fn classes(classes: &[OpClass], reason: impl Into<String>) -> NpuOffer {
+        NpuOffer { classes: classes.to_vec(), reason: reason.into() }
+    }
+
+    pub fn covers(&self, class: OpClass) -> bool {
+        self.classes.contains(&class)
+    }
+
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+static NPU_OFFER: OnceLock<NpuOffer> = OnceLock::new();
+
+/// Sets the process's NPU offer; only the first call counts (returns whether this one did).
+/// Call it before the first [`Backends::from_env`].
+pub fn set_npu_offer(offer: NpuOffer) -> bool {
+    NPU_OFFER.set(offer).is_ok()
+}
+
+fn npu_offer() -> NpuOffer {
+    NPU_OFFER
+        .get()
+        .cloned()
+        .unwrap_or_else(|| NpuOffer::none("no NPU discovery ran in this process"))
+}
+
 /// What runs where, resolved: the placement after fallbacks, the Vulkan context when some class
 /// is on it, and why classes fell back.
 #[derive(Clone, Debug)]
@@ -233,21 +278,40 @@ impl Backends {
         }
     }
 
-    /// `requested` with each class moved along xdna -> vulkan -> cpu until its backend is
-    /// available. `open_vulkan` is called at most once, only when some class wants Vulkan.
-    /// Each fallback is logged at warn and kept in [`Backends::fallbacks`].
+    /// [`Backends::resolve_with_npu`] with the process's NPU offer.
     pub fn resolve_with(
         requested: Placement,
         open_vulkan: impl FnOnce() -> Result<&'static Context, String>,
     ) -> Backends {
+        Backends::resolve_with_npu(requested, &npu_offer(), open_vulkan)
+    }
+
+    /// `requested` with each class moved along xdna -> vulkan -> cpu until its backend is
+    /// available: xdna when `npu` covers the class. `open_vulkan` is called at most once, only
+    /// when some class wants Vulkan. Each fallback is logged at warn and kept in
+    /// [`Backends::fallbacks`].
+    pub fn resolve_with_npu(
+        requested: Placement,
+        npu: &NpuOffer,
+        open_vulkan: impl FnOnce() -> Result<&'static Context, String>,
+    ) -> Backends {
         let mut fallbacks = Vec::new();
         let mut placement = requested;
-        if placement.uses(Backend::Xdna) {
-            let msg = "the xdna backend is not available yet; its classes run on vulkan".to_owned();
+        let moved: Vec<&str> = OpClass::ALL
+            .into_iter()
+            .filter(|&c| placement.get(c) == Backend::Xdna && !npu.covers(c))
+            .map(OpClass::name)
+            .collect();
+        if !moved.is_empty() {
+            let msg = format!(
+                "xdna cannot run {} ({}); they run on vulkan",
+                moved.join(", "),
+                npu.reason()
+            );
             log::warn!("{msg}");
             fallbacks.push(msg);
             for c in OpClass::ALL {
-                if placement.get(c) == Backend::Xdna {
+                if placement.get(c) == Backend::Xdna && !npu.covers(c) {
                     placement = placement.with(c, Backend::Vulkan);
                 }
             }
@@ -543,6 +607,25 @@ mod tests {
         assert_eq!(b.placement(), Placement::cpu());
         assert_eq!(b.fallbacks().len(), 2);
         assert!(b.fallbacks()[0].contains("xdna"));
+    }
+
+    #[test]
+    fn xdna_keeps_the_classes_the_npu_offer_covers() {
+        let p = Placement::cpu()
+            .with(OpClass::Attention, Backend::Xdna)
+            .with(OpClass::Norms, Backend::Xdna);
+        let offer = NpuOffer::classes(&[OpClass::Norms], "no attention kernels in the manifest");
+        let b = Backends::resolve_with_npu(p, &offer, || Err("no device".into()));
+        assert_eq!(b.placement().get(OpClass::Norms), Backend::Xdna);
+        assert_eq!(b.placement().get(OpClass::Attention), Backend::Cpu);
+        assert_eq!(b.fallbacks().len(), 2);
+        assert!(b.fallbacks()[0].contains("xdna cannot run attention"), "{:?}", b.fallbacks());
+        assert!(b.fallbacks()[0].contains("no attention kernels"), "{:?}", b.fallbacks());
+        // Nothing offered: every xdna class falls back, naming the reason.
+        let none = NpuOffer::none("no NPU: no /dev/accel node");
+        let b = Backends::resolve_with_npu(p, &none, || Err("no device".into()));
+        assert_eq!(b.placement(), Placement::cpu());
+        assert!(b.fallbacks()[0].contains("no /dev/accel node"), "{:?}", b.fallbacks());
     }
 
     #[test]

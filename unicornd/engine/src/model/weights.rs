@@ -30,19 +30,41 @@ impl Matrix {
         rows: usize,
         cols: usize,
     ) -> Result<Matrix, ModelError> {
+        Ok(Matrix::load_stack(gguf, name, rows, cols, None)?.remove(0))
+    }
+
+    /// The 3-D tensor `name` as its `n` matrices of `rows x cols` (ggml dims `[cols, rows, n]`),
+    /// or with `n = None` the 2-D tensor `name` as one matrix.
+    pub fn load_stack(
+        gguf: &GgufFile,
+        name: &str,
+        rows: usize,
+        cols: usize,
+        n: Option<usize>,
+    ) -> Result<Vec<Matrix>, ModelError> {
         let t = gguf.tensor(name)?;
-        if t.dims != [cols as u64, rows as u64] {
-            return Err(bad(name, format!("shape {:?}, expected [{cols}, {rows}]", t.dims)));
+        let mut want = vec![cols as u64, rows as u64];
+        want.extend(n.map(|n| n as u64));
+        if t.dims != want {
+            return Err(bad(name, format!("shape {:?}, expected {want:?}", t.dims)));
         }
         let base = gguf.bytes().as_ptr() as usize;
         let start = t.data.as_ptr() as usize - base;
-        let m = Matrix { ty: t.ty, rows, cols, range: start..start + t.data.len() };
+        let each = t.data.len() / n.unwrap_or(1).max(1);
+        let mats: Vec<Matrix> = (0..n.unwrap_or(1))
+            .map(|i| Matrix {
+                ty: t.ty,
+                rows,
+                cols,
+                range: start + i * each..start + (i + 1) * each,
+            })
+            .collect();
         // Checks the byte length and that the type has a matrix product.
-        m.view(gguf.bytes()).map_err(|e| bad(name, e.to_string()))?;
+        mats[0].view(gguf.bytes()).map_err(|e| bad(name, e.to_string()))?;
         if unicorn_kernels::dot::uses_quantized_acts(t.ty).is_none() {
             return Err(bad(name, format!("type {} has no matrix product on the CPU", t.ty)));
         }
-        Ok(m)
+        Ok(mats)
     }
 
     pub fn view<'a>(&self, bytes: &'a [u8]) -> Result<WeightView<'a>, KernelError> {

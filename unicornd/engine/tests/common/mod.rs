@@ -1,7 +1,11 @@
 //! Shared helpers for the engine's integration tests.
 #![allow(dead_code)]
 
+pub mod fixture;
+
 use std::path::PathBuf;
+
+use unicorn_engine::model::{shared_vulkan_context, Backends, Placement};
 
 /// The default model (SmolLM2-135M-Instruct, Q4_1).
 pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -42,4 +46,26 @@ pub fn model_path(file: &str) -> PathBuf {
 /// A file under the repository's `tests/data/reference/`.
 pub fn reference_path(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/reference").join(rel)
+}
+
+/// `placement` resolved on the shared context (CPU devices allowed), or `None` (after saying
+/// so) where no Vulkan device can exist.
+pub fn vulkan_backends(placement: Placement) -> Option<Backends> {
+    let b = Backends::resolve_with(placement, || {
+        shared_vulkan_context(true).map_err(|e| e.to_string())
+    });
+    if b.placement() != placement {
+        assert!(
+            !unicorn_vulkan::device_required(),
+            "the lavapipe ICD is installed (or UNICORN_VULKAN_REQUIRE=1) but Vulkan is not \
+             available: {:?}",
+            b.fallbacks()
+        );
+        eprintln!("SKIPPED: no Vulkan device ({:?}); scripts/install-deps installs lavapipe", {
+            b.fallbacks()
+        });
+        return None;
+    }
+    eprintln!("placement {}", b.describe());
+    Some(b)
 }
