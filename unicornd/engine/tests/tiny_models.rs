@@ -288,6 +288,34 @@ fn qwen3_q8_0_matches_llama_cpp_on_vulkan() {
     vulkan(&QWEN3_Q8_0);
 }
 
+/// Submissions of one decode step after a prompt, with every class on Vulkan.
+fn decode_submits(m: &Model) -> u64 {
+    let pool = ThreadPool::new(2);
+    let mut kv = m.new_state(16, KvType::F16).unwrap();
+    let mut out = Vec::new();
+    let mut step = |tokens: &[u32]| {
+        let mut seq = [Seq { kv: &mut kv, tokens, logits: Logits::Last }];
+        m.forward(&pool, &mut seq, &mut out).unwrap();
+        m.vulkan_stats().expect("the pass ran on vulkan").submits
+    };
+    let before = step(&[2, 818, 505, 670]);
+    step(&[509]) - before
+}
+
+/// With every class on Vulkan the activations stay on the device between the shared steps: the
+/// plain block (qwen3) submits once per layer (Q, K and V read back for RoPE, the cache and
+/// attention) and once for the logits; Gemma 3n's host code (AltUp, LAuReL's scale, the
+/// per-layer inputs) reads back a few times more per layer, still far from once per operation.
+#[test]
+fn a_vulkan_decode_step_submits_once_per_stretch_of_device_work() {
+    let Some(b) = common::vulkan_backends(Placement::vulkan_all()) else { return };
+    let (_, qwen) = load(&QWEN3_Q8_0, b.clone());
+    assert_eq!(decode_submits(&qwen), qwen.hparams().n_layer as u64 + 1);
+    let (_, g) = load(&GEMMA3N_Q8_0, b);
+    let (n, layers) = (decode_submits(&g), g.hparams().n_layer as u64);
+    assert!((layers..=7 * layers).contains(&n), "{n} submissions for {layers} layers");
+}
+
 /// Layers 20..24 read the caches of layers 18 and 19: the cache holds 20 layers, not 25.
 #[test]
 fn gemma3n_sharing_layers_have_no_kv_cache() {

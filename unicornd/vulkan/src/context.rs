@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use ash::vk;
 
 use crate::error::{Result, VkContext, VulkanError};
+use crate::recorder::Recorder;
 use crate::shaders::{self, Kernel};
 
 /// Environment variable that lets [`Options::from_env`] choose a CPU device (e.g. lavapipe).
@@ -107,16 +108,6 @@ struct Pipeline {
     pipeline: vk::Pipeline,
 }
 
-/// What one submission needs, used under a lock: command pools, descriptor pools and queues are
-/// externally synchronised objects in Vulkan.
-struct Exec {
-    cmd_pool: vk::CommandPool,
-    cmd: vk::CommandBuffer,
-    fence: vk::Fence,
-    desc_pool: vk::DescriptorPool,
-    pipelines: Vec<Option<Pipeline>>,
-}
-
 /// A Vulkan device ready for compute: one queue, the pipelines (created once, on first use), and
 /// a synchronous submit path. `Send + Sync`; operations from several threads take turns.
 pub struct Context {
@@ -124,10 +115,16 @@ pub struct Context {
     instance: ash::Instance,
     pub(crate) device: ash::Device,
     pub(crate) memory: vk::PhysicalDeviceMemoryProperties,
-    queue: vk::Queue,
+    /// The compute queue: externally synchronised in Vulkan, so submitted to under this lock.
+    queue: Mutex<vk::Queue>,
+    family: u32,
+    /// Nanoseconds per timestamp tick and the mask of valid bits, when the queue has timestamps.
+    timestamps: Option<(f32, u64)>,
     set_layout: vk::DescriptorSetLayout,
     pipeline_layout: vk::PipelineLayout,
-    exec: Mutex<Exec>,
+    pipelines: Mutex<Vec<Option<Pipeline>>>,
+    /// The recorder of the op-level calls (one dispatch per submission), created on first use.
+    exec: Mutex<Option<Recorder>>,
     info: DeviceInfo,
 }
 
@@ -343,6 +340,13 @@ impl Context {
         let memory = unsafe { instance.get_physical_device_memory_properties(c.pd) };
         // SAFETY: queue 0 of family `c.family` was requested at device creation.
         let queue = unsafe { device.get_device_queue(c.family, 0) };
+        // SAFETY: `c.pd` belongs to the live instance.
+        let families = unsafe { instance.get_physical_device_queue_family_properties(c.pd) };
+        let valid_bits = families.get(c.family as usize).map_or(0, |f| f.timestamp_valid_bits);
+        let timestamps = (valid_bits > 0 && limits.timestamp_period > 0.0).then(|| {
+            let mask = if valid_bits >= 64 { u64::MAX } else { (1u64 << valid_bits) - 1 };
+            (limits.timestamp_period, mask)
+        });
 
         // The context owns the instance from here on (`ash::Instance` is a handle and a table of
         // entry points; dropping the guard's copy destroys nothing).
@@ -352,25 +356,22 @@ impl Context {
             instance,
             device,
             memory,
-            queue,
+            queue: Mutex::new(queue),
+            family: c.family,
+            timestamps,
             set_layout: vk::DescriptorSetLayout::null(),
             pipeline_layout: vk::PipelineLayout::null(),
-            exec: Mutex::new(Exec {
-                cmd_pool: vk::CommandPool::null(),
-                cmd: vk::CommandBuffer::null(),
-                fence: vk::Fence::null(),
-                desc_pool: vk::DescriptorPool::null(),
-                pipelines: vec![None; Kernel::COUNT],
-            }),
+            pipelines: Mutex::new(vec![None; Kernel::COUNT]),
+            exec: Mutex::new(None),
             info,
         };
         // On error `ctx` is dropped, which destroys what was created (null handles are skipped
         // by Vulkan's destroy functions), the device and the instance.
-        ctx.create_objects(c.family)?;
+        ctx.create_objects()?;
         Ok(ctx)
     }
 
-    fn create_objects(&mut self, family: u32) -> Result<()> {
+    fn create_objects(&mut self) -> Result<()> {
         let d = &self.device;
         let bindings: Vec<_> = (0..3)
             .map(|b| {
@@ -397,48 +398,25 @@ impl Context {
         self.pipeline_layout =
             unsafe { d.create_pipeline_layout(&ci, None) }.vk("vkCreatePipelineLayout")?;
 
-        let exec = self.exec.get_mut().unwrap_or_else(|p| p.into_inner());
-        let ci = vk::CommandPoolCreateInfo::default()
-            .queue_family_index(family)
-            .flags(vk::CommandPoolCreateFlags::RESET_COMMAND_BUFFER);
-        // SAFETY: `family` is the queue family the device was created with.
-        exec.cmd_pool = unsafe { d.create_command_pool(&ci, None) }.vk("vkCreateCommandPool")?;
-        let ci = vk::CommandBufferAllocateInfo::default()
-            .command_pool(exec.cmd_pool)
-            .level(vk::CommandBufferLevel::PRIMARY)
-            .command_buffer_count(1);
-        // SAFETY: the pool is live and not in use by another thread (we hold `&mut self`).
-        exec.cmd = unsafe { d.allocate_command_buffers(&ci) }.vk("vkAllocateCommandBuffers")?[0];
-        // SAFETY: `d` is a live device.
-        exec.fence =
-            unsafe { d.create_fence(&vk::FenceCreateInfo::default(), None) }.vk("vkCreateFence")?;
-        let sizes = [vk::DescriptorPoolSize {
-            ty: vk::DescriptorType::STORAGE_BUFFER,
-            descriptor_count: 3,
-        }];
-        let ci = vk::DescriptorPoolCreateInfo::default().max_sets(1).pool_sizes(&sizes);
-        // SAFETY: `d` is a live device; `ci` and `sizes` live through the call.
-        exec.desc_pool =
-            unsafe { d.create_descriptor_pool(&ci, None) }.vk("vkCreateDescriptorPool")?;
         Ok(())
     }
 
     /// Destroys every object created from the device, then the device. Runs once, from `Drop`.
     fn destroy_device_objects(&mut self) {
+        if let Some(mut rec) = self.exec.get_mut().unwrap_or_else(|p| p.into_inner()).take() {
+            rec.destroy(self);
+        }
         let d = &self.device;
-        let exec = self.exec.get_mut().unwrap_or_else(|p| p.into_inner());
+        let pipelines = self.pipelines.get_mut().unwrap_or_else(|p| p.into_inner());
         // SAFETY: we hold `&mut self`, so no submission is being recorded; waiting for idle makes
         // sure the device no longer uses any object destroyed below. Every handle was created from
         // `d` (or is null, which the destroy functions ignore), and none is used afterwards.
         unsafe {
             let _ = d.device_wait_idle();
-            for p in exec.pipelines.iter().flatten() {
+            for p in pipelines.iter().flatten() {
                 d.destroy_pipeline(p.pipeline, None);
                 d.destroy_shader_module(p.module, None);
             }
-            d.destroy_descriptor_pool(exec.desc_pool, None);
-            d.destroy_fence(exec.fence, None);
-            d.destroy_command_pool(exec.cmd_pool, None);
             d.destroy_pipeline_layout(self.pipeline_layout, None);
             d.destroy_descriptor_set_layout(self.set_layout, None);
             d.destroy_device(None);
@@ -451,8 +429,9 @@ impl Context {
     }
 
     /// The pipeline of `kernel`, created on first use.
-    fn pipeline(&self, exec: &mut Exec, kernel: Kernel) -> Result<vk::Pipeline> {
-        if let Some(p) = exec.pipelines[kernel.index()] {
+    pub(crate) fn pipeline(&self, kernel: Kernel) -> Result<vk::Pipeline> {
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = pipelines[kernel.index()] {
             return Ok(p.pipeline);
         }
         let name = kernel.spirv_name(self.info.subgroup_arithmetic);
@@ -485,7 +464,7 @@ impl Context {
             }
         };
         log::debug!("vulkan: created pipeline {name}");
-        exec.pipelines[kernel.index()] = Some(Pipeline { module, pipeline });
+        pipelines[kernel.index()] = Some(Pipeline { module, pipeline });
         Ok(pipeline)
     }
 
@@ -498,10 +477,24 @@ impl Context {
         push: &[u32],
         groups: [u32; 3],
     ) -> Result<()> {
-        let push_bytes: Vec<u8> = push.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        if push_bytes.len() > PUSH_CONSTANT_BYTES as usize {
-            return Err(VulkanError::Shape("push constants too large".into()));
+        self.check_groups(groups)?;
+        if groups.contains(&0) {
+            return Ok(());
         }
+        let mut exec = self.exec.lock().unwrap_or_else(|p| p.into_inner());
+        let rec = match exec.as_mut() {
+            Some(r) => r,
+            None => exec.insert(Recorder::new(self, false)?),
+        };
+        rec.begin(self)?;
+        // The borrows in `buffers` outlive `submit`, which waits for the device.
+        rec.dispatch(self, kernel, buffers.map(|b| b.raw()), push, groups)?;
+        rec.submit(self)?;
+        Ok(())
+    }
+
+    /// Errors when a grid exceeds `maxComputeWorkGroupCount`.
+    pub(crate) fn check_groups(&self, groups: [u32; 3]) -> Result<()> {
         for (i, (&g, &max)) in groups.iter().zip(&self.info.max_workgroup_count).enumerate() {
             if g > max {
                 const WHAT: [&str; 3] =
@@ -513,103 +506,60 @@ impl Context {
                 });
             }
         }
-        if groups.contains(&0) {
-            return Ok(());
-        }
-        let mut exec = self.exec.lock().unwrap_or_else(|p| p.into_inner());
-        let pipeline = self.pipeline(&mut exec, kernel)?;
-        let d = &self.device;
+        Ok(())
+    }
 
-        // SAFETY: the pool is ours and idle: every earlier submission was waited for under this
-        // lock before it was released.
-        unsafe { d.reset_descriptor_pool(exec.desc_pool, vk::DescriptorPoolResetFlags::empty()) }
-            .vk("vkResetDescriptorPool")?;
-        let layouts = [self.set_layout];
-        let ai = vk::DescriptorSetAllocateInfo::default()
-            .descriptor_pool(exec.desc_pool)
-            .set_layouts(&layouts);
-        // SAFETY: the pool has room for this one set (reset above) and is used under the lock.
-        let set = unsafe { d.allocate_descriptor_sets(&ai) }.vk("vkAllocateDescriptorSets")?[0];
-        let infos: Vec<[vk::DescriptorBufferInfo; 1]> = buffers
-            .iter()
-            .map(|b| {
-                [vk::DescriptorBufferInfo { buffer: b.raw(), offset: 0, range: vk::WHOLE_SIZE }]
-            })
-            .collect();
-        let writes: Vec<_> = infos
-            .iter()
-            .enumerate()
-            .map(|(i, info)| {
-                vk::WriteDescriptorSet::default()
-                    .dst_set(set)
-                    .dst_binding(i as u32)
-                    .descriptor_type(vk::DescriptorType::STORAGE_BUFFER)
-                    .buffer_info(info)
-            })
-            .collect();
-        // SAFETY: `set` is not in use by any pending command buffer; the buffers are live (the
-        // borrows in `buffers` outlive this call) and were created with STORAGE_BUFFER usage.
-        unsafe { d.update_descriptor_sets(&writes, &[]) };
-
-        let cmd = exec.cmd;
-        let begin = vk::CommandBufferBeginInfo::default()
-            .flags(vk::CommandBufferUsageFlags::ONE_TIME_SUBMIT);
-        let barrier = [vk::MemoryBarrier::default()
-            .src_access_mask(vk::AccessFlags::SHADER_WRITE)
-            .dst_access_mask(vk::AccessFlags::HOST_READ)];
-        // SAFETY: the command buffer is not pending (the last submission was waited for under the
-        // lock) and its pool was created with RESET_COMMAND_BUFFER; every handle recorded is live
-        // and outlives the submission, which is waited for below; the push constants fit the
-        // layout's range (checked above).
-        unsafe {
-            d.reset_command_buffer(cmd, vk::CommandBufferResetFlags::empty())
-                .vk("vkResetCommandBuffer")?;
-            d.begin_command_buffer(cmd, &begin).vk("vkBeginCommandBuffer")?;
-            d.cmd_bind_pipeline(cmd, vk::PipelineBindPoint::COMPUTE, pipeline);
-            d.cmd_bind_descriptor_sets(
-                cmd,
-                vk::PipelineBindPoint::COMPUTE,
-                self.pipeline_layout,
-                0,
-                &[set],
-                &[],
-            );
-            d.cmd_push_constants(
-                cmd,
-                self.pipeline_layout,
-                vk::ShaderStageFlags::COMPUTE,
-                0,
-                &push_bytes,
-            );
-            d.cmd_dispatch(cmd, groups[0], groups[1], groups[2]);
-            d.cmd_pipeline_barrier(
-                cmd,
-                vk::PipelineStageFlags::COMPUTE_SHADER,
-                vk::PipelineStageFlags::HOST,
-                vk::DependencyFlags::empty(),
-                &barrier,
-                &[],
-                &[],
-            );
-            d.end_command_buffer(cmd).vk("vkEndCommandBuffer")?;
-        }
+    /// Submits the recorded command buffer `cmd` and waits for `fence`, which must be unsignalled
+    /// and belong to the caller alone.
+    pub(crate) fn submit_and_wait(&self, cmd: vk::CommandBuffer, fence: vk::Fence) -> Result<()> {
         let cmds = [cmd];
         let submit = [vk::SubmitInfo::default().command_buffers(&cmds)];
-        // SAFETY: the queue is used only under the lock; the fence is unsignalled (reset before
-        // each submission, and created unsignalled); host writes to the mapped, coherent buffers
-        // happened before the submit, which makes them visible to the device. Waiting on the fence
-        // before returning keeps every recorded object alive for the whole execution.
-        unsafe {
-            d.reset_fences(&[exec.fence]).vk("vkResetFences")?;
-            d.queue_submit(self.queue, &submit, exec.fence).vk("vkQueueSubmit")?;
-            d.wait_for_fences(&[exec.fence], true, u64::MAX).vk("vkWaitForFences")?;
+        let d = &self.device;
+        {
+            let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            // SAFETY: the queue is used only under its lock; the fence is the caller's, reset
+            // here and signalled only by this submission; host writes to the mapped, coherent
+            // buffers happened before the submit, which makes them visible to the device.
+            unsafe {
+                d.reset_fences(&[fence]).vk("vkResetFences")?;
+                d.queue_submit(*queue, &submit, fence).vk("vkQueueSubmit")?;
+            }
         }
-        Ok(())
+        // SAFETY: the fence is live; the caller keeps every recorded object alive until this
+        // wait has returned.
+        unsafe { d.wait_for_fences(&[fence], true, u64::MAX) }.vk("vkWaitForFences")
+    }
+
+    pub(crate) fn device(&self) -> &ash::Device {
+        &self.device
+    }
+
+    pub(crate) fn queue_family(&self) -> u32 {
+        self.family
+    }
+
+    pub(crate) fn set_layout(&self) -> vk::DescriptorSetLayout {
+        self.set_layout
+    }
+
+    pub(crate) fn pipeline_layout(&self) -> vk::PipelineLayout {
+        self.pipeline_layout
+    }
+
+    /// Nanoseconds per timestamp tick, when the compute queue writes timestamps
+    /// (`timestampValidBits > 0`, `timestampPeriod > 0`).
+    pub fn timestamp_period_ns(&self) -> Option<f32> {
+        self.timestamps.map(|(p, _)| p)
+    }
+
+    /// The valid bits of a timestamp.
+    pub(crate) fn timestamp_mask(&self) -> u64 {
+        self.timestamps.map_or(0, |(_, m)| m)
     }
 }
 
 /// Push constants of every shader fit in this many bytes (8 u32).
-const PUSH_CONSTANT_BYTES: u32 = 32;
+pub(crate) const PUSH_CONSTANT_BYTES: u32 = 32;
 
 /// The reduction workgroup size: at least 64 invocations, a power of two, a multiple of the
 /// reported subgroup size (itself a power of two), within the device limits.

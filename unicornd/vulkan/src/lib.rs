@@ -11,6 +11,10 @@
 //!   [`Context::add`], [`Context::mul`], [`Context::scale`], [`Context::softmax`],
 //!   [`Context::rope`], [`Context::kv_store`], [`Context::attention`]) run GLSL compute shaders
 //!   from the workspace's `shaders/`, compiled by `build.rs` with `glslc` and embedded as SPIR-V.
+//!   Each call submits one dispatch and waits.
+//! - [`Step`]: the same operations recorded into one command buffer on device-resident tensors,
+//!   submitted once when the host needs a result, with optional per-dispatch timestamps
+//!   ([`TIMING_ENV`]).
 //!
 //! See README.md for what is missing and how to run the tests.
 
@@ -18,7 +22,9 @@ mod buffer;
 mod context;
 mod error;
 mod ops;
+mod recorder;
 mod shaders;
+mod step;
 
 pub use buffer::Buffer;
 pub use context::{
@@ -26,6 +32,7 @@ pub use context::{
 };
 pub use error::{Result, VulkanError};
 pub use ops::{KvShape, MAX_HEAD_DIM};
+pub use step::{timing_from_env, OpTime, OutRows, Step, StepStats, Tensor, Weight, TIMING_ENV};
 
 /// Whether a Vulkan device must be found here, so that a test that finds none fails instead of
 /// skipping: Mesa's lavapipe ICD file is installed (`scripts/install-deps` installs it), or

@@ -1,9 +1,9 @@
 //! The operations: matrix-vector products with GGUF weights, RMSNorm, SwiGLU, GeGLU, add, mul,
 //! scale, softmax, RoPE, the f16 KV cache store and decode attention.
 //!
-//! Each call records one dispatch, submits it and waits. Inputs are copied into temporary
-//! buffers and the result is read back; keeping activations on the device across a whole layer is
-//! the next step.
+//! Each call here records one dispatch, submits it and waits: inputs are copied into temporary
+//! buffers and the result is read back. [`crate::Step`] records many of the same dispatches
+//! (planned by the same `plan_*` checks) into one submission, with activations left on the device.
 
 use unicorn_kernels::attention::AttnParams;
 use unicorn_kernels::ops::{Rope, RopeMode};
@@ -12,6 +12,17 @@ use unicorn_kernels::GgmlType;
 use crate::error::{Result, VulkanError};
 use crate::shaders::{Kernel, MvFormat};
 use crate::{Buffer, Context};
+
+/// One checked dispatch: the kernel, its push constants and its grid.
+pub(crate) struct Plan {
+    pub kernel: Kernel,
+    pub push: Vec<u32>,
+    pub groups: [u32; 3],
+}
+
+/// The binary shader's operation codes.
+pub(crate) const OP_ADD: u32 = 0;
+pub(crate) const OP_MUL: u32 = 1;
 
 /// The largest head the attention shader holds (its query in shared memory).
 pub const MAX_HEAD_DIM: usize = 512;
@@ -101,6 +112,27 @@ impl Context {
         x: &[f32],
         n_tokens: usize,
     ) -> Result<Vec<f32>> {
+        let Some(plan) = self.plan_matmul(ty, weights, rows, cols, x.len(), n_tokens)? else {
+            return Ok(Vec::new());
+        };
+        let xb = Buffer::from_f32(self, x)?;
+        let out = Buffer::zeroed(self, n_tokens * rows * 4)?;
+        self.run(plan, [weights, &xb, &out])?;
+        Ok(out.to_f32())
+    }
+
+    /// Checks a product of `n_tokens` vectors of `cols` values (`x_len` in all) with the `rows x
+    /// cols` weights of `ty` in `weights`, and plans its dispatch (offsets 0: `push[4]` is the
+    /// first input value, `push[5]` the first output value). `None`: nothing to compute.
+    pub(crate) fn plan_matmul(
+        &self,
+        ty: GgmlType,
+        weights: &Buffer<'_>,
+        rows: usize,
+        cols: usize,
+        x_len: usize,
+        n_tokens: usize,
+    ) -> Result<Option<Plan>> {
         let format = MvFormat::of(ty).ok_or(VulkanError::UnsupportedType(ty))?;
         let row_bytes = ty.row_bytes(cols as u64).filter(|_| cols > 0).ok_or_else(|| {
             VulkanError::Shape(format!(
@@ -116,31 +148,27 @@ impl Context {
                 weights.len()
             )));
         }
-        let x_len = n_tokens.checked_mul(cols);
-        if x_len != Some(x.len()) {
+        let want = n_tokens.checked_mul(cols);
+        if want != Some(x_len) {
             return Err(VulkanError::Shape(format!(
-                "x holds {} values, {n_tokens} tokens of {cols} need {x_len:?}",
-                x.len()
+                "x holds {x_len} values, {n_tokens} tokens of {cols} need {want:?}"
             )));
         }
-        let out_len = n_tokens
+        let _ = n_tokens
             .checked_mul(rows)
             .and_then(|n| n.checked_mul(4))
             .ok_or_else(|| VulkanError::Shape("output too large".into()))?;
         if rows == 0 || n_tokens == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
         let rows32 = to_u32("rows", rows)?;
         let push =
-            [rows32, to_u32("cols", cols)?, 0, to_u32("row bytes", row_bytes as usize)?, 0, 0];
-        let xb = Buffer::from_f32(self, x)?;
-        let out = Buffer::zeroed(self, out_len)?;
+            vec![rows32, to_u32("cols", cols)?, 0, to_u32("row bytes", row_bytes as usize)?, 0, 0];
         // The shaders index with 32-bit offsets: buffers past 4 GiB would need splitting.
         let _ = to_u32("weight buffer size", weights.padded_size())?;
         let [gx, gy] = self.row_grid(rows32);
         let groups = [gx, gy, to_u32("tokens", n_tokens)?];
-        self.dispatch(Kernel::MulMv(format), [weights, &xb, &out], &push, groups)?;
-        Ok(out.to_f32())
+        Ok(Some(Plan { kernel: Kernel::MulMv(format), push, groups }))
     }
 
     /// RMSNorm of each row of `dim` values in `x`, times `weight` when given, as
@@ -152,23 +180,48 @@ impl Context {
         weight: Option<&[f32]>,
         eps: f32,
     ) -> Result<Vec<f32>> {
-        if dim == 0 || !x.len().is_multiple_of(dim) {
-            return Err(VulkanError::Shape(format!("{} values are not rows of {dim}", x.len())));
+        let Some(plan) = self.plan_rms_norm(x.len(), dim, weight.map(<[f32]>::len), eps)? else {
+            return Ok(Vec::new());
+        };
+        self.run_f32(plan, x, weight.unwrap_or(&[]))
+    }
+
+    /// Checks and plans an RMSNorm of `n` values in rows of `dim`, with a weight of
+    /// `weight_len` values when given.
+    pub(crate) fn plan_rms_norm(
+        &self,
+        n: usize,
+        dim: usize,
+        weight_len: Option<usize>,
+        eps: f32,
+    ) -> Result<Option<Plan>> {
+        if dim == 0 || !n.is_multiple_of(dim) {
+            return Err(VulkanError::Shape(format!("{n} values are not rows of {dim}")));
         }
-        if weight.is_some_and(|w| w.len() != dim) {
+        if weight_len.is_some_and(|w| w != dim) {
             return Err(VulkanError::Shape(format!("weight is not {dim} values")));
         }
-        let rows = to_u32("rows", x.len() / dim)?;
+        let rows = to_u32("rows", n / dim)?;
         if rows == 0 {
-            return Ok(Vec::new());
+            return Ok(None);
         }
-        let xb = Buffer::from_f32(self, x)?;
-        let wb = Buffer::from_f32(self, weight.unwrap_or(&[]))?;
-        let out = Buffer::zeroed(self, std::mem::size_of_val(x))?;
-        let push = [rows, to_u32("dim", dim)?, u32::from(weight.is_some()), eps.to_bits()];
+        let push = vec![rows, to_u32("dim", dim)?, u32::from(weight_len.is_some()), eps.to_bits()];
         let [gx, gy] = self.row_grid(rows);
-        self.dispatch(Kernel::RmsNorm, [&xb, &wb, &out], &push, [gx, gy, 1])?;
+        Ok(Some(Plan { kernel: Kernel::RmsNorm, push, groups: [gx, gy, 1] }))
+    }
+
+    /// Runs `plan` on copies of `a` and `b` into an output as long as `a`, and reads it back.
+    fn run_f32(&self, plan: Plan, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
+        let ab = Buffer::from_f32(self, a)?;
+        let bb = Buffer::from_f32(self, b)?;
+        let out = Buffer::zeroed(self, std::mem::size_of_val(a))?;
+        self.run(plan, [&ab, &bb, &out])?;
         Ok(out.to_f32())
+    }
+
+    /// Runs one planned dispatch on `buffers` and waits for it.
+    fn run(&self, plan: Plan, buffers: [&Buffer<'_>; 3]) -> Result<()> {
+        self.dispatch(plan.kernel, buffers, &plan.push, plan.groups)
     }
 
     /// Softmax of each row of `dim` values in `x` (`exp(x - max) / sum`), as
@@ -216,12 +269,12 @@ impl Context {
 
     /// `a + b` element-wise.
     pub fn add(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
-        self.elementwise(Kernel::Binary, a, b, Some(0))
+        self.elementwise(Kernel::Binary, a, b, Some(OP_ADD))
     }
 
     /// `a * b` element-wise.
     pub fn mul(&self, a: &[f32], b: &[f32]) -> Result<Vec<f32>> {
-        self.elementwise(Kernel::Binary, a, b, Some(1))
+        self.elementwise(Kernel::Binary, a, b, Some(OP_MUL))
     }
 
     /// RoPE of `x`, `positions.len()` tokens of `n_heads x head_dim` values each (`n_heads` is
@@ -393,18 +446,28 @@ impl Context {
     }
 
     fn elementwise(&self, k: Kernel, a: &[f32], b: &[f32], op: Option<u32>) -> Result<Vec<f32>> {
-        if a.len() != b.len() {
-            return Err(VulkanError::Shape(format!("lengths {} and {} differ", a.len(), b.len())));
-        }
-        if a.is_empty() {
+        let Some(plan) = self.plan_elementwise(k, a.len(), b.len(), op)? else {
             return Ok(Vec::new());
+        };
+        self.run_f32(plan, a, b)
+    }
+
+    /// Checks and plans `k` (SwiGLU, GeGLU, or the binary `op`) on inputs of `a` and `b` values.
+    pub(crate) fn plan_elementwise(
+        &self,
+        k: Kernel,
+        a: usize,
+        b: usize,
+        op: Option<u32>,
+    ) -> Result<Option<Plan>> {
+        if a != b {
+            return Err(VulkanError::Shape(format!("lengths {a} and {b} differ")));
         }
-        let n = to_u32("length", a.len())?;
-        let ab = Buffer::from_f32(self, a)?;
-        let bb = Buffer::from_f32(self, b)?;
-        let out = Buffer::zeroed(self, std::mem::size_of_val(a))?;
-        let push = [n, op.unwrap_or(0), 0];
-        self.dispatch(k, [&ab, &bb, &out], &push, [self.stride_groups(n), 1, 1])?;
-        Ok(out.to_f32())
+        if a == 0 {
+            return Ok(None);
+        }
+        let n = to_u32("length", a)?;
+        let push = vec![n, op.unwrap_or(0), 0];
+        Ok(Some(Plan { kernel: k, push, groups: [self.stride_groups(n), 1, 1] }))
     }
 }

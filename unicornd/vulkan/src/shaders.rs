@@ -101,6 +101,20 @@ impl Kernel {
     /// How many kernels there are ([`Kernel::index`] is below this).
     pub(crate) const COUNT: usize = MvFormat::ALL.len() + 8;
 
+    /// Every kernel, each once.
+    pub(crate) fn all() -> impl Iterator<Item = Kernel> {
+        MvFormat::ALL.into_iter().map(Kernel::MulMv).chain([
+            Kernel::RmsNorm,
+            Kernel::Swiglu,
+            Kernel::Binary,
+            Kernel::Rope,
+            Kernel::Softmax,
+            Kernel::Attn,
+            Kernel::KvStore,
+            Kernel::Geglu,
+        ])
+    }
+
     /// A dense index for per-kernel tables.
     pub(crate) fn index(self) -> usize {
         let n = MvFormat::ALL.len();
@@ -160,19 +174,8 @@ mod tests {
 
     #[test]
     fn every_kernel_has_both_variants_embedded() {
-        let mut kernels: Vec<Kernel> = MvFormat::ALL.iter().map(|&f| Kernel::MulMv(f)).collect();
-        kernels.extend([
-            Kernel::RmsNorm,
-            Kernel::Swiglu,
-            Kernel::Binary,
-            Kernel::Rope,
-            Kernel::Softmax,
-            Kernel::Attn,
-            Kernel::KvStore,
-            Kernel::Geglu,
-        ]);
         let mut seen = [false; Kernel::COUNT];
-        for k in kernels {
+        for k in Kernel::all() {
             assert!(!seen[k.index()]);
             seen[k.index()] = true;
             for sg in [false, true] {

@@ -42,12 +42,16 @@
 //!
 //! Where they run: LAuReL's products with the attention class, the per-layer input's gate and
 //! projection with the feed-forward class; the AltUp router, coefficients and projections and
-//! `per_layer_model_proj` (small, or once per token) on the CPU.
+//! `per_layer_model_proj` (small, or once per token) on the CPU. With classes on the Vulkan
+//! device the block's norms, products and residual additions stay on the device between the
+//! shared steps; the host code (AltUp's prediction and correction, LAuReL's `1/sqrt(2)`, the
+//! gaussian top-k, the per-layer input's GeGLU) reads its inputs back, so a layer is about six
+//! submissions rather than one (see `unicornd/vulkan/README.md`).
 
 use super::placement::OpClass;
 use super::transformer::{
-    embeddings, layer_tensor, Attention, AttnOpts, FeedForward, Ffn, KvSource, Network, Pass, Run,
-    Seq, SlidingWindow,
+    embeddings, layer_tensor, Act, Attention, AttnOpts, FeedForward, Ffn, KvSource, Network, Pass,
+    Run, Seq, SlidingWindow,
 };
 use super::weights::{vector, Matrix};
 use super::{HParams, ModelError};
@@ -310,14 +314,21 @@ fn rescale(x: &mut [f32], dim: usize, target: &[f32]) {
 }
 
 impl Gemma3n {
-    /// The AltUp router of layer `l` for the rows `x`: `n_altup` weights per token.
-    fn router(&self, pass: &Pass<'_>, l: &Layer, x: &[f32]) -> Result<Vec<f32>, ModelError> {
+    /// The AltUp router of layer `l` for the rows `x`: `n_altup` weights per token. `h` is
+    /// scratch (kept by the caller so that its device tensors serve every layer).
+    fn router(
+        &self,
+        pass: &mut Pass<'_>,
+        l: &Layer,
+        x: &mut Act,
+        h: &mut Act,
+    ) -> Result<Vec<f32>, ModelError> {
         let d = self.hp.n_embd;
-        let mut h = vec![0.0f32; x.len()];
-        pass.norm(x, &mut h, d, Some(&l.router_norm))?;
-        scale(&mut h, 1.0 / d as f32);
-        let mut out = vec![0.0f32; pass.n() * self.n_altup];
-        pass.matmul(None, &l.router, &h, &mut out)?;
+        pass.norm(x, h, d, Some(&l.router_norm))?;
+        scale(pass.host_mut(h)?, 1.0 / d as f32);
+        let mut out = Act::default();
+        pass.matmul(None, &l.router, h, &mut out)?;
+        let mut out = pass.take(&mut out)?;
         out.iter_mut().for_each(|v| *v = v.tanh());
         Ok(out)
     }
@@ -325,14 +336,19 @@ impl Gemma3n {
     /// AltUp's prediction: stream `j` plus `sum_i c[j][i] * stream i`, per token.
     fn predict(
         &self,
-        pass: &Pass<'_>,
+        pass: &mut Pass<'_>,
         l: &Layer,
-        streams: &[Vec<f32>],
+        streams: &mut [Vec<f32>],
+        h: &mut Act,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let (d, a) = (self.hp.n_embd, self.n_altup);
-        let modalities = self.router(pass, l, &streams[self.active])?;
-        let mut coef = vec![0.0f32; pass.n() * a * a];
-        pass.matmul(None, &l.predict_coef, &modalities, &mut coef)?;
+        let mut x = Act::from_vec(std::mem::take(&mut streams[self.active]));
+        let modalities = self.router(pass, l, &mut x, h);
+        streams[self.active] = pass.take(&mut x)?;
+        let mut modalities = Act::from_vec(modalities?);
+        let mut coef = Act::default();
+        pass.matmul(None, &l.predict_coef, &mut modalities, &mut coef)?;
+        let coef = pass.host(&mut coef)?;
         let mut preds = streams.to_vec();
         for (j, p) in preds.iter_mut().enumerate() {
             for (t, row) in p.chunks_exact_mut(d).enumerate() {
@@ -351,15 +367,18 @@ impl Gemma3n {
     /// innovation `out - preds[active]`.
     fn correct(
         &self,
-        pass: &Pass<'_>,
+        pass: &mut Pass<'_>,
         l: &Layer,
         mut preds: Vec<Vec<f32>>,
-        out: &[f32],
+        out: &mut Act,
+        h: &mut Act,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let (d, a) = (self.hp.n_embd, self.n_altup);
-        let modalities = self.router(pass, l, out)?;
-        let mut coef = vec![0.0f32; pass.n() * a];
-        pass.matmul(None, &l.correct_coef, &modalities, &mut coef)?;
+        let mut modalities = Act::from_vec(self.router(pass, l, out, h)?);
+        let mut coef = Act::default();
+        pass.matmul(None, &l.correct_coef, &mut modalities, &mut coef)?;
+        let coef = pass.host(&mut coef)?;
+        let out = pass.host(out)?;
         let innovation: Vec<f32> =
             out.iter().zip(&preds[self.active]).map(|(&y, &p)| y - p).collect();
         for (s, p) in preds.iter_mut().enumerate() {
@@ -376,24 +395,27 @@ impl Gemma3n {
     /// Each token's input of every layer (`n x n_layer x per_layer_width`).
     fn per_layer_inputs(
         &self,
-        pass: &Pass<'_>,
+        pass: &mut Pass<'_>,
         seqs: &[Seq<'_>],
-        embd: &[f32],
+        embd: &mut Act,
     ) -> Result<Vec<f32>, ModelError> {
         let (d, w) = (self.hp.n_embd, self.per_layer_width);
         let mut inputs = pass.embed(&self.per_layer_tok_embd, seqs, (w as f32).sqrt())?;
-        let mut proj = vec![0.0f32; inputs.len()];
+        let mut proj = Act::default();
         pass.matmul(None, &self.per_layer_model_proj, embd, &mut proj)?;
-        scale(&mut proj, 1.0 / (d as f32).sqrt());
-        let mut normed = vec![0.0f32; proj.len()];
-        pass.norm(&proj, &mut normed, w, Some(&self.per_layer_proj_norm))?;
-        add_assign(&mut inputs, &normed);
+        scale(pass.host_mut(&mut proj)?, 1.0 / (d as f32).sqrt());
+        let mut normed = Act::default();
+        pass.norm(&mut proj, &mut normed, w, Some(&self.per_layer_proj_norm))?;
+        add_assign(&mut inputs, pass.host(&mut normed)?);
         scale(&mut inputs, std::f32::consts::FRAC_1_SQRT_2);
         Ok(inputs)
     }
 }
 
 impl Network for Gemma3n {
+    /// The block's norms and products are the shared steps on [`Act`]s, so on the device they
+    /// stay there between steps; AltUp, LAuReL's scaling and the per-layer inputs are host code
+    /// on the stream values, where they are read back.
     fn forward(
         &self,
         run: Run<'_>,
@@ -403,66 +425,69 @@ impl Network for Gemma3n {
         let hp = &self.hp;
         let local = Some((self.window, self.swa_rope_base));
         let mut pass = Pass::new(hp, run, seqs, RopeMode::Neox, local)?;
-        let (n, d, w, a) = (pass.n(), hp.n_embd, self.per_layer_width, self.n_altup);
-        let embd = pass.embed(&self.tok_embd, seqs, (d as f32).sqrt())?;
-        let inputs = self.per_layer_inputs(&pass, seqs, &embd)?;
+        let (d, w, a) = (hp.n_embd, self.per_layer_width, self.n_altup);
+        let mut embd = Act::from_vec(pass.embed(&self.tok_embd, seqs, (d as f32).sqrt())?);
+        let inputs = self.per_layer_inputs(&mut pass, seqs, &mut embd)?;
 
         // Stream 0 is the embedding, the others its projections at its magnitude.
-        let target = magnitudes(&embd, d);
+        let target = magnitudes(pass.host(&mut embd)?, d);
         let mut streams = Vec::with_capacity(a);
+        let mut s = Act::default();
         for p in &self.altup_proj {
-            let mut s = vec![0.0f32; n * d];
-            pass.matmul(None, p, &embd, &mut s)?;
-            rescale(&mut s, d, &target);
-            streams.push(s);
+            pass.matmul(None, p, &mut embd, &mut s)?;
+            let s = pass.host_mut(&mut s)?;
+            rescale(s, d, &target);
+            streams.push(s.clone());
         }
-        streams.insert(0, embd);
+        streams.insert(0, pass.take(&mut embd)?);
 
         let opts = AttnOpts { scale: ATTN_SCALE, v_norm: true };
-        let (mut h, mut o) = (vec![0.0f32; n * d], vec![0.0f32; n * d]);
-        let mut low = Vec::new();
-        let (mut gate, mut gated) = (vec![0.0f32; n * w], vec![0.0f32; n * w]);
-        let mut layer_input = vec![0.0f32; n * w];
+        let (mut x, mut h, mut o) = (Act::default(), Act::default(), Act::default());
+        let (mut low, mut laurel) = (Act::default(), Act::default());
+        let (mut gate, mut gated) = (Act::default(), Act::default());
+        let mut layer_input = Vec::new();
         let attn_class = Some(OpClass::Attention);
         let ffn_class = Some(OpClass::FeedForward);
         for (li, l) in self.layers.iter().enumerate() {
-            let preds = self.predict(&pass, l, &streams)?;
-            let active = &preds[self.active];
-            pass.norm(active, &mut h, d, Some(&l.attn_norm))?;
+            let preds = self.predict(&mut pass, l, &mut streams, &mut h)?;
+            pass.overwrite(&mut x).clone_from(&preds[self.active]);
+            pass.norm(&mut x, &mut h, d, Some(&l.attn_norm))?;
 
             // LAuReL: h + norm(laurel_r · laurel_l · h).
-            low.resize(n * l.laurel_l.rows, 0.0);
-            pass.matmul(attn_class, &l.laurel_l, &h, &mut low)?;
-            pass.matmul(attn_class, &l.laurel_r, &low, &mut o)?;
-            let mut laurel = h.clone();
-            pass.add_normed(&mut laurel, &o, Some(&l.laurel_post_norm))?;
+            pass.matmul(attn_class, &l.laurel_l, &mut h, &mut low)?;
+            pass.matmul(attn_class, &l.laurel_r, &mut low, &mut o)?;
+            pass.norm(&mut o, &mut laurel, d, Some(&l.laurel_post_norm))?;
+            pass.add(&mut laurel, &mut h)?;
 
-            pass.attention(seqs, &l.attn, opts, &h, &mut o)?;
-            let mut x = active.clone();
-            pass.add_normed(&mut x, &o, Some(&l.post_attn_norm))?;
-            add_assign(&mut x, &laurel);
-            scale(&mut x, std::f32::consts::FRAC_1_SQRT_2);
+            pass.attention(seqs, &l.attn, opts, &mut h, &mut o)?;
+            pass.add_normed(&mut x, &mut o, Some(&l.post_attn_norm))?;
+            pass.add(&mut x, &mut laurel)?;
+            scale(pass.host_mut(&mut x)?, std::f32::consts::FRAC_1_SQRT_2);
 
-            pass.norm(&x, &mut h, d, Some(&l.ffn_norm))?;
-            pass.feed_forward(&l.ffn, Ffn::GeluTanh, l.sparsity, &h, &mut o)?;
-            pass.add_normed(&mut x, &o, Some(&l.post_ffn_norm))?;
+            pass.norm(&mut x, &mut h, d, Some(&l.ffn_norm))?;
+            pass.feed_forward(&l.ffn, Ffn::GeluTanh, l.sparsity, &mut h, &mut o)?;
+            pass.add_normed(&mut x, &mut o, Some(&l.post_ffn_norm))?;
 
-            streams = self.correct(&pass, l, preds, &x)?;
+            streams = self.correct(&mut pass, l, preds, &mut x, &mut h)?;
 
             // The per-layer input, gated by the corrected active stream, joins streams 1..
-            h.copy_from_slice(&streams[self.active]);
-            for row in h.chunks_exact_mut(d) {
+            let hs = pass.overwrite(&mut h);
+            hs.clone_from(&streams[self.active]);
+            for row in hs.chunks_exact_mut(d) {
                 row.iter_mut().zip(&l.correct_scale).for_each(|(v, s)| *v *= s);
             }
-            pass.matmul(ffn_class, &l.inp_gate, &h, &mut gate)?;
-            for (t, row) in layer_input.chunks_exact_mut(w).enumerate() {
-                row.copy_from_slice(&inputs[(t * hp.n_layer + li) * w..][..w]);
+            pass.matmul(ffn_class, &l.inp_gate, &mut h, &mut gate)?;
+            layer_input.clear();
+            for t in 0..pass.n() {
+                layer_input.extend_from_slice(&inputs[(t * hp.n_layer + li) * w..][..w]);
             }
-            geglu(&gate, &layer_input, &mut gated);
-            pass.matmul(ffn_class, &l.proj, &gated, &mut o)?;
-            pass.norm(&o, &mut h, d, Some(&l.post_norm))?;
+            gated.resize(gate.len());
+            geglu(pass.host(&mut gate)?, &layer_input, pass.overwrite(&mut gated));
+            pass.matmul(ffn_class, &l.proj, &mut gated, &mut o)?;
+            pass.norm(&mut o, &mut h, d, Some(&l.post_norm))?;
+            let h = pass.host(&mut h)?;
             for s in &mut streams[1..] {
-                add_assign(s, &h);
+                add_assign(s, h);
             }
         }
 
@@ -470,12 +495,15 @@ impl Network for Gemma3n {
         // the mean of all.
         let target = magnitudes(&streams[self.active], d);
         let mut x = streams[0].clone();
-        for (p, s) in self.altup_unembd_proj.iter().zip(&streams[1..]) {
-            pass.matmul(None, p, s, &mut o)?;
-            rescale(&mut o, d, &target);
-            add_assign(&mut x, &o);
+        for (p, s) in self.altup_unembd_proj.iter().zip(&mut streams[1..]) {
+            let mut s = Act::from_vec(std::mem::take(s));
+            pass.matmul(None, p, &mut s, &mut o)?;
+            let o = pass.host_mut(&mut o)?;
+            rescale(o, d, &target);
+            add_assign(&mut x, o);
         }
         scale(&mut x, 1.0 / a as f32);
-        pass.finish(seqs, &x, &self.output_norm, &self.output, Some(self.softcap), out)
+        let x = Act::from_vec(x);
+        pass.finish(seqs, x, &self.output_norm, &self.output, Some(self.softcap), out)
     }
 }

@@ -6,6 +6,7 @@
 //! such a file and a line in [`Model::load`]; `docs/architecture.md` walks through it.
 
 mod error;
+mod flow;
 mod gemma3;
 mod gemma3n;
 mod hparams;
@@ -130,7 +131,27 @@ impl Model {
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let run = transformer::Run { bytes: self.gguf.bytes(), exec: &self.exec, pool };
-        self.net.forward(run, seqs, logits)
+        match self.net.forward(run, seqs, logits) {
+            // A device error (e.g. a lost device): the pass left the sequences as they were, so
+            // it runs again with every class on the CPU, as do all later ones.
+            Err(ModelError::Vulkan(e)) if self.exec.uses_device() => {
+                self.exec.fail_over(&e);
+                self.net.forward(run, seqs, logits)
+            }
+            r => r,
+        }
+    }
+
+    /// Submissions, dispatches and transfers of this model's passes on the Vulkan device so far
+    /// (`None` before the first pass there).
+    pub fn vulkan_stats(&self) -> Option<unicorn_vulkan::StepStats> {
+        self.exec.stats()
+    }
+
+    /// Device time per kind of operation of the last pass on the Vulkan device, largest first;
+    /// measured only with `UNICORN_VULKAN_TIMING=1` (empty otherwise).
+    pub fn vulkan_timings(&self) -> Vec<unicorn_vulkan::OpTime> {
+        self.exec.timings()
     }
 }
 

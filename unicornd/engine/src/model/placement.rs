@@ -8,9 +8,12 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use unicorn_vulkan::{Buffer, Context, Options, VulkanError};
+use unicorn_vulkan::{
+    timing_from_env, Context, OpTime, Options, Step, StepStats, VulkanError, Weight,
+};
 
 use super::weights::Matrix;
 use super::ModelError;
@@ -399,7 +402,7 @@ impl Backends {
     }
 
     /// The Vulkan context when `class` runs on it.
-    fn vulkan_for(&self, class: OpClass) -> Option<&'static Context> {
+    pub(crate) fn vulkan_for(&self, class: OpClass) -> Option<&'static Context> {
         match self.placement.get(class) {
             Backend::Vulkan => self.vulkan,
             _ => None,
@@ -407,148 +410,135 @@ impl Backends {
     }
 }
 
-/// A model's backends and its weights uploaded to the Vulkan device (lazily, each tensor once,
-/// shared by every forward pass).
+/// A model's backends and, once a pass has run on Vulkan, its device state: the weights uploaded
+/// (each tensor once, shared by every forward pass) and the [`Step`] the passes record into.
 #[derive(Debug)]
 pub(crate) struct Exec {
     backends: Backends,
-    /// Uploaded weight tensors by their offset in the model file.
-    weights: Mutex<HashMap<usize, Arc<[Chunk]>>>,
+    gpu: Mutex<Option<Gpu>>,
+    /// A Vulkan call failed during a pass: every class runs on the CPU from then on.
+    failed: AtomicBool,
 }
 
 /// Rows `row0..row0 + rows` of a weight tensor in one device buffer (a tensor larger than the
 /// device's largest storage buffer is split by rows).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Part {
+    pub row0: usize,
+    pub rows: usize,
+    pub w: Weight,
+}
+
+/// The device side of a model: its step and the weights uploaded into it.
 #[derive(Debug)]
-struct Chunk {
-    row0: usize,
-    rows: usize,
-    buf: Buffer<'static>,
+pub(crate) struct Gpu {
+    pub step: Step<'static>,
+    /// Matrices by their offset in the model file.
+    mats: HashMap<usize, Arc<[Part]>>,
+    /// Norm weights by the address of their (never moved) values.
+    vecs: HashMap<usize, Weight>,
+    /// Device time per operation kind of the last pass (with `UNICORN_VULKAN_TIMING=1`).
+    pub last_timings: Vec<OpTime>,
+}
+
+impl Gpu {
+    /// `m` on the device, uploaded on first use.
+    pub fn matrix(&mut self, m: &Matrix, bytes: &[u8]) -> Result<Arc<[Part]>, ModelError> {
+        if let Some(p) = self.mats.get(&m.offset()) {
+            return Ok(Arc::clone(p));
+        }
+        let data = m.bytes(bytes);
+        let row_bytes = data.len() / m.rows.max(1);
+        let info = self.step.context().info();
+        let limit = usize::try_from(info.max_storage_buffer_range).unwrap_or(usize::MAX);
+        let per = (limit / row_bytes.max(1)).clamp(1, m.rows.max(1));
+        let mut parts = Vec::with_capacity(m.rows.div_ceil(per));
+        for row0 in (0..m.rows).step_by(per) {
+            let rows = per.min(m.rows - row0);
+            let w = self.step.weight(&data[row0 * row_bytes..][..rows * row_bytes])?;
+            parts.push(Part { row0, rows, w });
+        }
+        if parts.len() > 1 {
+            log::debug!(
+                "a {} x {} tensor is on the device in {} parts",
+                m.rows,
+                m.cols,
+                parts.len()
+            );
+        }
+        let parts: Arc<[Part]> = parts.into();
+        self.mats.insert(m.offset(), Arc::clone(&parts));
+        Ok(parts)
+    }
+
+    /// The norm weight `v` on the device, uploaded on first use. `v` must not move or change
+    /// while the model lives (the layers' vectors never do).
+    pub fn vector(&mut self, v: &[f32]) -> Result<Weight, ModelError> {
+        let key = v.as_ptr() as usize;
+        if let Some(&w) = self.vecs.get(&key) {
+            return Ok(w);
+        }
+        let w = self.step.weight_f32(v)?;
+        self.vecs.insert(key, w);
+        Ok(w)
+    }
 }
 
 impl Exec {
     pub fn new(backends: Backends) -> Exec {
-        Exec { backends, weights: Mutex::new(HashMap::new()) }
+        Exec { backends, gpu: Mutex::new(None), failed: AtomicBool::new(false) }
     }
 
     pub fn backends(&self) -> &Backends {
         &self.backends
     }
 
-    /// The device that runs `class`, or `None` for the CPU.
+    /// Whether `class` runs on the Vulkan device.
     #[inline]
-    pub fn device(&self, class: OpClass) -> Option<Device<'_>> {
-        self.backends.vulkan_for(class).map(|ctx| Device { ctx, exec: self })
+    pub fn on_device(&self, class: OpClass) -> bool {
+        self.backends.vulkan_for(class).is_some() && !self.failed.load(Ordering::Relaxed)
     }
 
-    /// `m` on the device, uploaded on first use.
-    fn weight(
-        &self,
-        ctx: &'static Context,
-        m: &Matrix,
-        bytes: &[u8],
-    ) -> Result<Arc<[Chunk]>, ModelError> {
-        let mut map = self.weights.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = map.get(&m.offset()) {
-            return Ok(Arc::clone(b));
-        }
-        let data = m.bytes(bytes);
-        let row_bytes = data.len() / m.rows.max(1);
-        let limit = usize::try_from(ctx.info().max_storage_buffer_range).unwrap_or(usize::MAX);
-        let per = (limit / row_bytes.max(1)).clamp(1, m.rows.max(1));
-        let mut chunks = Vec::with_capacity(m.rows.div_ceil(per));
-        for row0 in (0..m.rows).step_by(per) {
-            let rows = per.min(m.rows - row0);
-            let buf = Buffer::from_bytes(ctx, &data[row0 * row_bytes..][..rows * row_bytes])?;
-            chunks.push(Chunk { row0, rows, buf });
-        }
-        if chunks.len() > 1 {
-            log::debug!(
-                "a {} x {} tensor is on the device in {} parts",
-                m.rows,
-                m.cols,
-                chunks.len()
-            );
-        }
-        let chunks: Arc<[Chunk]> = chunks.into();
-        map.insert(m.offset(), Arc::clone(&chunks));
-        Ok(chunks)
-    }
-}
-
-/// A Vulkan device running a class of a model's operations.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Device<'a> {
-    ctx: &'static Context,
-    exec: &'a Exec,
-}
-
-impl Device<'_> {
-    /// `out[t * rows + r] = dot(W[r], x[t])` for the `n` rows of `x`.
-    pub fn matmul(
-        &self,
-        w: &Matrix,
-        bytes: &[u8],
-        x: &[f32],
-        n: usize,
-        out: &mut [f32],
-    ) -> Result<(), ModelError> {
-        let shape = |what: String| ModelError::Vulkan(VulkanError::Shape(what));
-        if x.len() != n * w.cols || out.len() != n * w.rows {
-            return Err(shape(format!(
-                "a {} x {} product of {n} tokens with {} inputs and {} outputs",
-                w.rows,
-                w.cols,
-                x.len(),
-                out.len()
-            )));
-        }
-        let chunks = self.exec.weight(self.ctx, w, bytes)?;
-        let limit = usize::try_from(self.ctx.info().max_storage_buffer_range).unwrap_or(usize::MAX);
-        for c in chunks.iter() {
-            // Tokens per dispatch: the output buffer must fit a storage buffer too.
-            let per = (limit / (4 * c.rows.max(1))).max(1);
-            for t0 in (0..n).step_by(per) {
-                let m = per.min(n - t0);
-                let xs = &x[t0 * w.cols..][..m * w.cols];
-                let y = self.ctx.matmul(w.ty, &c.buf, c.rows, w.cols, xs, m)?;
-                if y.len() != m * c.rows {
-                    return Err(shape(format!(
-                        "matmul returned {} values, not {}",
-                        y.len(),
-                        m * c.rows
-                    )));
-                }
-                if chunks.len() == 1 {
-                    out[t0 * w.rows..][..y.len()].copy_from_slice(&y);
-                } else {
-                    for (t, row) in y.chunks_exact(c.rows).enumerate() {
-                        out[(t0 + t) * w.rows + c.row0..][..c.rows].copy_from_slice(row);
-                    }
-                }
-            }
-        }
-        Ok(())
+    /// Whether some class runs on the Vulkan device.
+    pub fn uses_device(&self) -> bool {
+        OpClass::ALL.into_iter().any(|c| self.on_device(c))
     }
 
-    /// RMSNorm of each row of `dim` values of `x` into `out`.
-    pub fn rms_norm(
-        &self,
-        x: &[f32],
-        out: &mut [f32],
-        dim: usize,
-        w: Option<&[f32]>,
-        eps: f32,
-    ) -> Result<(), ModelError> {
-        let y = self.ctx.rms_norm(x, dim, w, eps)?;
-        if y.len() != out.len() {
-            return Err(ModelError::Vulkan(VulkanError::Shape(format!(
-                "rms_norm returned {} values for an output of {}",
-                y.len(),
-                out.len()
-            ))));
-        }
-        out.copy_from_slice(&y);
-        Ok(())
+    /// After a Vulkan error in a pass: every class on the CPU from now on (logged at error).
+    pub fn fail_over(&self, e: &VulkanError) {
+        log::error!("vulkan failed during a forward pass ({e}); this model runs on the cpu now");
+        self.failed.store(true, Ordering::Relaxed);
+    }
+
+    /// The device state, locked for a pass, with a new step begun; `None` when no class is on
+    /// the device. Passes on the device take turns (they share the step's buffers).
+    pub fn gpu(&self) -> Result<Option<MutexGuard<'_, Option<Gpu>>>, ModelError> {
+        let Some(ctx) = self.backends.vulkan.filter(|_| self.uses_device()) else {
+            return Ok(None);
+        };
+        let mut g = self.gpu.lock().unwrap_or_else(|e| e.into_inner());
+        let gpu = match g.as_mut() {
+            Some(gpu) => gpu,
+            None => g.insert(Gpu {
+                step: Step::new(ctx, timing_from_env())?,
+                mats: HashMap::new(),
+                vecs: HashMap::new(),
+                last_timings: Vec::new(),
+            }),
+        };
+        gpu.step.begin()?;
+        Ok(Some(g))
+    }
+
+    /// Submissions, dispatches and transfers of this model's passes on the device so far.
+    pub fn stats(&self) -> Option<StepStats> {
+        self.gpu.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|g| g.step.stats())
+    }
+
+    /// Device time per operation kind of the last pass (with `UNICORN_VULKAN_TIMING=1`).
+    pub fn timings(&self) -> Vec<OpTime> {
+        let g = self.gpu.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map(|g| g.last_timings.clone()).unwrap_or_default()
     }
 }
 

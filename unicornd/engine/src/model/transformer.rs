@@ -10,10 +10,12 @@
 //! runs per sequence.
 
 use unicorn_kernels::attention::{attention_batch, Attend, AttnParams};
-use unicorn_kernels::ops::{add_assign, geglu, rms_norm, scale, swiglu, Rope, RopeMode};
-use unicorn_kernels::{matmul, matmul_group, ThreadPool};
+use unicorn_kernels::ops::{scale, Rope, RopeMode};
+use unicorn_kernels::{matmul_group, ThreadPool};
 
-use super::placement::{Device, Exec, OpClass};
+pub(crate) use super::flow::Act;
+use super::flow::Flow;
+use super::placement::{Exec, OpClass};
 use super::weights::{vector, Matrix};
 use super::{HParams, KvState, ModelError};
 use crate::gguf::GgufFile;
@@ -228,13 +230,22 @@ pub struct Seq<'a> {
     pub logits: Logits,
 }
 
-/// One forward pass over a batch: the positions of its tokens, their RoPE tables, where each
-/// operation class runs, and scratch buffers. Its methods are the steps architectures share.
+/// One forward pass over a batch: the positions of its tokens, their RoPE tables, where its
+/// activations live ([`Flow`]), and scratch activations. Its methods are the steps architectures
+/// share.
+///
+/// The steps take and give [`Act`]s: with classes on the Vulkan device, a step's device
+/// operations leave their outputs there, so consecutive device operations (a layer's norms,
+/// products and residual additions) are recorded into one submission; a step on the CPU (RoPE,
+/// the KV cache and attention; an architecture's own host code, via [`Pass::host`]) reads back
+/// what it needs, which is where the recorded work is submitted.
 pub(crate) struct Pass<'a> {
     bytes: &'a [u8],
-    exec: &'a Exec,
     pool: &'a ThreadPool,
     hp: &'a HParams,
+    flow: Flow<'a>,
+    /// Submissions of the device step before this pass (for the log).
+    submits_before: u64,
     /// Tokens in the batch.
     n: usize,
     /// Position of every token, and where each sequence's rows start.
@@ -244,19 +255,22 @@ pub(crate) struct Pass<'a> {
     /// local ones, with the window.
     rope_global: (Rope, Vec<f32>),
     rope_local: Option<(Rope, Vec<f32>, usize)>,
-    q: Vec<f32>,
-    k: Vec<f32>,
-    v: Vec<f32>,
-    attn: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
-    tmp: Vec<f32>,
+    q: Act,
+    k: Act,
+    v: Act,
+    attn: Act,
+    gate: Act,
+    up: Act,
+    /// Scratch activations of different lengths (one per length, so that each keeps its
+    /// device tensors through the pass).
+    tmp: Vec<Act>,
 }
 
 impl<'a> Pass<'a> {
     /// Checks `seqs` against the model and the caches (nothing changes when this fails) and
     /// prepares the positions and RoPE tables. `local` is the sliding window and the RoPE base
-    /// of local layers.
+    /// of local layers. With some class on the Vulkan device, this locks the model's device
+    /// state and begins its step for the pass.
     pub fn new(
         hp: &'a HParams,
         run: Run<'a>,
@@ -302,22 +316,25 @@ impl<'a> Pass<'a> {
             (r, tab, window)
         });
         let rope_global = tables(rope);
+        let mut flow = Flow::new(run.exec)?;
+        let submits_before = flow.submits();
         Ok(Pass {
             bytes: run.bytes,
-            exec: run.exec,
             pool: run.pool,
             hp,
+            flow,
+            submits_before,
             n,
             pos,
             starts,
             rope_global,
             rope_local,
-            q: Vec::new(),
-            k: Vec::new(),
-            v: Vec::new(),
-            attn: Vec::new(),
-            gate: Vec::new(),
-            up: Vec::new(),
+            q: Act::default(),
+            k: Act::default(),
+            v: Act::default(),
+            attn: Act::default(),
+            gate: Act::default(),
+            up: Act::default(),
             tmp: Vec::new(),
         })
     }
@@ -327,8 +344,25 @@ impl<'a> Pass<'a> {
         self.n
     }
 
-    fn device(&self, class: Option<OpClass>) -> Option<Device<'_>> {
-        class.and_then(|c| self.exec.device(c))
+    /// `a`'s current value on the host (read back from the device, submitting what is recorded,
+    /// when it is only there).
+    pub fn host<'b>(&mut self, a: &'b mut Act) -> Result<&'b [f32], ModelError> {
+        self.flow.host(a)
+    }
+
+    /// `a`'s value on the host, to be changed there (its device copy is dropped).
+    pub fn host_mut<'b>(&mut self, a: &'b mut Act) -> Result<&'b mut Vec<f32>, ModelError> {
+        self.flow.host_mut(a)
+    }
+
+    /// `a`'s host storage, to be overwritten there (nothing is read back).
+    pub fn overwrite<'b>(&mut self, a: &'b mut Act) -> &'b mut Vec<f32> {
+        self.flow.overwrite(a)
+    }
+
+    /// Takes `a`'s host storage (its current value, read back if needed).
+    pub fn take(&mut self, a: &mut Act) -> Result<Vec<f32>, ModelError> {
+        self.flow.take(a)
     }
 
     /// Row `t` of `table` for every token of `seqs`, times `mul` (an embedding lookup).
@@ -349,108 +383,122 @@ impl<'a> Pass<'a> {
         Ok(x)
     }
 
-    /// `out = w x` for every token, where `class` runs (`None`: always the CPU).
+    /// `out = w x` for every token, where `class` runs (`None`: always the CPU). `out` becomes
+    /// `n x w.rows`.
     pub fn matmul(
-        &self,
+        &mut self,
         class: Option<OpClass>,
         w: &Matrix,
-        x: &[f32],
-        out: &mut [f32],
+        x: &mut Act,
+        out: &mut Act,
     ) -> Result<(), ModelError> {
-        match self.device(class) {
-            Some(dev) => dev.matmul(w, self.bytes, x, self.n, out),
-            None => Ok(matmul(self.pool, &w.view(self.bytes)?, x, self.n, out)?),
-        }
+        out.resize(self.n * w.rows);
+        self.flow.matmul(class, w, self.bytes, self.pool, x, self.n, out)
     }
 
-    /// Several products of the same `x` (on the CPU one job: the input quantized once, the
-    /// threads kept busy).
+    /// Several products of the same `x`, each `out` becoming `n x w.rows` (on the CPU one job:
+    /// the input quantized once, the threads kept busy).
     fn matmul_group(
-        &self,
+        &mut self,
         class: OpClass,
-        x: &[f32],
-        group: &mut [(&Matrix, &mut [f32])],
+        x: &mut Act,
+        group: &mut [(&Matrix, &mut Act)],
     ) -> Result<(), ModelError> {
-        if let Some(dev) = self.exec.device(class) {
+        if self.flow.on(class) {
             for (w, out) in group.iter_mut() {
-                dev.matmul(w, self.bytes, x, self.n, out)?;
+                self.matmul(Some(class), w, x, out)?;
             }
             return Ok(());
         }
+        let x = self.flow.host(x)?;
         let mut jobs = Vec::with_capacity(group.len());
         for (w, out) in group.iter_mut() {
-            jobs.push((w.view(self.bytes)?, &mut **out));
+            out.resize(self.n * w.rows);
+            jobs.push((w.view(self.bytes)?, &mut self.flow.overwrite(out)[..]));
         }
         Ok(matmul_group(self.pool, x, self.n, &mut jobs)?)
     }
 
-    /// RMSNorm of each row of `dim` values of `x` into `out`, where the norms run.
+    /// RMSNorm of each row of `dim` values of `x` into `out` (made as long as `x`), where the
+    /// norms run.
     pub fn norm(
-        &self,
-        x: &[f32],
-        out: &mut [f32],
+        &mut self,
+        x: &mut Act,
+        out: &mut Act,
         dim: usize,
         w: Option<&[f32]>,
     ) -> Result<(), ModelError> {
-        norm(self.exec.device(OpClass::Norms), x, out, dim, w, self.hp.rms_eps)
+        out.resize(x.len());
+        self.flow.norm(x, out, dim, w, self.hp.rms_eps)
+    }
+
+    /// The scratch activation of `len` values (see `tmp`); given back by pushing it.
+    fn scratch(&mut self, len: usize) -> Act {
+        match self.tmp.iter().position(|a| a.len() == len) {
+            Some(i) => self.tmp.swap_remove(i),
+            None => Act::zeros(len),
+        }
     }
 
     /// [`Pass::norm`] in place.
     fn norm_in_place(
         &mut self,
-        x: &mut Vec<f32>,
+        x: &mut Act,
         dim: usize,
         w: Option<&[f32]>,
     ) -> Result<(), ModelError> {
-        let mut tmp = std::mem::take(&mut self.tmp);
-        tmp.resize(x.len(), 0.0);
-        self.norm(x, &mut tmp, dim, w)?;
-        std::mem::swap(x, &mut tmp);
-        self.tmp = tmp;
-        Ok(())
+        let mut tmp = self.scratch(x.len());
+        let r = self.norm(x, &mut tmp, dim, w);
+        if r.is_ok() {
+            std::mem::swap(x, &mut tmp);
+        }
+        self.tmp.push(tmp);
+        r
     }
 
     /// `x += norm(y)` with `w` (a post-norm), or `x += y` without.
     pub fn add_normed(
         &mut self,
-        x: &mut [f32],
-        y: &[f32],
+        x: &mut Act,
+        y: &mut Act,
         w: Option<&[f32]>,
     ) -> Result<(), ModelError> {
         match w {
-            None => add_assign(x, y),
+            None => self.flow.add(x, y),
             Some(w) => {
-                let mut tmp = std::mem::take(&mut self.tmp);
-                tmp.resize(y.len(), 0.0);
-                self.norm(y, &mut tmp, self.hp.n_embd, Some(w))?;
-                add_assign(x, &tmp);
-                self.tmp = tmp;
+                let mut tmp = self.scratch(y.len());
+                let r = self.norm(y, &mut tmp, self.hp.n_embd, Some(w));
+                let r = r.and_then(|()| self.flow.add(x, &mut tmp));
+                self.tmp.push(tmp);
+                r
             }
         }
-        Ok(())
+    }
+
+    /// `x += y`: on the device when both are there, else on the CPU.
+    pub fn add(&mut self, x: &mut Act, y: &mut Act) -> Result<(), ModelError> {
+        self.flow.add(x, y)
     }
 
     /// The attention block of `a` on the normed input `h`, into `out` (`n x n_embd`): Q (and,
     /// in a layer with its own cache, K and V, stored in the cache), their norms, RoPE,
-    /// attention over each sequence's cache, and the output product.
+    /// attention over each sequence's cache, and the output product. Its products and norms
+    /// stay on the device; Q, K and V are read back for RoPE, the cache and attention.
     pub fn attention(
         &mut self,
         seqs: &mut [Seq<'_>],
         a: &Attention,
         opts: AttnOpts,
-        h: &[f32],
-        out: &mut [f32],
+        h: &mut Act,
+        out: &mut Act,
     ) -> Result<(), ModelError> {
         let (hp, n) = (self.hp, self.n);
         let (hd, qd, kvd) = (hp.head_dim, hp.q_dim(), hp.kv_dim());
         let (mut q, mut k, mut v) =
             (std::mem::take(&mut self.q), std::mem::take(&mut self.k), std::mem::take(&mut self.v));
-        q.resize(n * qd, 0.0);
         let class = Some(OpClass::Attention);
         if let Some((wk, wv)) = &a.kv {
-            k.resize(n * kvd, 0.0);
-            v.resize(n * kvd, 0.0);
-            let mut group = [(&a.wq, &mut q[..]), (wk, &mut k[..]), (wv, &mut v[..])];
+            let mut group = [(&a.wq, &mut q), (wk, &mut k), (wv, &mut v)];
             self.matmul_group(OpClass::Attention, h, &mut group)?;
         } else {
             self.matmul(class, &a.wq, h, &mut q)?;
@@ -467,6 +515,13 @@ impl<'a> Pass<'a> {
                 self.norm_in_place(&mut v, hd, None)?;
             }
         }
+        // RoPE, the KV cache and attention run on the CPU: the device's work so far is
+        // submitted here, when Q (and K and V) are read back.
+        let qh = self.flow.host_mut(&mut q)?;
+        let mut kv = match a.kv {
+            Some(_) => Some((self.flow.host_mut(&mut k)?, self.flow.host(&mut v)?)),
+            None => None,
+        };
         let (rope, tab, window) = match (&self.rope_local, a.local) {
             (Some((r, tab, w)), true) => (r, tab, Some(*w)),
             _ => (&self.rope_global.0, &self.rope_global.1, None),
@@ -475,25 +530,25 @@ impl<'a> Pass<'a> {
         if rd > 0 {
             for t in 0..n {
                 let tab = &tab[t * rd..][..rd];
-                rope.apply(tab, &mut q[t * qd..][..qd], hd);
-                if a.kv.is_some() {
-                    rope.apply(tab, &mut k[t * kvd..][..kvd], hd);
+                rope.apply(tab, &mut qh[t * qd..][..qd], hd);
+                if let Some((kh, _)) = &mut kv {
+                    rope.apply(tab, &mut kh[t * kvd..][..kvd], hd);
                 }
             }
         }
-        if a.kv.is_some() {
+        if let Some((kh, vh)) = &kv {
             for (s, &t0) in seqs.iter_mut().zip(&self.starts) {
                 for t in t0..t0 + s.tokens.len() {
-                    s.kv.store(a.cache, self.pos[t], &k[t * kvd..][..kvd], &v[t * kvd..][..kvd]);
+                    s.kv.store(a.cache, self.pos[t], &kh[t * kvd..][..kvd], &vh[t * kvd..][..kvd]);
                 }
             }
         }
         // Every sequence's attention in one job: a batch of single-token decodes has few heads
         // each.
         let mut attn = std::mem::take(&mut self.attn);
-        attn.resize(n * qd, 0.0);
+        attn.resize(n * qd);
         let mut jobs = Vec::with_capacity(seqs.len());
-        let mut attn_rest = attn.as_mut_slice();
+        let mut attn_rest = self.flow.overwrite(&mut attn).as_mut_slice();
         for (s, &t0) in seqs.iter().zip(&self.starts) {
             let m = s.tokens.len();
             let params = AttnParams {
@@ -507,55 +562,50 @@ impl<'a> Pass<'a> {
             };
             let (out, rest) = std::mem::take(&mut attn_rest).split_at_mut(m * qd);
             attn_rest = rest;
-            let q = &q[t0 * qd..][..m * qd];
+            let q = &qh[t0 * qd..][..m * qd];
             jobs.push(Attend { q, n_q: m, kv: s.kv.layer(a.cache), params, out });
         }
         attention_batch(self.pool, &mut jobs)?;
         drop(jobs);
-        self.matmul(class, &a.wo, &attn, out)?;
+        self.matmul(class, &a.wo, &mut attn, out)?;
         (self.q, self.k, self.v, self.attn) = (q, k, v, attn);
         Ok(())
     }
 
     /// The feed-forward `f` on the normed input `h`, into `out` (`n x n_embd`). With
     /// `sparsity`, each token's gate values are first cut at their mean plus `sparsity`
-    /// standard deviations (Gemma 3n's gaussian top-k: `relu(gate - cutoff)`).
+    /// standard deviations (Gemma 3n's gaussian top-k: `relu(gate - cutoff)`, on the CPU).
     pub fn feed_forward(
         &mut self,
         f: &FeedForward,
         act: Ffn,
         sparsity: Option<f32>,
-        h: &[f32],
-        out: &mut [f32],
+        h: &mut Act,
+        out: &mut Act,
     ) -> Result<(), ModelError> {
         let ff = f.gate.rows;
         let (mut gate, mut up) = (std::mem::take(&mut self.gate), std::mem::take(&mut self.up));
-        gate.resize(self.n * ff, 0.0);
-        up.resize(self.n * ff, 0.0);
         self.matmul_group(OpClass::FeedForward, h, &mut [(&f.gate, &mut gate), (&f.up, &mut up)])?;
         if let Some(mul) = sparsity {
-            gaussian_top_k(&mut gate, ff, mul);
+            gaussian_top_k(self.flow.host_mut(&mut gate)?, ff, mul);
         }
-        // The gated activation goes into `gate`'s storage via a copy of it.
-        let mut tmp = std::mem::take(&mut self.tmp);
-        tmp.clear();
-        tmp.extend_from_slice(&gate);
-        match act {
-            Ffn::Silu => swiglu(&tmp, &up, &mut gate),
-            Ffn::GeluTanh => geglu(&tmp, &up, &mut gate),
-        }
-        self.tmp = tmp;
-        self.matmul(Some(OpClass::FeedForward), &f.down, &gate, out)?;
+        // The gated activation goes into `tmp`.
+        let mut tmp = self.scratch(gate.len());
+        let r = self.flow.glu(act, &mut gate, &mut up, &mut tmp);
         (self.gate, self.up) = (gate, up);
-        Ok(())
+        let r = r.and_then(|()| self.matmul(Some(OpClass::FeedForward), &f.down, &mut tmp, out));
+        self.tmp.push(tmp);
+        r
     }
 
-    /// Ends the pass: the tokens join their sequences' states, and the rows of `x` that want
-    /// logits go through `output_norm`, the `output` product and the soft-cap into `out`.
+    /// Ends the pass: the rows of `x` that want logits go through `output_norm`, the `output`
+    /// product and the soft-cap into `out`, and only then (when nothing can fail any more, so
+    /// that a failed pass can run again, e.g. on the CPU after a device error) do the tokens
+    /// join their sequences' states.
     pub fn finish(
         mut self,
         seqs: &mut [Seq<'_>],
-        x: &[f32],
+        mut x: Act,
         output_norm: &[f32],
         output: &Matrix,
         softcap: Option<f32>,
@@ -570,26 +620,35 @@ impl<'a> Pass<'a> {
                 Logits::All => rows.extend(t0..t0 + s.tokens.len()),
             }
         }
+        out.clear();
+        if !rows.is_empty() {
+            // Every row in order (a single decode, or every position): no gathering, so the
+            // hidden state may stay on the device.
+            let mut sel = if rows.len() == self.n {
+                x
+            } else {
+                let x = self.flow.host(&mut x)?;
+                let mut sel = Vec::with_capacity(rows.len() * d);
+                for &r in &rows {
+                    sel.extend_from_slice(&x[r * d..][..d]);
+                }
+                Act::from_vec(sel)
+            };
+            self.norm_in_place(&mut sel, d, Some(output_norm))?;
+            // Only the selected rows: the product runs over them, not the batch.
+            self.n = rows.len();
+            let mut logits = Act::from_vec(std::mem::take(out));
+            self.matmul(Some(OpClass::Output), output, &mut sel, &mut logits)?;
+            *out = self.flow.take(&mut logits)?;
+            if let Some(cap) = softcap {
+                for v in out.iter_mut() {
+                    *v = cap * (*v / cap).tanh();
+                }
+            }
+        }
+        self.flow.finish(self.submits_before);
         for s in seqs.iter_mut() {
             s.kv.push_tokens(s.tokens);
-        }
-        out.clear();
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let mut sel = Vec::with_capacity(rows.len() * d);
-        for &r in &rows {
-            sel.extend_from_slice(&x[r * d..][..d]);
-        }
-        self.norm_in_place(&mut sel, d, Some(output_norm))?;
-        out.resize(rows.len() * self.hp.n_vocab, 0.0);
-        // Only the selected rows: the product runs over them, not the batch.
-        self.n = rows.len();
-        self.matmul(Some(OpClass::Output), output, &sel, out)?;
-        if let Some(cap) = softcap {
-            for v in out.iter_mut() {
-                *v = cap * (*v / cap).tanh();
-            }
         }
         Ok(())
     }
@@ -691,36 +750,17 @@ impl Network for Transformer {
         let mut pass = Pass::new(hp, run, seqs, spec.rope_mode, local)?;
         let d = hp.n_embd;
         let embed_scale = if spec.embed_scale { (d as f32).sqrt() } else { 1.0 };
-        let mut x = pass.embed(&self.tok_embd, seqs, embed_scale)?;
-        let n = pass.n();
-        let mut h = vec![0.0f32; n * d];
-        let mut o = vec![0.0f32; n * d];
+        let mut x = Act::from_vec(pass.embed(&self.tok_embd, seqs, embed_scale)?);
+        let (mut h, mut o) = (Act::default(), Act::default());
         let opts = AttnOpts { scale: spec.attn_scale, v_norm: false };
         for l in &self.layers {
-            pass.norm(&x, &mut h, d, Some(&l.attn_norm))?;
-            pass.attention(seqs, &l.attn, opts, &h, &mut o)?;
-            pass.add_normed(&mut x, &o, l.post_attn_norm.as_deref())?;
-            pass.norm(&x, &mut h, d, Some(&l.ffn_norm))?;
-            pass.feed_forward(&l.ffn, spec.ffn, None, &h, &mut o)?;
-            pass.add_normed(&mut x, &o, l.post_ffn_norm.as_deref())?;
+            pass.norm(&mut x, &mut h, d, Some(&l.attn_norm))?;
+            pass.attention(seqs, &l.attn, opts, &mut h, &mut o)?;
+            pass.add_normed(&mut x, &mut o, l.post_attn_norm.as_deref())?;
+            pass.norm(&mut x, &mut h, d, Some(&l.ffn_norm))?;
+            pass.feed_forward(&l.ffn, spec.ffn, None, &mut h, &mut o)?;
+            pass.add_normed(&mut x, &mut o, l.post_ffn_norm.as_deref())?;
         }
-        pass.finish(seqs, &x, &self.output_norm, &self.output, spec.final_softcap, out)
+        pass.finish(seqs, x, &self.output_norm, &self.output, spec.final_softcap, out)
     }
-}
-
-/// RMSNorm of each row of `dim` values of `x` into `out`, on `dev` or (`None`) the CPU.
-#[inline]
-fn norm(
-    dev: Option<Device<'_>>,
-    x: &[f32],
-    out: &mut [f32],
-    dim: usize,
-    w: Option<&[f32]>,
-    eps: f32,
-) -> Result<(), ModelError> {
-    match dev {
-        None => rms_norm(x, out, dim, w, eps),
-        Some(dev) => dev.rms_norm(x, out, dim, w, eps)?,
-    }
-    Ok(())
 }

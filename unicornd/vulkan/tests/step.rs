@@ -1,0 +1,224 @@
+//! [`Step`]: a chain of operations recorded into one submission gives what the op-level calls
+//! (each its own submission, tested against the CPU kernels in tests/ops.rs) give, with one
+//! submit per host read; stale tensors and aliasing are errors; timestamps when asked for.
+//!
+//! Like tests/ops.rs these fail rather than skip where lavapipe's ICD is installed.
+
+use std::sync::OnceLock;
+
+use unicorn_kernels::formats::quantize_row;
+use unicorn_kernels::GgmlType;
+use unicorn_vulkan::{Context, Options, OutRows, Step, Weight};
+
+fn ctx() -> Option<&'static Context> {
+    static CTX: OnceLock<Option<Context>> = OnceLock::new();
+    CTX.get_or_init(|| match Context::new(Options { allow_cpu: true, ..Options::default() }) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            assert!(!unicorn_vulkan::device_required(), "no Vulkan device: {e}");
+            eprintln!("SKIPPED: no Vulkan device ({e})");
+            None
+        }
+    })
+    .as_ref()
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n as u32)
+        .map(|i| {
+            let h = (i.wrapping_add(seed)).wrapping_mul(2_654_435_761).rotate_left(13);
+            (h % 20_001) as f32 / 10_000.0 - 1.0
+        })
+        .collect()
+}
+
+fn q8_matrix(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
+    let ty = GgmlType::Q8_0;
+    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+    let w = values(rows * cols, seed);
+    let mut bytes = vec![0u8; rb * rows];
+    for (src, dst) in w.chunks_exact(cols).zip(bytes.chunks_exact_mut(rb)) {
+        quantize_row(ty, src, dst).unwrap();
+    }
+    bytes
+}
+
+fn assert_close(what: &str, a: &[f32], b: &[f32]) {
+    assert_eq!(a.len(), b.len(), "{what}");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        // The same shaders on the same inputs: equal up to the device's own nondeterminism.
+        assert!((x - y).abs() <= 1e-5 * (1.0 + x.abs()), "{what}[{i}]: {x} vs {y}");
+    }
+}
+
+struct Block {
+    gate: Weight,
+    up: Weight,
+    down: Weight,
+    norm: Weight,
+}
+
+const D: usize = 64;
+const FF: usize = 128;
+
+/// norm -> gate, up -> swiglu -> down -> residual add, twice, as one recording.
+#[test]
+fn a_chain_in_one_submission_matches_the_op_level_calls() {
+    let Some(ctx) = ctx() else { return };
+    let n = 3;
+    let (wg, wu, wd) = (q8_matrix(FF, D, 1), q8_matrix(FF, D, 2), q8_matrix(D, FF, 3));
+    let norm_w = values(D, 4);
+    let x0 = values(n * D, 5);
+
+    // The op-level path, one submission per call.
+    let ty = GgmlType::Q8_0;
+    let bufs = [&wg, &wu, &wd].map(|b| unicorn_vulkan::Buffer::from_bytes(ctx, b).unwrap());
+    let mut want = x0.clone();
+    for _ in 0..2 {
+        let h = ctx.rms_norm(&want, D, Some(&norm_w), 1e-5).unwrap();
+        let g = ctx.matmul(ty, &bufs[0], FF, D, &h, n).unwrap();
+        let u = ctx.matmul(ty, &bufs[1], FF, D, &h, n).unwrap();
+        let a = ctx.swiglu(&g, &u).unwrap();
+        let o = ctx.matmul(ty, &bufs[2], D, FF, &a, n).unwrap();
+        want = ctx.add(&want, &o).unwrap();
+    }
+
+    let mut step = Step::new(ctx, false).unwrap();
+    let b = Block {
+        gate: step.weight(&wg).unwrap(),
+        up: step.weight(&wu).unwrap(),
+        down: step.weight(&wd).unwrap(),
+        norm: step.weight_f32(&norm_w).unwrap(),
+    };
+    // Two steps: the second reuses the first one's buffers.
+    for round in 0..2 {
+        step.begin().unwrap();
+        let before = step.stats();
+        let mut x = step.upload(&x0).unwrap();
+        let h = step.tensor(n * D).unwrap();
+        let (g, u, a) = (
+            step.tensor(n * FF).unwrap(),
+            step.tensor(n * FF).unwrap(),
+            step.tensor(n * FF).unwrap(),
+        );
+        let o = step.tensor(n * D).unwrap();
+        let mut x2 = step.tensor(n * D).unwrap();
+        let full = |rows| OutRows { first: 0, of: rows };
+        for _ in 0..2 {
+            step.rms_norm(x, D, Some(b.norm), 1e-5, h).unwrap();
+            step.matmul(ty, b.gate, FF, D, h, n, g, full(FF)).unwrap();
+            step.matmul(ty, b.up, FF, D, h, n, u, full(FF)).unwrap();
+            step.swiglu(g, u, a).unwrap();
+            step.matmul(ty, b.down, D, FF, a, n, o, full(D)).unwrap();
+            step.add(x, o, x2).unwrap();
+            std::mem::swap(&mut x, &mut x2);
+        }
+        let mut got = vec![0.0; n * D];
+        step.read(x, &mut got).unwrap();
+        let mut again = vec![0.0; n * D];
+        step.read(x, &mut again).unwrap();
+        let s = step.stats();
+        assert_eq!(
+            s.submits - before.submits,
+            1,
+            "round {round}: one submission for 12 dispatches"
+        );
+        assert_eq!(s.dispatches - before.dispatches, 12);
+        assert_eq!(s.uploads - before.uploads, 1);
+        assert_eq!(s.downloads - before.downloads, 2);
+        assert_close("chain", &want, &got);
+        assert_eq!(got, again);
+    }
+}
+
+/// A matrix split by rows writes each part at its place in the output.
+#[test]
+fn split_matrices_land_at_their_rows() {
+    let Some(ctx) = ctx() else { return };
+    let (rows, n) = (96, 2);
+    let w = q8_matrix(rows, D, 7);
+    let x0 = values(n * D, 8);
+    let whole = unicorn_vulkan::Buffer::from_bytes(ctx, &w).unwrap();
+    let want = ctx.matmul(GgmlType::Q8_0, &whole, rows, D, &x0, n).unwrap();
+
+    let mut step = Step::new(ctx, false).unwrap();
+    let rb = w.len() / rows;
+    let split = 40;
+    let top = step.weight(&w[..split * rb]).unwrap();
+    let bottom = step.weight(&w[split * rb..]).unwrap();
+    let x = step.upload(&x0).unwrap();
+    let out = step.tensor(n * rows).unwrap();
+    let ty = GgmlType::Q8_0;
+    step.matmul(ty, top, split, D, x, n, out, OutRows { first: 0, of: rows }).unwrap();
+    let rest = rows - split;
+    step.matmul(ty, bottom, rest, D, x, n, out, OutRows { first: split, of: rows }).unwrap();
+    let mut got = vec![0.0; n * rows];
+    step.read(out, &mut got).unwrap();
+    assert_close("split", &want, &got);
+}
+
+#[test]
+fn stale_tensors_aliasing_and_bad_shapes_are_errors() {
+    let Some(ctx) = ctx() else { return };
+    let mut step = Step::new(ctx, false).unwrap();
+    let a = step.upload(&values(D, 1)).unwrap();
+    let b = step.tensor(D).unwrap();
+    assert!(step.add(a, b, a).is_err(), "output aliasing an input");
+    let longer = step.tensor(D + 1).unwrap();
+    assert!(step.rms_norm(a, D, None, 1e-5, longer).is_err(), "lengths differ");
+    step.begin().unwrap();
+    let mut out = vec![0.0; D];
+    assert!(step.read(a, &mut out).is_err(), "a tensor of the previous step");
+    let c = step.tensor(D).unwrap();
+    assert!(step.read(c, &mut [0.0; 3]).is_err(), "length mismatch");
+    assert_eq!(step.stats().submits, 0);
+}
+
+/// With timing on (and a queue with timestamps, as lavapipe has), every dispatch is measured and
+/// no time is negative or absurd; the per-op totals add up to the dispatch count.
+#[test]
+fn timestamps_measure_every_dispatch() {
+    let Some(ctx) = ctx() else { return };
+    let Some(period) = ctx.timestamp_period_ns() else {
+        assert!(
+            !unicorn_vulkan::device_required(),
+            "lavapipe's compute queue has timestamps; this device reports none"
+        );
+        eprintln!("SKIPPED: the queue has no timestamps");
+        return;
+    };
+    assert!(period > 0.0);
+    let mut step = Step::new(ctx, true).unwrap();
+    assert!(step.timed());
+    let norm = step.weight_f32(&values(D, 2)).unwrap();
+    let wb = q8_matrix(FF, D, 3);
+    let w = step.weight(&wb).unwrap();
+    let x = step.upload(&values(D, 4)).unwrap();
+    let h = step.tensor(D).unwrap();
+    let y = step.tensor(FF).unwrap();
+    // More dispatches than the first query pool holds, so the pool grows on the next recording.
+    for _ in 0..150 {
+        step.rms_norm(x, D, Some(norm), 1e-5, h).unwrap();
+        step.matmul(GgmlType::Q8_0, w, FF, D, h, 1, y, OutRows { first: 0, of: FF }).unwrap();
+    }
+    step.flush().unwrap();
+    let t = step.take_timings();
+    let measured: u64 = t.iter().map(|o| o.count).sum();
+    assert!(measured > 0 && measured <= 300, "{t:?}");
+    for o in &t {
+        assert!(o.ns.is_finite() && o.ns >= 0.0 && o.ns < 60e9, "{o:?}");
+        assert!(o.op.starts_with("rms_norm") || o.op.starts_with("mul_mv_q8_0"), "{o:?}");
+    }
+    assert!(t.iter().map(|o| o.ns).sum::<f64>() > 0.0, "{t:?}");
+    // The second recording has a pool large enough for all 300.
+    for _ in 0..150 {
+        step.rms_norm(x, D, Some(norm), 1e-5, h).unwrap();
+        step.matmul(GgmlType::Q8_0, w, FF, D, h, 1, y, OutRows { first: 0, of: FF }).unwrap();
+    }
+    step.flush().unwrap();
+    let t = step.take_timings();
+    assert_eq!(t.iter().map(|o| o.count).sum::<u64>(), 300, "{t:?}");
+    assert!(step.take_timings().is_empty(), "taken");
+    eprintln!("timings: {t:?}");
+}
