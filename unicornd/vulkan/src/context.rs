@@ -4,16 +4,25 @@
 //! block states why the call is sound.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use ash::vk;
 
 use crate::error::{Result, VkContext, VulkanError};
+use crate::memory::WeightMemory;
 use crate::recorder::Recorder;
 use crate::shaders::{self, Kernel};
 
 /// Environment variable that lets [`Options::from_env`] choose a CPU device (e.g. lavapipe).
 pub const ALLOW_CPU_ENV: &str = "UNICORN_VULKAN_ALLOW_CPU";
+
+/// Environment variable that makes [`Options::from_env`] set [`Options::force_staging`].
+pub const STAGING_ENV: &str = "UNICORN_VULKAN_STAGING";
+
+/// Bytes a weight upload through a staging buffer copies at a time, unless
+/// [`Options::staging_chunk`] says otherwise.
+pub const DEFAULT_STAGING_CHUNK: usize = 64 << 20;
 
 /// How [`Context::new`] chooses a device.
 #[derive(Clone, Debug, Default)]
@@ -25,13 +34,24 @@ pub struct Options {
     /// through shared memory only. For testing that path, and for drivers whose subgroup support
     /// misbehaves.
     pub no_subgroup_ops: bool,
+    /// Put weights in device-local memory through a staging buffer even where device-local,
+    /// host-visible memory could be mapped directly (integrated GPUs, lavapipe): for testing the
+    /// path discrete GPUs take. See [`crate::choose_weight_memory`].
+    pub force_staging: bool,
+    /// Bytes per staging copy (rounded down to a multiple of 4); `None`: [`DEFAULT_STAGING_CHUNK`].
+    pub staging_chunk: Option<usize>,
 }
 
 impl Options {
-    /// The defaults, with `allow_cpu` set when `UNICORN_VULKAN_ALLOW_CPU=1`.
+    /// The defaults, with `allow_cpu` set when `UNICORN_VULKAN_ALLOW_CPU=1` and `force_staging`
+    /// when `UNICORN_VULKAN_STAGING=1`.
     pub fn from_env() -> Options {
-        let allow_cpu = std::env::var(ALLOW_CPU_ENV).is_ok_and(|v| v == "1");
-        Options { allow_cpu, ..Options::default() }
+        let on = |name| std::env::var(name).is_ok_and(|v| v == "1");
+        Options {
+            allow_cpu: on(ALLOW_CPU_ENV),
+            force_staging: on(STAGING_ENV),
+            ..Options::default()
+        }
     }
 }
 
@@ -126,6 +146,10 @@ pub struct Context {
     /// The recorder of the op-level calls (one dispatch per submission), created on first use.
     exec: Mutex<Option<Recorder>>,
     info: DeviceInfo,
+    force_staging: bool,
+    staging_chunk: usize,
+    /// Whether the weight memory choice was logged.
+    weights_logged: AtomicBool,
 }
 
 impl fmt::Debug for Context {
@@ -364,6 +388,9 @@ impl Context {
             pipelines: Mutex::new(vec![None; Kernel::COUNT]),
             exec: Mutex::new(None),
             info,
+            force_staging: options.force_staging,
+            staging_chunk: options.staging_chunk.unwrap_or(DEFAULT_STAGING_CHUNK).max(4),
+            weights_logged: AtomicBool::new(false),
         };
         // On error `ctx` is dropped, which destroys what was created (null handles are skipped
         // by Vulkan's destroy functions), the device and the instance.
@@ -530,6 +557,33 @@ impl Context {
         unsafe { d.wait_for_fences(&[fence], true, u64::MAX) }.vk("vkWaitForFences")
     }
 
+    /// [`Options::force_staging`].
+    pub(crate) fn force_staging(&self) -> bool {
+        self.force_staging
+    }
+
+    /// Bytes per staging copy.
+    pub(crate) fn staging_chunk(&self) -> usize {
+        self.staging_chunk
+    }
+
+    /// Logs, once per context, where weights go.
+    pub(crate) fn log_weight_memory(&self, how: WeightMemory) {
+        if self.weights_logged.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        match how {
+            WeightMemory::Staged { type_index } => log::info!(
+                "vulkan: weights in device-local memory via staging (memory type {type_index}, \
+                 {} KiB chunks)",
+                self.staging_chunk >> 10
+            ),
+            WeightMemory::Mapped { type_index } => log::info!(
+                "vulkan: weights in host-visible device-local memory (memory type {type_index})"
+            ),
+        }
+    }
+
     pub(crate) fn device(&self) -> &ash::Device {
         &self.device
     }
@@ -613,5 +667,7 @@ mod tests {
         // Only reads; tests never set process-wide variables.
         let expect = std::env::var(ALLOW_CPU_ENV).is_ok_and(|v| v == "1");
         assert_eq!(Options::from_env().allow_cpu, expect);
+        let expect = std::env::var(STAGING_ENV).is_ok_and(|v| v == "1");
+        assert_eq!(Options::from_env().force_staging, expect);
     }
 }

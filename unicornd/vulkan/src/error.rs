@@ -19,8 +19,9 @@ pub enum VulkanError {
     /// A Vulkan call returned an error.
     #[error("{call} failed: {result}")]
     Vk { call: &'static str, result: vk::Result },
-    /// No memory type with the properties a buffer needs.
-    #[error("no host-visible, host-coherent memory type for a buffer")]
+    /// No memory type with the properties a buffer needs (host-visible and host-coherent for
+    /// host buffers; for weights, see [`crate::choose_weight_memory`]).
+    #[error("no suitable memory type for a buffer")]
     NoMemoryType,
     /// A buffer or a dispatch exceeds a device limit (buffer splitting is not implemented yet).
     #[error("{what}: {value} exceeds the device limit {limit}")]

@@ -5,7 +5,8 @@
 //!   lavapipe only when [`Options::allow_cpu`] or `UNICORN_VULKAN_ALLOW_CPU=1`), and creates one
 //!   compute queue. No loader or no device is a [`VulkanError`], never a panic.
 //! - [`Buffer`]: storage buffers in host-visible coherent memory, checked against
-//!   `maxStorageBufferRange`.
+//!   `maxStorageBufferRange`. Weights uploaded with [`Step::weight`] live in device-local memory,
+//!   through a staging buffer where that memory is not mapped ([`choose_weight_memory`]).
 //! - Operations ([`Context::matvec`], [`Context::matmul`] with the GGUF block formats, k-quants
 //!   and float weights, [`Context::rms_norm`], [`Context::swiglu`], [`Context::geglu`],
 //!   [`Context::add`], [`Context::mul`], [`Context::scale`], [`Context::softmax`],
@@ -21,6 +22,7 @@
 mod buffer;
 mod context;
 mod error;
+mod memory;
 mod ops;
 mod recorder;
 mod shaders;
@@ -29,8 +31,10 @@ mod step;
 pub use buffer::Buffer;
 pub use context::{
     list_devices, Context, DeviceInfo, DeviceSummary, DeviceType, Options, ALLOW_CPU_ENV,
+    DEFAULT_STAGING_CHUNK, STAGING_ENV,
 };
 pub use error::{Result, VulkanError};
+pub use memory::{choose_weight_memory, MemoryType, WeightMemory};
 pub use ops::{KvShape, MAX_HEAD_DIM};
 pub use step::{timing_from_env, OpTime, OutRows, Step, StepStats, Tensor, Weight, TIMING_ENV};
 

@@ -112,7 +112,9 @@ impl Context {
         x: &[f32],
         n_tokens: usize,
     ) -> Result<Vec<f32>> {
-        let Some(plan) = self.plan_matmul(ty, weights, rows, cols, x.len(), n_tokens)? else {
+        let (w_len, w_padded) = (weights.len(), weights.padded_size());
+        let Some(plan) = self.plan_matmul(ty, w_len, w_padded, rows, cols, x.len(), n_tokens)?
+        else {
             return Ok(Vec::new());
         };
         let xb = Buffer::from_f32(self, x)?;
@@ -122,12 +124,15 @@ impl Context {
     }
 
     /// Checks a product of `n_tokens` vectors of `cols` values (`x_len` in all) with the `rows x
-    /// cols` weights of `ty` in `weights`, and plans its dispatch (offsets 0: `push[4]` is the
-    /// first input value, `push[5]` the first output value). `None`: nothing to compute.
+    /// cols` weights of `ty` in a buffer of `w_len` bytes (`w_padded` as the shaders see it), and
+    /// plans its dispatch (offsets 0: `push[4]` is the first input value, `push[5]` the first
+    /// output value). `None`: nothing to compute.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn plan_matmul(
         &self,
         ty: GgmlType,
-        weights: &Buffer<'_>,
+        w_len: usize,
+        w_padded: usize,
         rows: usize,
         cols: usize,
         x_len: usize,
@@ -141,11 +146,10 @@ impl Context {
             ))
         })?;
         let need = row_bytes.checked_mul(rows as u64);
-        if need != Some(weights.len() as u64) {
+        if need != Some(w_len as u64) {
             return Err(VulkanError::Shape(format!(
-                "{rows} x {cols} {} weights need {need:?} bytes, the buffer holds {}",
+                "{rows} x {cols} {} weights need {need:?} bytes, the buffer holds {w_len}",
                 ty.name(),
-                weights.len()
             )));
         }
         let want = n_tokens.checked_mul(cols);
@@ -165,7 +169,7 @@ impl Context {
         let push =
             vec![rows32, to_u32("cols", cols)?, 0, to_u32("row bytes", row_bytes as usize)?, 0, 0];
         // The shaders index with 32-bit offsets: buffers past 4 GiB would need splitting.
-        let _ = to_u32("weight buffer size", weights.padded_size())?;
+        let _ = to_u32("weight buffer size", w_padded)?;
         let [gx, gy] = self.row_grid(rows32);
         let groups = [gx, gy, to_u32("tokens", n_tokens)?];
         Ok(Some(Plan { kernel: Kernel::MulMv(format), push, groups }))

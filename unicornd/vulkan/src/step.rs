@@ -15,6 +15,7 @@ use std::fmt;
 
 use unicorn_kernels::GgmlType;
 
+use crate::buffer::WeightBuffer;
 use crate::error::{Result, VulkanError};
 use crate::ops::{Plan, OP_ADD, OP_MUL};
 use crate::recorder::Recorder;
@@ -83,7 +84,7 @@ pub struct OpTime {
 pub struct Step<'c> {
     ctx: &'c Context,
     rec: Recorder,
-    weights: Vec<Buffer<'c>>,
+    weights: Vec<WeightBuffer<'c>>,
     /// A word bound where a shader's optional input is absent.
     unused: Buffer<'c>,
     scratch: Vec<Buffer<'c>>,
@@ -156,12 +157,21 @@ impl<'c> Step<'c> {
         self.rec.timed()
     }
 
-    /// Uploads `bytes` (e.g. a weight tensor in its GGUF layout) for the step's life.
+    /// Uploads `bytes` (e.g. a weight tensor in its GGUF layout) for the step's life, into
+    /// device-local memory: mapped where the device shares memory with the host, through a
+    /// staging buffer otherwise or with [`crate::Options::force_staging`]
+    /// ([`crate::choose_weight_memory`]). A staged upload submits and waits per chunk; it does
+    /// not touch the step's recording.
     pub fn weight(&mut self, bytes: &[u8]) -> Result<Weight> {
         let idx = u32::try_from(self.weights.len())
             .map_err(|_| VulkanError::Shape("too many weights".into()))?;
-        self.weights.push(Buffer::from_bytes(self.ctx, bytes)?);
+        self.weights.push(WeightBuffer::upload(self.ctx, bytes)?);
         Ok(Weight(idx))
+    }
+
+    /// Weights of this step that went through a staging buffer (not mapped by the host).
+    pub fn staged_weights(&self) -> usize {
+        self.weights.iter().filter(|w| w.staged()).count()
     }
 
     /// Uploads `values` for the step's life.
@@ -278,7 +288,7 @@ impl<'c> Step<'c> {
         Ok(())
     }
 
-    fn weight_buf(&self, w: Weight) -> Result<&Buffer<'c>> {
+    fn weight_buf(&self, w: Weight) -> Result<&WeightBuffer<'c>> {
         self.weights
             .get(w.0 as usize)
             .ok_or_else(|| VulkanError::Shape(format!("no weight {}", w.0)))
@@ -322,7 +332,9 @@ impl<'c> Step<'c> {
         out: Tensor,
         o: OutRows,
     ) -> Result<()> {
-        let plan = self.ctx.plan_matmul(ty, self.weight_buf(w)?, rows, cols, x.len, n_tokens)?;
+        let wb = self.weight_buf(w)?;
+        let (w_len, w_padded) = (wb.len(), wb.padded_size());
+        let plan = self.ctx.plan_matmul(ty, w_len, w_padded, rows, cols, x.len, n_tokens)?;
         let Some(plan) = plan else { return Ok(()) };
         let need = n_tokens.checked_mul(o.of);
         if o.first.checked_add(rows).is_none_or(|end| end > o.of) || need != Some(out.len) {

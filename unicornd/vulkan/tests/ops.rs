@@ -28,7 +28,10 @@ fn ctx() -> Option<&'static Context> {
 /// A second context whose reductions never use subgroup operations.
 fn ctx_without_subgroups() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
-    CTX.get_or_init(|| open(Options { allow_cpu: true, no_subgroup_ops: true })).as_ref()
+    CTX.get_or_init(|| {
+        open(Options { allow_cpu: true, no_subgroup_ops: true, ..Options::default() })
+    })
+    .as_ref()
 }
 
 fn open(options: Options) -> Option<Context> {

@@ -4,11 +4,14 @@
 //!
 //! Like tests/ops.rs these fail rather than skip where lavapipe's ICD is installed.
 
+mod common;
+
 use std::sync::OnceLock;
 
-use unicorn_kernels::formats::quantize_row;
 use unicorn_kernels::GgmlType;
 use unicorn_vulkan::{Context, Options, OutRows, Step, Weight};
+
+use common::{q8_matrix, values};
 
 fn ctx() -> Option<&'static Context> {
     static CTX: OnceLock<Option<Context>> = OnceLock::new();
@@ -21,27 +24,6 @@ fn ctx() -> Option<&'static Context> {
         }
     })
     .as_ref()
-}
-
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n as u32)
-        .map(|i| {
-            let h = (i.wrapping_add(seed)).wrapping_mul(2_654_435_761).rotate_left(13);
-            (h % 20_001) as f32 / 10_000.0 - 1.0
-        })
-        .collect()
-}
-
-fn q8_matrix(rows: usize, cols: usize, seed: u32) -> Vec<u8> {
-    let ty = GgmlType::Q8_0;
-    let rb = ty.row_bytes(cols as u64).unwrap() as usize;
-    let w = values(rows * cols, seed);
-    let mut bytes = vec![0u8; rb * rows];
-    for (src, dst) in w.chunks_exact(cols).zip(bytes.chunks_exact_mut(rb)) {
-        quantize_row(ty, src, dst).unwrap();
-    }
-    bytes
 }
 
 fn assert_close(what: &str, a: &[f32], b: &[f32]) {

@@ -204,7 +204,7 @@ pub fn shared_vulkan_context(allow_cpu: bool) -> Result<&'static Context, &'stat
     static WITH_CPU: OnceLock<Result<Context, VulkanError>> = OnceLock::new();
     static GPU_ONLY: OnceLock<Result<Context, VulkanError>> = OnceLock::new();
     let cell = if allow_cpu { &WITH_CPU } else { &GPU_ONLY };
-    cell.get_or_init(|| Context::new(Options { allow_cpu, ..Options::default() })).as_ref()
+    cell.get_or_init(|| Context::new(Options { allow_cpu, ..Options::from_env() })).as_ref()
 }
 
 /// What the NPU can take in this process: the classes that a usable amdxdna device with loaded
