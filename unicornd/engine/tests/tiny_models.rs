@@ -24,7 +24,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::fixture::{hex, sha256, Fixture};
+use common::fixture::Fixture;
 use serde_json::Value;
 use unicorn_engine::gguf::writer::GgufWriter;
 use unicorn_engine::gguf::{GgufFile, Value as GgufValue};
@@ -424,17 +424,4 @@ fn prompt_logits(m: &Model) -> Vec<f32> {
     let mut seq = [Seq { kv: &mut kv, tokens: &tokens, logits: Logits::All }];
     m.forward(&ThreadPool::new(2), &mut seq, &mut out).unwrap();
     out
-}
-
-#[test]
-fn sha256_of_known_messages() {
-    assert_eq!(
-        hex(&sha256(b"")),
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    );
-    // Two blocks of padding.
-    assert_eq!(
-        hex(&sha256(b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq")),
-        "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"
-    );
 }
