@@ -33,6 +33,7 @@ idle, and it reports the share of the CPUs that other processes took during the 
 """
 
 import argparse
+import array
 import json
 import math
 import os
@@ -74,6 +75,39 @@ def memory(pid):
         "hwm": proc_kib(pid, "VmHWM"),
         "pss": proc_kib(pid, "Pss", "smaps_rollup"),
     }
+
+
+def unique_kib(pids):
+    """The physical memory a group of processes occupies, each page counted once however many of
+    them map it (their shared libraries, the model's page cache, the daemon's shared memory), from
+    /proc/PID/pagemap. None when the page frame numbers are hidden (they need CAP_SYS_ADMIN).
+
+    Summed RSS counts a page once per process that maps it, and PSS splits it between every
+    process on the machine that maps it; this is what the group itself holds in memory."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    frames = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps") as sm, open(f"/proc/{pid}/pagemap", "rb") as pm:
+                span = None
+                for line in sm:
+                    head = line.split(None, 1)[0]
+                    if "-" in head and not head.endswith(":"):
+                        lo, hi = (int(x, 16) for x in head.split("-"))
+                        span = (lo, hi)
+                    elif head == "Rss:" and span and int(line.split()[1]) > 0:
+                        lo, hi = span
+                        pm.seek(lo // page * 8)
+                        entries = array.array("Q", pm.read((hi - lo) // page * 8))
+                        for e in entries:
+                            if e >> 63:  # present
+                                pfn = e & ((1 << 55) - 1)
+                                if pfn == 0:
+                                    return None
+                                frames.add(pfn)
+        except OSError:
+            return None
+    return len(frames) * page // 1024
 
 
 def cpu_jiffies():
@@ -152,6 +186,7 @@ def run_group(cmds, logdir, label, daemon_pid=None, status_cmd=None):
         # Everyone is alive and idle: read all the memory figures at one moment.
         mem = [memory(p.pid) for p in procs]
         daemon = memory(daemon_pid) if daemon_pid else None
+        unique = unique_kib([p.pid for p in procs] + ([daemon_pid] if daemon_pid else []))
         for p in procs:
             p.stdin.close()
         for p in procs:
@@ -179,6 +214,7 @@ def run_group(cmds, logdir, label, daemon_pid=None, status_cmd=None):
         "p99": statistics.median(r["p99_ms"] for r in results),
         "rss": sum(m["rss"] for m in mem),
         "pss": sum(m["pss"] for m in mem),
+        "unique": unique,
         "clients_rss": sum(m["rss"] for m in mem),
         "threads": results[0]["threads"],
         "heads": [tuple(r["head"]) for r in results],
@@ -338,8 +374,14 @@ def main():
           f"{statistics.median(others):.0%} of the CPUs during a timed run (median), "
           f"{max(others):.0%} at most; {retried} disturbed group(s) measured again")
     print()
-    print("| N | unicorn tok/s | p50 ms | p99 ms | tok/pass | memory MiB RSS (PSS) | threads "
-          "| llama.cpp tok/s | p50 ms | p99 ms | memory MiB RSS (PSS) | threads | peer setting "
+    def memcell(side, n):
+        u = least(side, n, "unique")
+        return (f"{mib(least(side, n, 'rss')):.0f} / {mib(least(side, n, 'pss')):.0f} / "
+                f"{'-' if math.isnan(u) else f'{mib(u):.0f}'}")
+
+    print("| N | unicorn tok/s | p50 ms | p99 ms | tok/pass | memory MiB RSS / PSS / unique "
+          "| threads | llama.cpp tok/s | p50 ms | p99 ms | memory MiB RSS / PSS / unique "
+          "| threads | peer setting "
           "| tok/s ratio |")
     print("|--:|--:|--:|--:|--:|--:|--|--:|--:|--:|--:|--|--|--:|")
     for n in counts:
@@ -348,14 +390,18 @@ def main():
         batch = med("unicorn", n, "batch")
         print(f"| {n} | {ua:.1f} | {med('unicorn', n, 'p50'):.2f} | {med('unicorn', n, 'p99'):.2f} "
               f"| {'-' if math.isnan(batch) else f'{batch:.2f}'} "
-              f"| {mib(least('unicorn', n, 'rss')):.0f} ({mib(least('unicorn', n, 'pss')):.0f}) "
+              f"| {memcell('unicorn', n)} "
               f"| {uthreads} in unicornd "
               f"| {pa:.1f} | {med(b, n, 'p50'):.2f} | {med(b, n, 'p99'):.2f} "
-              f"| {mib(least(b, n, 'rss')):.0f} ({mib(least(b, n, 'pss')):.0f}) "
+              f"| {memcell(b, n)} "
               f"| {n} x {first(b, n)['threads']} | {b} | {ua / pa:.2f}x |")
     print()
     print("tok/pass: tokens per forward pass of unicornd while the clients decoded (N would be "
           "perfect batching)")
+    print("memory: RSS = the processes' VmRSS summed (a page mapped by k of them counts k times: "
+          "the clients' binary and libc, the peer's model file); PSS = their proportional set "
+          "sizes summed; unique = the physical pages the group holds, each counted once "
+          "(/proc/PID/pagemap; '-' without CAP_SYS_ADMIN)")
     print("unicorn memory = unicornd + its clients: "
           + "; ".join(f"N={n}: unicornd {mib(least('unicorn', n, 'daemon_rss')):.0f} MiB "
                       f"({mib(least('unicorn', n, 'daemon_hwm')):.0f} MiB peak"
@@ -406,6 +452,10 @@ def main():
         s1, s4 = least("unicorn", 1, "pss"), least("unicorn", 4, "pss")
         print(f"         the same in PSS: {s4 / s1:.2f}x ({mib(s4):.0f} / {mib(s1):.0f} MiB): "
               f"{verdict(s4 <= 1.2 * s1)}")
+        q1, q4 = least("unicorn", 1, "unique"), least("unicorn", 4, "unique")
+        if not (math.isnan(q1) or math.isnan(q4)):
+            print(f"         the same in unique physical pages: {q4 / q1:.2f}x ({mib(q4):.0f} / "
+                  f"{mib(q1):.0f} MiB): {verdict(q4 <= 1.2 * q1)}")
     else:
         print("targets: need N=1 and N=4 in --clients")
 
