@@ -29,9 +29,21 @@ pub enum VulkanError {
     /// The weights are in a type that has no shader yet.
     #[error("no Vulkan shader for {} weights", .0.name())]
     UnsupportedType(GgmlType),
+    /// The host asked for memory the device may still use (a recording that names it was not
+    /// submitted and waited for, nor dropped).
+    #[error("{0} is in use by the device")]
+    InUse(&'static str),
     /// Arguments that do not fit together (lengths, shapes).
     #[error("invalid arguments: {0}")]
     Shape(String),
+}
+
+impl VulkanError {
+    /// Whether the device was lost (`VK_ERROR_DEVICE_LOST`): the contents of its memory are
+    /// undefined from then on.
+    pub fn is_device_lost(&self) -> bool {
+        matches!(self, VulkanError::Vk { result: vk::Result::ERROR_DEVICE_LOST, .. })
+    }
 }
 
 fn describe_skipped(skipped: &[String]) -> String {
