@@ -67,3 +67,16 @@ impl<T> VkContext<T> for std::result::Result<T, vk::Result> {
         self.map_err(|result| VulkanError::Vk { call, result })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_lost_device_is_lost() {
+        let e = |result| VulkanError::Vk { call: "vkWaitForFences", result };
+        assert!(e(vk::Result::ERROR_DEVICE_LOST).is_device_lost());
+        assert!(!e(vk::Result::ERROR_OUT_OF_DEVICE_MEMORY).is_device_lost());
+        assert!(!VulkanError::Shape("x".into()).is_device_lost());
+    }
+}
