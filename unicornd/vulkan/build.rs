@@ -28,6 +28,7 @@ fn variants() -> Vec<(String, &'static str, Vec<String>)> {
         v.push((format!("rms_norm{suffix}"), "rms_norm.comp", defs(&[])));
         v.push((format!("softmax{suffix}"), "softmax.comp", defs(&[])));
         v.push((format!("attn{suffix}"), "attn.comp", defs(&[])));
+        v.push((format!("attn_f32{suffix}"), "attn.comp", defs(&["KV_F32".to_string()])));
     }
     // No reduction in these: one variant each.
     v.push(("swiglu".to_string(), "swiglu.comp", Vec::new()));
@@ -35,6 +36,8 @@ fn variants() -> Vec<(String, &'static str, Vec<String>)> {
     v.push(("binary".to_string(), "binary.comp", Vec::new()));
     v.push(("rope".to_string(), "rope.comp", Vec::new()));
     v.push(("kv_store".to_string(), "kv_store.comp", Vec::new()));
+    v.push(("kv_store_f32".to_string(), "kv_store.comp", vec!["KV_F32".to_string()]));
+    v.push(("copy".to_string(), "copy.comp", Vec::new()));
     v
 }
 

@@ -20,6 +20,10 @@ fn main() {
         args.get(4).and_then(|s| s.parse().ok()).unwrap_or_else(unicorn_kernels::default_threads);
     let model = Model::load(GgufFile::open(&args[1]).expect("open")).expect("load");
     let pool = ThreadPool::new(threads);
+    eprintln!("placement: {}", model.backends().describe());
+    for f in model.backends().fallbacks() {
+        eprintln!("fallback: {f}");
+    }
     let tok = model.tokenizer();
     let prompt = tok.tokenize(&args[2], true, true);
     let mut kv = model.new_state(prompt.len() + n + 1, KvType::F16).expect("kv");
@@ -35,6 +39,8 @@ fn main() {
     let prefill = t0.elapsed();
     let mut out = tok.stream_decoder(false);
     let mut text = String::new();
+    let submits = || model.vulkan_stats().map_or(0, |s| s.submits);
+    let after_prefill = submits();
     let t1 = Instant::now();
     for _ in 0..n {
         let next =
@@ -50,6 +56,13 @@ fn main() {
     }
     let decode = t1.elapsed();
     println!("{}{}", args[2], text);
+    if let Some(s) = model.vulkan_stats() {
+        eprintln!(
+            "vulkan: {} submissions for the prompt, {:.1} per decode step",
+            after_prefill,
+            (s.submits - after_prefill) as f64 / n.max(1) as f64
+        );
+    }
     eprintln!(
         "prefill {} tokens: {:.1} tok/s; decode {n} tokens: {:.1} tok/s ({threads} threads)",
         prompt.len(),

@@ -288,32 +288,144 @@ fn qwen3_q8_0_matches_llama_cpp_on_vulkan() {
     vulkan(&QWEN3_Q8_0);
 }
 
-/// Submissions of one decode step after a prompt, with every class on Vulkan.
-fn decode_submits(m: &Model) -> u64 {
+/// Submissions of a prompt's pass (the last token's logits) and of one decode step after it,
+/// with every class on Vulkan.
+fn pass_submits(m: &Model) -> (u64, u64) {
     let pool = ThreadPool::new(2);
     let mut kv = m.new_state(16, KvType::F16).unwrap();
     let mut out = Vec::new();
     let mut step = |tokens: &[u32]| {
+        let before = m.vulkan_stats().map_or(0, |s| s.submits);
         let mut seq = [Seq { kv: &mut kv, tokens, logits: Logits::Last }];
         m.forward(&pool, &mut seq, &mut out).unwrap();
-        m.vulkan_stats().expect("the pass ran on vulkan").submits
+        m.vulkan_stats().expect("the pass ran on vulkan").submits - before
     };
-    let before = step(&[2, 818, 505, 670]);
-    step(&[509]) - before
+    (step(&[2, 818, 505, 670]), step(&[509]))
 }
 
-/// With every class on Vulkan the activations stay on the device between the shared steps: the
-/// plain block (qwen3) submits once per layer (Q, K and V read back for RoPE, the cache and
-/// attention) and once for the logits; Gemma 3n's host code (AltUp, LAuReL's scale, the
-/// per-layer inputs) reads back a few times more per layer, still far from once per operation.
+/// With every class on Vulkan the activations and the KV cache stay on the device: the plain
+/// block (qwen3) submits once per pass, a prefill chunk as a decode step (the logits read back
+/// at the end); Gemma 3n's host code (AltUp, LAuReL's scale, the per-layer inputs) reads back a
+/// few times per layer, still far from once per operation.
 #[test]
-fn a_vulkan_decode_step_submits_once_per_stretch_of_device_work() {
+fn a_vulkan_pass_submits_once_per_stretch_of_device_work() {
     let Some(b) = common::vulkan_backends(Placement::vulkan_all()) else { return };
     let (_, qwen) = load(&QWEN3_Q8_0, b.clone());
-    assert_eq!(decode_submits(&qwen), qwen.hparams().n_layer as u64 + 1);
+    assert_eq!(pass_submits(&qwen), (1, 1));
     let (_, g) = load(&GEMMA3N_Q8_0, b);
-    let (n, layers) = (decode_submits(&g), g.hparams().n_layer as u64);
-    assert!((layers..=7 * layers).contains(&n), "{n} submissions for {layers} layers");
+    let ((_, n), layers) = (pass_submits(&g), g.hparams().n_layer as u64);
+    eprintln!("gemma3n: {n} submissions per decode step of {layers} layers");
+    assert!((layers..=6 * layers).contains(&n), "{n} submissions for {layers} layers");
+}
+
+/// The logits of `tokens` appended to `kv`, in one pass.
+fn step(m: &Model, kv: &mut KvState, tokens: &[u32]) -> Vec<f32> {
+    let pool = ThreadPool::new(2);
+    let mut out = Vec::new();
+    m.forward(&pool, &mut [Seq { kv, tokens, logits: Logits::Last }], &mut out).unwrap();
+    out
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// A context rewound on the device decodes as a fresh one that never saw the dropped tokens:
+/// positions past the rewind are simply overwritten, in the device cache as in the host one.
+#[test]
+fn a_rewound_context_on_vulkan_decodes_as_a_fresh_one() {
+    let Some(b) = common::vulkan_backends(Placement::vulkan_all()) else { return };
+    let (_, m) = load(&QWEN3_Q8_0, b);
+    let mut kv = m.new_state(32, KvType::F16).unwrap();
+    step(&m, &mut kv, &[2, 818, 505, 670]);
+    step(&m, &mut kv, &[509]);
+    step(&m, &mut kv, &[77, 78]);
+    kv.rewind(3).unwrap();
+    let got = step(&m, &mut kv, &[1000, 1001]);
+    let mut fresh = m.new_state(32, KvType::F16).unwrap();
+    let want = step(&m, &mut fresh, &[2, 818, 505, 1000, 1001]);
+    // The same shaders on the same rows: only the order of work may differ.
+    let d = max_diff(&got, &want);
+    assert!(d <= 1e-3, "rewound vs fresh: {d}");
+    assert_eq!(kv.tokens(), fresh.tokens());
+}
+
+/// A device error in a pass moves the model to the CPU (Model::forward's fail-over): a context
+/// whose keys and values were only in its device cache gets them copied back, so it goes on
+/// with the tokens the CPU backend gives. The error here is real: a second context so long that
+/// one layer of its cache exceeds the device's largest storage buffer fails that pass.
+#[test]
+fn after_a_device_error_a_context_goes_on_from_its_device_cache() {
+    // Seen: Vulkan against the CPU at most 0.16 before the failure and 0.18 after it; with the
+    // copy back left out (a cache of zeros on the host) 14.
+    const TOL: f32 = 0.5;
+    let Some(b) = common::vulkan_backends(Placement::vulkan_all()) else { return };
+    let (_, vk) = load(&QWEN3_Q8_0, b);
+    let (_, cpu) = load(&QWEN3_Q8_0, Backends::cpu());
+    let hp = vk.hparams().clone();
+    let mut a = vk.new_state(64, KvType::F16).unwrap();
+    let mut a_cpu = cpu.new_state(64, KvType::F16).unwrap();
+    for tokens in [&[2, 818, 505, 670][..], &[509], &[77]] {
+        let d = max_diff(&step(&vk, &mut a, tokens), &step(&cpu, &mut a_cpu, tokens));
+        assert!(d <= TOL, "vulkan against the cpu: {d}");
+    }
+    assert!(a.on_device());
+    assert_eq!(vk.device_kv_caches(), 1);
+    // K and V of one layer, f16, just above the limit.
+    let ctx = unicorn_engine::model::shared_vulkan_context(true).unwrap();
+    let limit = ctx.info().max_storage_buffer_range.min(u64::from(u32::MAX)) as usize;
+    let n_ctx = limit / (2 * 2 * hp.n_head_kv * hp.head_dim) + 1;
+    let mut long = vk.new_state(n_ctx, KvType::F16).unwrap();
+    let pool = ThreadPool::new(2);
+    let mut out = Vec::new();
+    vk.forward(
+        &pool,
+        &mut [
+            Seq { kv: &mut a, tokens: &[99], logits: Logits::Last },
+            Seq { kv: &mut long, tokens: &[5, 6], logits: Logits::Last },
+        ],
+        &mut out,
+    )
+    .unwrap();
+    assert!(vk.vulkan_stats().is_none(), "the model left the device");
+    let want = step(&cpu, &mut a_cpu, &[99]);
+    let got = &out[..hp.n_vocab];
+    // Positions 0..6 came from the device, computed there from f32 activations (Q8 on the
+    // CPU): as close to the CPU's as Vulkan's own logits.
+    let d = max_diff(got, &want);
+    eprintln!("after fail-over: max |got - cpu| {d}");
+    assert!(d <= TOL, "after fail-over: {d}");
+    let d = max_diff(&step(&vk, &mut a, &[100]), &step(&cpu, &mut a_cpu, &[100]));
+    assert!(d <= TOL, "the next step: {d}");
+    drop(a);
+    assert_eq!(vk.device_kv_caches(), 0, "the device cache went with its context");
+}
+
+/// Every context's device cache is freed when the context is dropped, however many there were;
+/// a model never holds one for a context that is gone.
+#[test]
+fn dropped_contexts_free_their_device_caches() {
+    let Some(b) = common::vulkan_backends(Placement::vulkan_all()) else { return };
+    let (_, m) = load(&QWEN3_Q8_0, b);
+    let pool = ThreadPool::new(2);
+    let mut out = Vec::new();
+    for round in 0..3 {
+        let mut kvs: Vec<KvState> =
+            (0..20).map(|_| m.new_state(16, KvType::F16).unwrap()).collect();
+        let mut seqs: Vec<Seq> = kvs
+            .iter_mut()
+            .enumerate()
+            .map(|(i, kv)| Seq { kv, tokens: &[2, 818][..1 + i % 2], logits: Logits::Last })
+            .collect();
+        m.forward(&pool, &mut seqs, &mut out).unwrap();
+        drop(seqs);
+        assert_eq!(m.device_kv_caches(), 20, "round {round}");
+        kvs.truncate(5);
+        assert_eq!(m.device_kv_caches(), 5, "round {round}");
+        drop(kvs);
+        assert_eq!(m.device_kv_caches(), 0, "round {round}");
+    }
 }
 
 /// Layers 20..24 read the caches of layers 18 and 19: the cache holds 20 layers, not 25.

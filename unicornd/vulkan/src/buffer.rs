@@ -33,7 +33,9 @@ unsafe impl Send for Buffer<'_> {}
 
 // SAFETY: through `&Buffer` the host only reads the mapping (`as_bytes`, `to_f32`) and the device
 // only reads it inside an operation that waits for completion; operations write only buffers they
-// create themselves, so shared references on several threads never see a concurrent write.
+// create themselves, or those of a `KvCache`, which never hands out a `&Buffer` and gives host
+// access to its contents only while no step holds it (`KvCache::layer`), so shared references on
+// several threads never see a concurrent write.
 unsafe impl Sync for Buffer<'_> {}
 
 impl fmt::Debug for Buffer<'_> {

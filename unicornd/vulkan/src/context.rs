@@ -612,8 +612,9 @@ impl Context {
     }
 }
 
-/// Push constants of every shader fit in this many bytes (8 u32).
-pub(crate) const PUSH_CONSTANT_BYTES: u32 = 32;
+/// Push constants of every shader fit in this many bytes (16 u32; attention takes 12). Every
+/// device has at least 128 (`maxPushConstantsSize`).
+pub(crate) const PUSH_CONSTANT_BYTES: u32 = 64;
 
 /// The reduction workgroup size: at least 64 invocations, a power of two, a multiple of the
 /// reported subgroup size (itself a power of two), within the device limits.

@@ -29,9 +29,21 @@ pub enum VulkanError {
     /// The weights are in a type that has no shader yet.
     #[error("no Vulkan shader for {} weights", .0.name())]
     UnsupportedType(GgmlType),
+    /// The host asked for memory the device may still use (a recording that names it was not
+    /// submitted and waited for, nor dropped).
+    #[error("{0} is in use by the device")]
+    InUse(&'static str),
     /// Arguments that do not fit together (lengths, shapes).
     #[error("invalid arguments: {0}")]
     Shape(String),
+}
+
+impl VulkanError {
+    /// Whether the device was lost (`VK_ERROR_DEVICE_LOST`): the contents of its memory are
+    /// undefined from then on.
+    pub fn is_device_lost(&self) -> bool {
+        matches!(self, VulkanError::Vk { result: vk::Result::ERROR_DEVICE_LOST, .. })
+    }
 }
 
 fn describe_skipped(skipped: &[String]) -> String {
@@ -53,5 +65,18 @@ pub(crate) trait VkContext<T> {
 impl<T> VkContext<T> for std::result::Result<T, vk::Result> {
     fn vk(self, call: &'static str) -> Result<T> {
         self.map_err(|result| VulkanError::Vk { call, result })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_lost_device_is_lost() {
+        let e = |result| VulkanError::Vk { call: "vkWaitForFences", result };
+        assert!(e(vk::Result::ERROR_DEVICE_LOST).is_device_lost());
+        assert!(!e(vk::Result::ERROR_OUT_OF_DEVICE_MEMORY).is_device_lost());
+        assert!(!VulkanError::Shape("x".into()).is_device_lost());
     }
 }

@@ -22,6 +22,7 @@
 mod buffer;
 mod context;
 mod error;
+mod kv;
 mod memory;
 mod ops;
 mod recorder;
@@ -34,8 +35,8 @@ pub use context::{
     DEFAULT_STAGING_CHUNK, STAGING_ENV,
 };
 pub use error::{Result, VulkanError};
+pub use kv::{KvCache, KvElem, KvShape, MAX_HEAD_DIM};
 pub use memory::{choose_weight_memory, MemoryType, WeightMemory};
-pub use ops::{KvShape, MAX_HEAD_DIM};
 pub use step::{timing_from_env, OpTime, OutRows, Step, StepStats, Tensor, Weight, TIMING_ENV};
 
 /// Whether a Vulkan device must be found here, so that a test that finds none fails instead of

@@ -10,6 +10,7 @@ use unicorn_kernels::ops::{Rope, RopeMode};
 use unicorn_kernels::GgmlType;
 
 use crate::error::{Result, VulkanError};
+use crate::kv::KvCache;
 use crate::shaders::{Kernel, MvFormat};
 use crate::{Buffer, Context};
 
@@ -24,53 +25,35 @@ pub(crate) struct Plan {
 pub(crate) const OP_ADD: u32 = 0;
 pub(crate) const OP_MUL: u32 = 1;
 
-/// The largest head the attention shader holds (its query in shared memory).
-pub const MAX_HEAD_DIM: usize = 512;
-
-/// The shape of one layer's f16 K or V cache on the device: `n_kv_head x n_ctx x head_dim` values,
-/// head-major (`unicorn_kernels::attention`'s layout), `2 * n_kv_head * n_ctx * head_dim` bytes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KvShape {
-    /// KV heads.
-    pub n_kv_head: usize,
-    /// Positions the cache holds.
-    pub n_ctx: usize,
-    /// Values per head: even (two f16 per 32-bit word), at most [`MAX_HEAD_DIM`].
-    pub head_dim: usize,
-}
-
-impl KvShape {
-    /// Bytes of one K or V cache buffer of this shape.
-    pub fn bytes(&self) -> Option<usize> {
-        self.n_kv_head.checked_mul(self.n_ctx)?.checked_mul(self.head_dim)?.checked_mul(2)
-    }
-
-    fn check(&self, what: &str, cache: &Buffer<'_>) -> Result<()> {
-        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) || self.head_dim > MAX_HEAD_DIM {
-            return Err(VulkanError::Shape(format!(
-                "head_dim {} (must be even, 2..={MAX_HEAD_DIM})",
-                self.head_dim
-            )));
-        }
-        if self.bytes() != Some(cache.len()) {
-            return Err(VulkanError::Shape(format!(
-                "{what}: a {self:?} f16 cache needs {:?} bytes, the buffer holds {}",
-                self.bytes(),
-                cache.len()
-            )));
-        }
-        // The shaders index with 32-bit element offsets.
-        let _ = to_u32("KV cache size", cache.padded_size())?;
-        Ok(())
-    }
-}
-
-fn to_u32(what: &'static str, v: usize) -> Result<u32> {
+pub(crate) fn to_u32(what: &'static str, v: usize) -> Result<u32> {
     u32::try_from(v).map_err(|_| VulkanError::Limit {
         what,
         value: v as u64,
         limit: u32::MAX.into(),
     })
+}
+
+/// What attention needs of its parameters against the cache, whatever the queries.
+fn check_attention(kv: &KvCache<'_>, p: &AttnParams) -> Result<()> {
+    let shape = kv.shape();
+    if shape.n_kv_head == 0 || !p.n_head.is_multiple_of(shape.n_kv_head) {
+        return Err(VulkanError::Shape(format!(
+            "{} query heads are not a multiple of {} KV heads",
+            p.n_head, shape.n_kv_head
+        )));
+    }
+    if p.kv_len > shape.n_ctx {
+        return Err(VulkanError::Shape(format!(
+            "kv_len {} beyond the cache of {}",
+            p.kv_len, shape.n_ctx
+        )));
+    }
+    match p.softcap {
+        Some(c) if !(c > 0.0 && c.is_finite()) => {
+            Err(VulkanError::Shape(format!("soft-cap {c} is not positive")))
+        }
+        _ => Ok(()),
+    }
 }
 
 impl Context {
@@ -82,7 +65,7 @@ impl Context {
     }
 
     /// Grid-stride dispatch width for `n` elements.
-    fn stride_groups(&self, n: u32) -> u32 {
+    pub(crate) fn stride_groups(&self, n: u32) -> u32 {
         let wg = self.info().workgroup_size;
         n.div_ceil(wg).clamp(1, self.info().max_workgroup_count[0].min(4096))
     }
@@ -293,22 +276,43 @@ impl Context {
         head_dim: usize,
         positions: &[usize],
     ) -> Result<Vec<f32>> {
+        let pos = positions.iter().map(|&p| to_u32("position", p)).collect::<Result<Vec<_>>>()?;
+        let Some(plan) = self.plan_rope(rope, x.len(), head_dim, pos.len())? else {
+            return Ok(x.to_vec());
+        };
+        let xb = Buffer::from_f32(self, x)?;
+        let pb = Buffer::from_bytes(
+            self,
+            &pos.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>(),
+        )?;
+        let unused = Buffer::zeroed(self, 0)?;
+        self.run(plan, [&xb, &pb, &unused])?;
+        Ok(xb.to_f32())
+    }
+
+    /// Checks and plans RoPE in place on `x_len` values, `n_tokens` tokens of heads of
+    /// `head_dim` (binding 0 the values, binding 1 one u32 position per token). `None`: nothing
+    /// rotates.
+    pub(crate) fn plan_rope(
+        &self,
+        rope: &Rope,
+        x_len: usize,
+        head_dim: usize,
+        n_tokens: usize,
+    ) -> Result<Option<Plan>> {
         if !rope.n_dims.is_multiple_of(2) || rope.n_dims > head_dim || head_dim == 0 {
             return Err(VulkanError::Shape(format!(
                 "rope: {} rotated dims of heads of {head_dim} (must be even and at most the head)",
                 rope.n_dims
             )));
         }
-        let token = positions.len().checked_mul(head_dim).filter(|&t| t > 0);
-        let Some(n_heads) = token.filter(|&t| x.len().is_multiple_of(t)).map(|t| x.len() / t)
-        else {
+        let token = n_tokens.checked_mul(head_dim).filter(|&t| t > 0);
+        let Some(n_heads) = token.filter(|&t| x_len.is_multiple_of(t)).map(|t| x_len / t) else {
             return Err(VulkanError::Shape(format!(
-                "rope: {} values are not {} tokens of heads of {head_dim}",
-                x.len(),
-                positions.len()
+                "rope: {x_len} values are not {n_tokens} tokens of heads of {head_dim}"
             )));
         };
-        let rows = to_u32("rope rows", positions.len() * n_heads)?;
+        let rows = to_u32("rope rows", n_tokens * n_heads)?;
         let half = to_u32("rope dims", rope.n_dims / 2)?;
         let pairs = rows.checked_mul(half).ok_or(VulkanError::Limit {
             what: "rope pairs",
@@ -316,18 +320,11 @@ impl Context {
             limit: u32::MAX.into(),
         })?;
         if pairs == 0 {
-            return Ok(x.to_vec());
+            return Ok(None);
         }
-        let pos = positions.iter().map(|&p| to_u32("position", p)).collect::<Result<Vec<_>>>()?;
         // As Rope::cache, in f32 on the host so the device multiplies by the very same value.
         let theta_scale = rope.freq_base.powf(-2.0 / rope.n_dims as f32);
-        let xb = Buffer::from_f32(self, x)?;
-        let pb = Buffer::from_bytes(
-            self,
-            &pos.iter().flat_map(|p| p.to_le_bytes()).collect::<Vec<_>>(),
-        )?;
-        let unused = Buffer::zeroed(self, 0)?;
-        let push = [
+        let push = vec![
             rows,
             to_u32("heads", n_heads)?,
             to_u32("head_dim", head_dim)?,
@@ -336,117 +333,192 @@ impl Context {
             theta_scale.to_bits(),
             rope.freq_scale.to_bits(),
         ];
-        self.dispatch(Kernel::Rope, [&xb, &pb, &unused], &push, [self.stride_groups(pairs), 1, 1])?;
-        Ok(xb.to_f32())
+        Ok(Some(Plan { kernel: Kernel::Rope, push, groups: [self.stride_groups(pairs), 1, 1] }))
     }
 
-    /// Writes one token's keys or values `src` (`n_kv_head x head_dim` f32) at position `pos` of
-    /// the f16 cache `cache` of shape `shape`, rounding to nearest even, as
-    /// `unicorn_kernels::attention::KvCache::store` into an f16 cache.
+    /// Writes the keys `k` and values `v` of `n` tokens (each `n_kv_head x head_dim` f32) at
+    /// positions `pos0..pos0 + n` of layer `layer` of `kv`, as
+    /// `unicorn_kernels::attention::KvCache::store` of each token (f16: round to nearest even).
     pub fn kv_store(
         &self,
-        cache: &mut Buffer<'_>,
-        shape: KvShape,
-        src: &[f32],
-        pos: usize,
+        kv: &mut KvCache<'_>,
+        layer: usize,
+        k: &[f32],
+        v: &[f32],
+        pos0: usize,
     ) -> Result<()> {
-        shape.check("kv_store", cache)?;
-        if pos >= shape.n_ctx {
+        let kvd = kv.shape().n_kv_head * kv.shape().head_dim;
+        if k.len() != v.len() || kvd == 0 || !k.len().is_multiple_of(kvd) {
             return Err(VulkanError::Shape(format!(
-                "position {pos} beyond the cache of {}",
+                "kv_store: {} keys and {} values are not tokens of {kvd}",
+                k.len(),
+                v.len()
+            )));
+        }
+        let Some(plan) = self.plan_kv_store(kv, layer, k.len() / kvd, k.len(), 0, pos0)? else {
+            return Ok(());
+        };
+        let kb = Buffer::from_f32(self, k)?;
+        let vb = Buffer::from_f32(self, v)?;
+        let buf = kv.at(layer)?.buf;
+        // No step may hold the cache while this call's submission writes it.
+        let _ = kv.layer_mut(layer)?;
+        self.dispatch(plan.kernel, [&kb, &vb, kv.mem().buffer(buf)], &plan.push, plan.groups)
+    }
+
+    /// Checks and plans storing `n_tok` tokens' K and V, starting at value `src_off` of sources
+    /// of `src_len` values, at positions `pos0..` of `layer` of `kv`.
+    pub(crate) fn plan_kv_store(
+        &self,
+        kv: &KvCache<'_>,
+        layer: usize,
+        n_tok: usize,
+        src_len: usize,
+        src_off: usize,
+        pos0: usize,
+    ) -> Result<Option<Plan>> {
+        let shape = kv.shape();
+        let at = kv.at(layer)?;
+        if pos0.checked_add(n_tok).is_none_or(|end| end > shape.n_ctx) {
+            return Err(VulkanError::Shape(format!(
+                "positions {pos0}.. of {n_tok} tokens beyond the cache of {}",
                 shape.n_ctx
             )));
         }
-        let n = shape.n_kv_head * shape.head_dim;
-        if src.len() != n {
+        let kvd = shape.n_kv_head * shape.head_dim;
+        let need = n_tok.checked_mul(kvd).and_then(|n| n.checked_add(src_off));
+        if need.is_none_or(|n| n > src_len) {
             return Err(VulkanError::Shape(format!(
-                "kv_store: {} values, {} KV heads of {} need {n}",
-                src.len(),
-                shape.n_kv_head,
-                shape.head_dim
+                "kv_store: {n_tok} tokens of {kvd} from value {src_off} of {src_len}"
             )));
         }
-        if n == 0 {
-            return Ok(());
+        let pairs = kvd / 2;
+        let total = to_u32("kv_store values", n_tok * pairs)?;
+        if total == 0 {
+            return Ok(None);
         }
-        let pairs = to_u32("kv_store values", n / 2)?;
-        let sb = Buffer::from_f32(self, src)?;
-        let unused = Buffer::zeroed(self, 0)?;
-        let push = [
-            pairs,
+        let push = vec![
+            to_u32("kv pairs", pairs)?,
             to_u32("head_dim", shape.head_dim)?,
             to_u32("n_ctx", shape.n_ctx)?,
-            to_u32("position", pos)?,
+            to_u32("position", pos0)?,
+            to_u32("tokens", n_tok)?,
+            to_u32("source offset", src_off)?,
+            at.kbase,
+            at.vbase,
         ];
-        let groups = [self.stride_groups(pairs), 1, 1];
-        self.dispatch(Kernel::KvStore, [&sb, &unused, &*cache], &push, groups)?;
-        Ok(())
+        let groups = [self.stride_groups(total), 1, 1];
+        Ok(Some(Plan { kernel: Kernel::KvStore(kv.elem()), push, groups }))
     }
 
-    /// Decode attention of one query token `q` (`p.n_head x head_dim`) over the f16 caches `k`
-    /// and `v` of shape `shape`, as `unicorn_kernels::attention::attention` with `n_q = 1`: the
-    /// query at position `p.pos0` sees keys `0..p.kv_len`, limited by `p.causal` and
-    /// `p.window`, with the scores scaled by `p.scale` and soft-capped when `p.softcap` is set.
-    /// Query head `h` reads KV head `h / (n_head / n_kv_head)`. No visible key gives zeros.
+    /// Attention of the `n_q` query tokens in `q` (`n_q x p.n_head x head_dim`, so `n_q` is
+    /// `q.len() / (p.n_head * head_dim)`) over layer `layer` of `kv`, as
+    /// `unicorn_kernels::attention::attention`: query `i` at position `p.pos0 + i` sees keys
+    /// `0..p.kv_len`, limited by `p.causal` and `p.window`, with the scores scaled by `p.scale`
+    /// and soft-capped when `p.softcap` is set. Query head `h` reads KV head
+    /// `h / (n_head / n_kv_head)`. A query with no visible key gets zeros.
     pub fn attention(
         &self,
         q: &[f32],
-        k: &Buffer<'_>,
-        v: &Buffer<'_>,
-        shape: KvShape,
+        kv: &mut KvCache<'_>,
+        layer: usize,
         p: &AttnParams,
     ) -> Result<Vec<f32>> {
-        shape.check("K cache", k)?;
-        shape.check("V cache", v)?;
-        if shape.n_kv_head == 0 || !p.n_head.is_multiple_of(shape.n_kv_head) {
+        let per_token = p.n_head.checked_mul(kv.shape().head_dim);
+        let Some(n_q) =
+            per_token.filter(|&t| t > 0 && q.len().is_multiple_of(t)).map(|t| q.len() / t)
+        else {
+            if p.n_head == 0 && q.is_empty() {
+                return Ok(Vec::new());
+            }
             return Err(VulkanError::Shape(format!(
-                "{} query heads are not a multiple of {} KV heads",
-                p.n_head, shape.n_kv_head
-            )));
-        }
-        if p.kv_len > shape.n_ctx {
-            return Err(VulkanError::Shape(format!(
-                "kv_len {} beyond the cache of {}",
-                p.kv_len, shape.n_ctx
-            )));
-        }
-        let q_len = p.n_head.checked_mul(shape.head_dim);
-        if q_len != Some(q.len()) {
-            return Err(VulkanError::Shape(format!(
-                "q holds {} values, {} heads of {} need {q_len:?}",
+                "q holds {} values, not tokens of {} heads of {}",
                 q.len(),
                 p.n_head,
-                shape.head_dim,
+                kv.shape().head_dim
             )));
-        }
-        let softcap = match p.softcap {
-            None => 0.0,
-            Some(c) if c > 0.0 && c.is_finite() => c,
-            Some(c) => return Err(VulkanError::Shape(format!("soft-cap {c} is not positive"))),
         };
-        if p.n_head == 0 {
-            return Ok(Vec::new());
-        }
-        // The visible keys, as unicorn_kernels::attention's key_range for query 0.
-        let qpos = p.pos0;
-        let hi = if p.causal { qpos.saturating_add(1).min(p.kv_len) } else { p.kv_len };
-        let lo = p.window.map_or(0, |w| qpos.saturating_add(1).saturating_sub(w));
-        if lo >= hi {
+        // Checked before the shortcut below, so a bad call is an error whatever its positions.
+        check_attention(kv, p)?;
+        let buf = kv.at(layer)?.buf;
+        // Every query sees no key (e.g. a window far past the valid keys): zeros, even where the
+        // positions would not fit the shader's 32 bits.
+        let sees = |i: usize| {
+            let qpos = p.pos0.saturating_add(i);
+            let hi = if p.causal { qpos.saturating_add(1).min(p.kv_len) } else { p.kv_len };
+            let lo = p.window.map_or(0, |w| qpos.saturating_add(1).saturating_sub(w));
+            lo < hi
+        };
+        if !(0..n_q).any(sees) {
             return Ok(vec![0.0; q.len()]);
         }
-        let push = [
+        let Some(plan) = self.plan_attention(kv, layer, p, n_q, q.len(), 0, q.len())? else {
+            return Ok(Vec::new());
+        };
+        let qb = Buffer::from_f32(self, q)?;
+        let out = Buffer::zeroed(self, std::mem::size_of_val(q))?;
+        // No step may write the cache while this call's submission reads it.
+        let _ = kv.layer_mut(layer)?;
+        self.dispatch(plan.kernel, [&qb, kv.mem().buffer(buf), &out], &plan.push, plan.groups)?;
+        Ok(out.to_f32())
+    }
+
+    /// Checks and plans attention of `n_q` tokens of queries starting at value `qoff` of a
+    /// buffer of `q_len` values, into the same place of one of `out_len`, over `layer` of `kv`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn plan_attention(
+        &self,
+        kv: &KvCache<'_>,
+        layer: usize,
+        p: &AttnParams,
+        n_q: usize,
+        q_len: usize,
+        qoff: usize,
+        out_len: usize,
+    ) -> Result<Option<Plan>> {
+        check_attention(kv, p)?;
+        let shape = kv.shape();
+        let at = kv.at(layer)?;
+        let need = n_q
+            .checked_mul(p.n_head)
+            .and_then(|n| n.checked_mul(shape.head_dim))
+            .and_then(|n| n.checked_add(qoff));
+        if need.is_none_or(|n| n > q_len || n > out_len) {
+            return Err(VulkanError::Shape(format!(
+                "attention: {n_q} tokens of {} heads of {} from value {qoff} of queries of                  {q_len} into an output of {out_len}",
+                p.n_head, shape.head_dim
+            )));
+        }
+        if n_q == 0 || p.n_head == 0 {
+            return Ok(None);
+        }
+        let last = p.pos0.checked_add(n_q).ok_or_else(|| {
+            VulkanError::Shape(format!("attention: {n_q} queries from position {}", p.pos0))
+        })?;
+        let _ = to_u32("last query position", last)?;
+        let softcap = p.softcap.unwrap_or(0.0);
+        let window = match p.window {
+            None => 0,
+            Some(0) => return Err(VulkanError::Shape("a sliding window of 0 keys".into())),
+            // A window wider than any position is no window.
+            Some(w) => u32::try_from(w).unwrap_or(u32::MAX),
+        };
+        let push = vec![
             to_u32("group", p.n_head / shape.n_kv_head)?,
             to_u32("head_dim", shape.head_dim)?,
             to_u32("n_ctx", shape.n_ctx)?,
-            to_u32("first key", lo)?,
-            to_u32("last key", hi)?,
+            at.kbase,
+            at.vbase,
+            to_u32("query offset", qoff)?,
+            to_u32("first query position", p.pos0)?,
+            to_u32("kv_len", p.kv_len)?,
+            u32::from(p.causal),
+            window,
             p.scale.to_bits(),
             softcap.to_bits(),
         ];
-        let qb = Buffer::from_f32(self, q)?;
-        let groups = [to_u32("heads", p.n_head)?, 1, 1];
-        self.dispatch(Kernel::Attn, [&qb, k, v], &push, groups)?;
-        Ok(qb.to_f32())
+        let groups = [to_u32("heads", p.n_head)?, to_u32("query tokens", n_q)?, 1];
+        Ok(Some(Plan { kernel: Kernel::Attn(kv.elem()), push, groups }))
     }
 
     fn elementwise(&self, k: Kernel, a: &[f32], b: &[f32], op: Option<u32>) -> Result<Vec<f32>> {

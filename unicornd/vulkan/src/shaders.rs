@@ -5,6 +5,7 @@ use std::io::Cursor;
 use unicorn_kernels::GgmlType;
 
 use crate::error::{Result, VulkanError};
+use crate::kv::KvElem;
 
 include!(concat!(env!("OUT_DIR"), "/shaders.rs"));
 
@@ -18,9 +19,12 @@ pub(crate) enum Kernel {
     Binary,
     Rope,
     Softmax,
-    Attn,
-    KvStore,
+    /// `attn.comp` over a cache of this element type.
+    Attn(KvElem),
+    /// `kv_store.comp` into a cache of this element type.
+    KvStore(KvElem),
     Geglu,
+    Copy,
 }
 
 /// The weight formats `mul_mv.comp` is compiled for.
@@ -99,7 +103,7 @@ impl MvFormat {
 
 impl Kernel {
     /// How many kernels there are ([`Kernel::index`] is below this).
-    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 8;
+    pub(crate) const COUNT: usize = MvFormat::ALL.len() + 11;
 
     /// Every kernel, each once.
     pub(crate) fn all() -> impl Iterator<Item = Kernel> {
@@ -109,9 +113,12 @@ impl Kernel {
             Kernel::Binary,
             Kernel::Rope,
             Kernel::Softmax,
-            Kernel::Attn,
-            Kernel::KvStore,
+            Kernel::Attn(KvElem::F16),
+            Kernel::Attn(KvElem::F32),
+            Kernel::KvStore(KvElem::F16),
+            Kernel::KvStore(KvElem::F32),
             Kernel::Geglu,
+            Kernel::Copy,
         ])
     }
 
@@ -125,15 +132,18 @@ impl Kernel {
             Kernel::Binary => n + 2,
             Kernel::Rope => n + 3,
             Kernel::Softmax => n + 4,
-            Kernel::Attn => n + 5,
-            Kernel::KvStore => n + 6,
+            Kernel::Attn(KvElem::F16) => n + 5,
+            Kernel::KvStore(KvElem::F16) => n + 6,
             Kernel::Geglu => n + 7,
+            Kernel::Attn(KvElem::F32) => n + 8,
+            Kernel::KvStore(KvElem::F32) => n + 9,
+            Kernel::Copy => n + 10,
         }
     }
 
     /// Whether the kernel reduces across a workgroup (and so has a subgroup variant).
     fn reduces(self) -> bool {
-        matches!(self, Kernel::MulMv(_) | Kernel::RmsNorm | Kernel::Softmax | Kernel::Attn)
+        matches!(self, Kernel::MulMv(_) | Kernel::RmsNorm | Kernel::Softmax | Kernel::Attn(_))
     }
 
     /// The embedded module's name: the `_sg` variant when it reduces and `subgroups` is set.
@@ -145,9 +155,12 @@ impl Kernel {
             Kernel::Binary => "binary".to_string(),
             Kernel::Rope => "rope".to_string(),
             Kernel::Softmax => "softmax".to_string(),
-            Kernel::Attn => "attn".to_string(),
-            Kernel::KvStore => "kv_store".to_string(),
+            Kernel::Attn(KvElem::F16) => "attn".to_string(),
+            Kernel::Attn(KvElem::F32) => "attn_f32".to_string(),
+            Kernel::KvStore(KvElem::F16) => "kv_store".to_string(),
+            Kernel::KvStore(KvElem::F32) => "kv_store_f32".to_string(),
             Kernel::Geglu => "geglu".to_string(),
+            Kernel::Copy => "copy".to_string(),
         };
         if subgroups && self.reduces() {
             base + "_sg"

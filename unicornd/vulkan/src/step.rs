@@ -12,12 +12,17 @@
 //! error rather than a read of another step's data.
 
 use std::fmt;
+use std::sync::Arc;
 
+use ash::vk;
+use unicorn_kernels::attention::AttnParams;
+use unicorn_kernels::ops::Rope;
 use unicorn_kernels::GgmlType;
 
 use crate::buffer::WeightBuffer;
 use crate::error::{Result, VulkanError};
-use crate::ops::{Plan, OP_ADD, OP_MUL};
+use crate::kv::{KvCache, KvMem};
+use crate::ops::{to_u32, Plan, OP_ADD, OP_MUL};
 use crate::recorder::Recorder;
 use crate::shaders::Kernel;
 use crate::{Buffer, Context};
@@ -88,6 +93,9 @@ pub struct Step<'c> {
     /// A word bound where a shader's optional input is absent.
     unused: Buffer<'c>,
     scratch: Vec<Buffer<'c>>,
+    /// The KV caches the current recording names, held until it is submitted and waited for
+    /// (or dropped), so that a cache dropped meanwhile is freed only then.
+    keep: Vec<Arc<KvMem<'c>>>,
     /// Scratch buffers handed out in the current step.
     used: usize,
     generation: u64,
@@ -138,6 +146,7 @@ impl<'c> Step<'c> {
             weights: Vec::new(),
             unused,
             scratch: Vec::new(),
+            keep: Vec::new(),
             used: 0,
             generation: 0,
             stats: StepStats::default(),
@@ -185,7 +194,15 @@ impl<'c> Step<'c> {
     pub fn begin(&mut self) -> Result<()> {
         self.generation += 1;
         self.used = 0;
-        self.rec.begin(self.ctx)
+        self.rec.begin(self.ctx)?;
+        // The old recording is reset: nothing names the caches it held any more.
+        self.keep.clear();
+        Ok(())
+    }
+
+    /// KV caches held by the current recording (see [`Step::kv_store`]).
+    pub fn held_kv_caches(&self) -> usize {
+        self.keep.len()
     }
 
     /// A scratch tensor of `len` values for this step; its contents are unspecified until a
@@ -211,6 +228,18 @@ impl<'c> Step<'c> {
     /// A new tensor holding `values`. It is written now, which is sound while recording because
     /// no dispatch recorded so far names a tensor handed out after it.
     pub fn upload(&mut self, values: &[f32]) -> Result<Tensor> {
+        let t = self.tensor(values.len())?;
+        let buf = &mut self.scratch[t.idx as usize];
+        for (o, v) in buf.as_bytes_mut().chunks_exact_mut(4).zip(values) {
+            o.copy_from_slice(&v.to_ne_bytes());
+        }
+        self.stats.uploads += 1;
+        Ok(t)
+    }
+
+    /// A new tensor of `values.len()` 32-bit words holding `values` (e.g. token positions for
+    /// [`Step::rope`]); written now, as [`Step::upload`].
+    pub fn upload_u32(&mut self, values: &[u32]) -> Result<Tensor> {
         let t = self.tensor(values.len())?;
         let buf = &mut self.scratch[t.idx as usize];
         for (o, v) in buf.as_bytes_mut().chunks_exact_mut(4).zip(values) {
@@ -251,6 +280,8 @@ impl<'c> Step<'c> {
         // A new recording even after an error, so that the step stays usable.
         let begun = self.rec.begin(self.ctx);
         let times = times?;
+        // Waited for: the device is done with every cache the recording named.
+        self.keep.clear();
         begun?;
         self.stats.submits += 1;
         self.stats.dispatches += n;
@@ -294,6 +325,146 @@ impl<'c> Step<'c> {
             .ok_or_else(|| VulkanError::Shape(format!("no weight {}", w.0)))
     }
 
+    /// Records `plan` on the buffers of `args` at bindings 0, 1, 2; the caller has checked that
+    /// no tensor it writes is also one it reads.
+    fn record_args(&mut self, plan: Plan, args: [Arg; 3]) -> Result<()> {
+        let mut raw = [self.unused.raw(); 3];
+        for (slot, arg) in raw.iter_mut().zip(args) {
+            *slot = match arg {
+                Arg::T(t) => {
+                    self.check(t, "input")?;
+                    self.scratch[t.idx as usize].raw()
+                }
+                Arg::W(w) => self.weight_buf(w)?.raw(),
+                Arg::Raw(b) => b,
+                Arg::None => self.unused.raw(),
+            };
+        }
+        // Every buffer named is owned by the step (or held in `keep`) and outlives the
+        // submission, which `flush` waits for.
+        self.rec.dispatch(self.ctx, plan.kernel, raw, &plan.push, plan.groups)
+    }
+
+    /// Holds `kv`'s memory for the current recording; its raw buffer `buf`.
+    fn hold(&mut self, kv: &mut KvCache<'c>, buf: usize) -> vk::Buffer {
+        let mem = kv.share();
+        let raw = mem.raw(buf);
+        if !self.keep.iter().any(|m| Arc::ptr_eq(m, &mem)) {
+            self.keep.push(mem);
+        }
+        raw
+    }
+
+    /// RoPE in place on `x`, `n_tokens` tokens of heads of `head_dim` values, token `t` at the
+    /// position `pos[t]` (a tensor of u32 words, [`Step::upload_u32`]); as
+    /// [`Context::rope`].
+    pub fn rope(
+        &mut self,
+        rope: &Rope,
+        x: Tensor,
+        head_dim: usize,
+        pos: Tensor,
+        n_tokens: usize,
+    ) -> Result<()> {
+        if pos.len != n_tokens || pos.idx == x.idx {
+            return Err(VulkanError::Shape(format!(
+                "rope: {} positions for {n_tokens} tokens (a tensor of their own)",
+                pos.len
+            )));
+        }
+        let Some(plan) = self.ctx.plan_rope(rope, x.len, head_dim, n_tokens)? else {
+            return Ok(());
+        };
+        self.record_args(plan, [Arg::T(x), Arg::T(pos), Arg::None])
+    }
+
+    /// Stores the keys `k` and values `v` of tokens `tok0..tok0 + n_tok` (rows of
+    /// `n_kv_head x head_dim` values of the tensors) at positions `pos0..pos0 + n_tok` of layer
+    /// `layer` of `kv`, as [`Context::kv_store`]. The step holds `kv`'s memory until this
+    /// recording is submitted and waited for, or dropped.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store(
+        &mut self,
+        kv: &mut KvCache<'c>,
+        layer: usize,
+        k: Tensor,
+        v: Tensor,
+        tok0: usize,
+        n_tok: usize,
+        pos0: usize,
+    ) -> Result<()> {
+        let kvd = kv.shape().n_kv_head * kv.shape().head_dim;
+        if k.len != v.len {
+            return Err(VulkanError::Shape("kv_store: K and V of different lengths".into()));
+        }
+        let off = tok0.checked_mul(kvd).ok_or_else(|| VulkanError::Shape("kv_store".into()))?;
+        let Some(plan) = self.ctx.plan_kv_store(kv, layer, n_tok, k.len, off, pos0)? else {
+            return Ok(());
+        };
+        let buf = kv.at(layer)?.buf;
+        let cache = self.hold(kv, buf);
+        self.record_args(plan, [Arg::T(k), Arg::T(v), Arg::Raw(cache)])
+    }
+
+    /// Attention of query tokens `tok0..tok0 + n_q` of `q` (rows of `p.n_head x head_dim`)
+    /// over layer `layer` of `kv`, into the same rows of `out`; the first at position `p.pos0`
+    /// (as [`Context::attention`]). The step holds `kv`'s memory as in [`Step::kv_store`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &mut self,
+        q: Tensor,
+        kv: &mut KvCache<'c>,
+        layer: usize,
+        p: &AttnParams,
+        tok0: usize,
+        n_q: usize,
+        out: Tensor,
+    ) -> Result<()> {
+        if q.idx == out.idx {
+            return Err(VulkanError::Shape("an output that is also an input".into()));
+        }
+        self.check(out, "output")?;
+        let per = p.n_head.checked_mul(kv.shape().head_dim);
+        let off = per.and_then(|n| n.checked_mul(tok0));
+        let off = off.ok_or_else(|| VulkanError::Shape("attention offset".into()))?;
+        let Some(plan) = self.ctx.plan_attention(kv, layer, p, n_q, q.len, off, out.len)? else {
+            return Ok(());
+        };
+        let buf = kv.at(layer)?.buf;
+        let cache = self.hold(kv, buf);
+        self.record_args(plan, [Arg::T(q), Arg::Raw(cache), Arg::T(out)])
+    }
+
+    /// `dst[dst_off..][..n] = src[src_off..][..n]` (gathering rows on the device).
+    pub fn copy(
+        &mut self,
+        src: Tensor,
+        src_off: usize,
+        dst: Tensor,
+        dst_off: usize,
+        n: usize,
+    ) -> Result<()> {
+        let fits = |off: usize, len: usize| off.checked_add(n).is_some_and(|e| e <= len);
+        if src.idx == dst.idx || !fits(src_off, src.len) || !fits(dst_off, dst.len) {
+            return Err(VulkanError::Shape(format!(
+                "copy of {n} values at {src_off} of {} to {dst_off} of {} (another tensor)",
+                src.len, dst.len
+            )));
+        }
+        self.check(dst, "output")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n32 = to_u32("copy length", n)?;
+        let push = vec![n32, to_u32("copy source", src_off)?, to_u32("copy target", dst_off)?];
+        let plan = Plan {
+            kernel: crate::shaders::Kernel::Copy,
+            push,
+            groups: [self.ctx.stride_groups(n32), 1, 1],
+        };
+        self.record_args(plan, [Arg::T(src), Arg::None, Arg::T(dst)])
+    }
+
     /// Records `plan` reading `inputs` and writing `out`, which must not be one of them.
     fn record(&mut self, plan: Plan, inputs: [Arg; 2], out: Tensor) -> Result<()> {
         self.check(out, "output")?;
@@ -308,6 +479,7 @@ impl<'c> Step<'c> {
                     self.scratch[t.idx as usize].raw()
                 }
                 Arg::W(w) => self.weight_buf(w)?.raw(),
+                Arg::Raw(b) => b,
                 Arg::None => self.unused.raw(),
             };
         }
@@ -418,6 +590,8 @@ impl<'c> Step<'c> {
 enum Arg {
     T(Tensor),
     W(Weight),
+    /// A buffer the step holds otherwise (a KV cache in `keep`).
+    Raw(vk::Buffer),
     None,
 }
 

@@ -15,7 +15,10 @@ use unicorn_kernels::attention::{attention, AttnParams, KvCache, KvData, KvDataM
 use unicorn_kernels::formats::{dequantize_row, quantize_row};
 use unicorn_kernels::ops::{Rope, RopeMode};
 use unicorn_kernels::{f16, ops, GgmlType, ThreadPool};
-use unicorn_vulkan::{Buffer, Context, DeviceType, KvShape, Options, VulkanError, MAX_HEAD_DIM};
+use unicorn_vulkan::{
+    Buffer, Context, DeviceType, KvCache as DevKv, KvElem, KvShape, Options, VulkanError,
+    MAX_HEAD_DIM,
+};
 
 const MATVEC_TOL: f64 = 1e-4;
 
@@ -561,120 +564,197 @@ fn scale_matches_the_cpu_kernel() {
     assert!(ctx.scale(&[], 2.0).unwrap().is_empty());
 }
 
-/// f16 bits of `x` as the CPU rounds them.
-fn f16_bits(x: &[f32]) -> Vec<u16> {
-    x.iter().map(|&v| f16::from_f32(v).to_bits()).collect()
+/// A layer of a CPU reference cache: K and V in f16 or f32, as the engine's host cache.
+#[derive(Clone)]
+enum Ref {
+    F16(Vec<f16>, Vec<f16>),
+    F32(Vec<f32>, Vec<f32>),
 }
 
-fn f16_bytes(bits: &[u16]) -> Vec<u8> {
-    bits.iter().flat_map(|b| b.to_le_bytes()).collect()
+impl Ref {
+    /// Both halves filled with `k` and `v`, rounded to the element type.
+    fn new(elem: KvElem, k: &[f32], v: &[f32]) -> Ref {
+        let h = |x: &[f32]| x.iter().map(|&a| f16::from_f32(a)).collect();
+        match elem {
+            KvElem::F16 => Ref::F16(h(k), h(v)),
+            KvElem::F32 => Ref::F32(k.to_vec(), v.to_vec()),
+        }
+    }
+
+    fn store(&mut self, k: &[f32], v: &[f32], pos: usize, s: KvShape) {
+        let (n_kv, n_ctx, hd) = (s.n_kv_head, s.n_ctx, s.head_dim);
+        let (kd, vd) = match self {
+            Ref::F16(a, b) => (KvDataMut::F16(a), KvDataMut::F16(b)),
+            Ref::F32(a, b) => (KvDataMut::F32(a), KvDataMut::F32(b)),
+        };
+        KvCache::store(kd, k, pos, n_kv, n_ctx, hd);
+        KvCache::store(vd, v, pos, n_kv, n_ctx, hd);
+    }
+
+    fn cache(&self, s: KvShape) -> KvCache<'_> {
+        let (k, v) = match self {
+            Ref::F16(a, b) => (KvData::F16(a), KvData::F16(b)),
+            Ref::F32(a, b) => (KvData::F32(a), KvData::F32(b)),
+        };
+        KvCache { k, v, n_kv_head: s.n_kv_head, n_ctx: s.n_ctx, head_dim: s.head_dim }
+    }
+
+    /// The bytes of K and of V, as the device holds them.
+    fn bytes(&self) -> (Vec<u8>, Vec<u8>) {
+        match self {
+            Ref::F16(a, b) => {
+                let f = |x: &[f16]| x.iter().flat_map(|h| h.to_bits().to_ne_bytes()).collect();
+                (f(a), f(b))
+            }
+            Ref::F32(a, b) => {
+                let f = |x: &[f32]| x.iter().flat_map(|h| h.to_ne_bytes()).collect();
+                (f(a), f(b))
+            }
+        }
+    }
 }
 
-/// kv_store writes exactly the f16 bits `KvCache::store` writes (round to nearest even,
-/// subnormals, overflow to infinity), at the right place, and nothing else.
+/// A device cache of `n_layers` layers, each filled from `fill(layer)`.
+fn dev_cache<'c>(
+    ctx: &'c Context,
+    shape: KvShape,
+    elem: KvElem,
+    n_layers: usize,
+    fill: impl Fn(usize) -> Ref,
+) -> DevKv<'c> {
+    let mut kv = DevKv::new(ctx, shape, elem, n_layers, None).unwrap();
+    for l in 0..n_layers {
+        let (kb, vb) = fill(l).bytes();
+        let (k, v) = kv.layer_mut(l).unwrap();
+        k.copy_from_slice(&kb);
+        v.copy_from_slice(&vb);
+    }
+    kv
+}
+
+/// kv_store writes exactly what `KvCache::store` writes (f16: round to nearest even, subnormals,
+/// overflow to infinity; f32: the values), for one token and for several at once, into the
+/// right layer at the right positions, and nothing else.
 #[test]
 fn kv_store_matches_the_cpu_cache() {
     let Some(ctx) = ctx() else { return };
     let mut rng = Rng(51);
-    for (n_kv_head, n_ctx, head_dim) in [(1, 1, 2), (2, 9, 64), (3, 5, 256), (1, 4, 6)] {
-        let shape = KvShape { n_kv_head, n_ctx, head_dim };
-        let total = n_kv_head * n_ctx * head_dim;
-        let mut cpu = vec![f16::from_f32(0.5); total];
-        let mut dev = Buffer::from_bytes(ctx, &f16_bytes(&f16_bits(&vec![0.5; total]))).unwrap();
-        for pos in [n_ctx - 1, 0, n_ctx / 2] {
-            let mut src = rng.vec(n_kv_head * head_dim, 3.0);
-            // Edge cases of the rounding: ties, subnormals, the largest half, overflow, zeros.
-            let special = [
-                1.0 + 1.0 / 2048.0,
-                1.0 + 3.0 / 2048.0,
-                -2.0f32.powi(-24),
-                2.0f32.powi(-25),
-                3.0 * 2.0f32.powi(-26),
-                2.0f32.powi(-15) * 1.3,
-                65504.0,
-                65519.0,
-                65520.0,
-                -1e9,
-                -0.0,
-                1e-40,
-                f32::INFINITY,
-            ];
-            for (s, &v) in src.iter_mut().zip(&special) {
-                *s = v;
+    let special = [
+        1.0 + 1.0 / 2048.0,
+        1.0 + 3.0 / 2048.0,
+        -2.0f32.powi(-24),
+        2.0f32.powi(-25),
+        3.0 * 2.0f32.powi(-26),
+        2.0f32.powi(-15) * 1.3,
+        65504.0,
+        65519.0,
+        65520.0,
+        -1e9,
+        -0.0,
+        1e-40,
+        f32::INFINITY,
+    ];
+    for elem in [KvElem::F16, KvElem::F32] {
+        for (n_kv_head, n_ctx, head_dim) in [(1, 1, 2), (2, 9, 64), (3, 5, 256), (1, 4, 6)] {
+            let shape = KvShape { n_kv_head, n_ctx, head_dim };
+            let total = n_kv_head * n_ctx * head_dim;
+            let kvd = n_kv_head * head_dim;
+            let n_layers = 3;
+            let init = Ref::new(elem, &vec![0.5; total], &vec![-0.25; total]);
+            let mut refs = vec![init.clone(); n_layers];
+            let mut dev = dev_cache(ctx, shape, elem, n_layers, |_| init.clone());
+            for (layer, pos0, n_tok) in [(1, n_ctx - 1, 1), (0, 0, n_ctx), (2, n_ctx / 2, 1)] {
+                let mut k = rng.vec(n_tok * kvd, 3.0);
+                let v = rng.vec(n_tok * kvd, 3.0);
+                for (s, &x) in k.iter_mut().zip(&special) {
+                    *s = x;
+                }
+                for t in 0..n_tok {
+                    let (kt, vt) = (&k[t * kvd..][..kvd], &v[t * kvd..][..kvd]);
+                    refs[layer].store(kt, vt, pos0 + t, shape);
+                }
+                ctx.kv_store(&mut dev, layer, &k, &v, pos0).unwrap();
+                for (l, r) in refs.iter().enumerate() {
+                    let (k, v) = dev.layer(l).unwrap();
+                    let (wk, wv) = r.bytes();
+                    assert!(k == wk && v == wv, "{elem:?} {shape:?} layer {l} after {pos0}");
+                }
             }
-            KvCache::store(KvDataMut::F16(&mut cpu), &src, pos, n_kv_head, n_ctx, head_dim);
-            ctx.kv_store(&mut dev, shape, &src, pos).unwrap();
-            let want: Vec<u16> = cpu.iter().map(|h| h.to_bits()).collect();
-            assert_eq!(dev.as_bytes(), &f16_bytes(&want)[..], "{shape:?} pos {pos}");
+            let bad = |r: Result<(), VulkanError>| matches!(r, Err(VulkanError::Shape(_)));
+            let z = vec![0.0; kvd];
+            assert!(bad(ctx.kv_store(&mut dev, 0, &z, &z, n_ctx)), "a position beyond the cache");
+            assert!(bad(ctx.kv_store(&mut dev, 3, &z, &z, 0)), "a layer beyond the cache");
+            assert!(bad(ctx.kv_store(&mut dev, 0, &[0.0], &[0.0], 0)), "not whole tokens");
+            assert!(bad(ctx.kv_store(&mut dev, 0, &z, &z[1..], 0)), "K and V differ");
         }
-        assert!(matches!(
-            ctx.kv_store(&mut dev, shape, &vec![0.0; n_kv_head * head_dim], n_ctx),
-            Err(VulkanError::Shape(_))
-        ));
-        assert!(matches!(ctx.kv_store(&mut dev, shape, &[0.0], 0), Err(VulkanError::Shape(_))));
     }
-    // Odd head_dim and a buffer of the wrong size are errors.
-    let mut small = Buffer::zeroed(ctx, 12).unwrap();
+    // An odd head_dim is an error.
     let odd = KvShape { n_kv_head: 1, n_ctx: 2, head_dim: 3 };
-    assert!(matches!(ctx.kv_store(&mut small, odd, &[0.0; 3], 0), Err(VulkanError::Shape(_))));
-    let wrong = KvShape { n_kv_head: 1, n_ctx: 2, head_dim: 4 };
-    assert!(matches!(ctx.kv_store(&mut small, wrong, &[0.0; 4], 0), Err(VulkanError::Shape(_))));
+    assert!(matches!(DevKv::new(ctx, odd, KvElem::F16, 1, None), Err(VulkanError::Shape(_))));
 }
 
-/// Decode attention against `unicorn_kernels::attention::attention` (n_q = 1) on random f16
-/// caches: values and queries in [-1, 1), so outputs are of magnitude below 1; within 1e-4
-/// absolute (f32 scores in another order, an online softmax that rescales per chunk of keys,
-/// device tanh and exp).
+/// Attention against `unicorn_kernels::attention::attention` on random caches (f16 and f32) in
+/// the second layer of a device cache: one query token (decode) and several (a prefill chunk,
+/// each query at its own position); values and queries in [-1, 1) and [-3, 3), so outputs are
+/// of magnitude below 1; within 1e-4 absolute (f32 scores in another order, an online softmax
+/// that rescales per chunk of keys, device tanh and exp).
 fn check_attention(ctx: &Context) {
     let pool = ThreadPool::new(1);
     let mut rng = Rng(61);
     let mut worst = 0f64;
     let mut cases = 0;
-    for head_dim in [64, 256] {
-        for (n_kv_head, group) in [(2, 1), (1, 3), (2, 4)] {
-            let n_ctx = 320;
-            let shape = KvShape { n_kv_head, n_ctx, head_dim };
-            let total = n_kv_head * n_ctx * head_dim;
-            let k16 = f16_bits(&rng.vec(total, 1.0));
-            let v16 = f16_bits(&rng.vec(total, 1.0));
-            let kb = Buffer::from_bytes(ctx, &f16_bytes(&k16)).unwrap();
-            let vb = Buffer::from_bytes(ctx, &f16_bytes(&v16)).unwrap();
-            let kh: Vec<f16> = k16.iter().map(|&b| f16::from_bits(b)).collect();
-            let vh: Vec<f16> = v16.iter().map(|&b| f16::from_bits(b)).collect();
-            let kv =
-                KvCache { k: KvData::F16(&kh), v: KvData::F16(&vh), n_kv_head, n_ctx, head_dim };
-            let n_head = n_kv_head * group;
-            for kv_len in [1, 7, 64, 300] {
-                for (window, softcap) in [
-                    (None, None),
-                    (Some(5), None),
-                    (None, Some(1.5)),
-                    (Some(50), Some(30.0)),
-                    (None, Some(0.01)),
-                ] {
-                    for (pos0, causal) in
-                        [(kv_len - 1, true), (kv_len / 2, true), (kv_len / 3, false)]
-                    {
-                        // Queries scaled so scores reach a few units and the softmax is peaked.
-                        let q = rng.vec(n_head * head_dim, 3.0);
-                        let p = AttnParams {
-                            n_head,
-                            scale: 1.0 / (head_dim as f32).sqrt(),
-                            pos0,
-                            kv_len,
-                            causal,
-                            window,
-                            softcap,
-                        };
-                        let mut want = vec![0f32; q.len()];
-                        attention(&pool, &q, 1, &kv, &p, &mut want).unwrap();
-                        let got = ctx.attention(&q, &kb, &vb, shape, &p).unwrap();
-                        for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
-                            let err = f64::from((g - e).abs());
-                            assert!(err <= 1e-4, "{shape:?} {p:?} elem {i}: got {g}, want {e}");
-                            worst = worst.max(err);
+    for (elem, head_dims) in [(KvElem::F16, &[64, 256][..]), (KvElem::F32, &[64][..])] {
+        for &head_dim in head_dims {
+            for (n_kv_head, group) in [(2, 1), (1, 3), (2, 4)] {
+                let n_ctx = 320;
+                let shape = KvShape { n_kv_head, n_ctx, head_dim };
+                let total = n_kv_head * n_ctx * head_dim;
+                let layers: Vec<Ref> = (0..2)
+                    .map(|_| Ref::new(elem, &rng.vec(total, 1.0), &rng.vec(total, 1.0)))
+                    .collect();
+                let mut dev = dev_cache(ctx, shape, elem, 2, |l| layers[l].clone());
+                let kv = layers[1].cache(shape);
+                let n_head = n_kv_head * group;
+                for kv_len in [1, 7, 64, 300] {
+                    for (window, softcap) in [
+                        (None, None),
+                        (Some(5), None),
+                        (None, Some(1.5)),
+                        (Some(50), Some(30.0)),
+                        (None, Some(0.01)),
+                    ] {
+                        for (n_q, pos0, causal) in [
+                            (1, kv_len - 1, true),
+                            (1, kv_len / 2, true),
+                            (1, kv_len / 3, false),
+                            (kv_len.min(4), kv_len - kv_len.min(4), true),
+                            (3, kv_len / 2, false),
+                        ] {
+                            // Queries scaled so scores reach a few units and the softmax is
+                            // peaked.
+                            let q = rng.vec(n_q * n_head * head_dim, 3.0);
+                            let p = AttnParams {
+                                n_head,
+                                scale: 1.0 / (head_dim as f32).sqrt(),
+                                pos0,
+                                kv_len,
+                                causal,
+                                window,
+                                softcap,
+                            };
+                            let mut want = vec![0f32; q.len()];
+                            attention(&pool, &q, n_q, &kv, &p, &mut want).unwrap();
+                            let got = ctx.attention(&q, &mut dev, 1, &p).unwrap();
+                            for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                                let err = f64::from((g - e).abs());
+                                assert!(
+                                    err <= 1e-4,
+                                    "{elem:?} {shape:?} {p:?} n_q {n_q} elem {i}: got {g}, want {e}"
+                                );
+                                worst = worst.max(err);
+                            }
+                            cases += 1;
                         }
-                        cases += 1;
                     }
                 }
             }
@@ -700,8 +780,8 @@ fn attention_without_subgroup_ops() {
 fn attention_edge_cases() {
     let Some(ctx) = ctx() else { return };
     let shape = KvShape { n_kv_head: 1, n_ctx: 8, head_dim: 4 };
-    let bytes = shape.bytes().unwrap();
-    let kb = Buffer::from_bytes(ctx, &f16_bytes(&f16_bits(&vec![0.25; bytes / 2]))).unwrap();
+    let quarter = Ref::new(KvElem::F16, &[0.25; 32], &[0.25; 32]);
+    let mut kv = dev_cache(ctx, shape, KvElem::F16, 1, |_| quarter.clone());
     let p = AttnParams {
         n_head: 2,
         scale: 0.5,
@@ -712,80 +792,110 @@ fn attention_edge_cases() {
         softcap: None,
     };
     // The query at 7 with a window of 2 sees keys 6..8, but only 0..3 are valid: none.
-    assert_eq!(ctx.attention(&[1.0; 8], &kb, &kb, shape, &p).unwrap(), vec![0.0; 8]);
+    assert_eq!(ctx.attention(&[1.0; 8], &mut kv, 0, &p).unwrap(), vec![0.0; 8]);
     // A position beyond 32 bits with a window sees nothing either: zeros, not a limit error.
     let far = AttnParams { pos0: usize::MAX, ..p };
-    assert_eq!(ctx.attention(&[1.0; 8], &kb, &kb, shape, &far).unwrap(), vec![0.0; 8]);
-    let bad = |p: AttnParams, q: &[f32]| {
-        matches!(ctx.attention(q, &kb, &kb, shape, &p), Err(VulkanError::Shape(_)))
+    assert_eq!(ctx.attention(&[1.0; 8], &mut kv, 0, &far).unwrap(), vec![0.0; 8]);
+    // Two queries at 6 and 7 with kv_len 4 see nothing; at 2 and 3 keys 1..3 and 2..4, whose
+    // values are all 0.25.
+    let two = AttnParams { pos0: 2, kv_len: 4, window: Some(2), ..p };
+    let got = ctx.attention(&[1.0; 16], &mut kv, 0, &AttnParams { pos0: 6, ..two }).unwrap();
+    assert_eq!(got, vec![0.0; 16]);
+    let got = ctx.attention(&[1.0; 16], &mut kv, 0, &two).unwrap();
+    assert!(got.iter().all(|&x| (x - 0.25).abs() < 1e-6), "{got:?}");
+    let bad = |kv: &mut DevKv<'_>, p: AttnParams, q: &[f32]| {
+        matches!(ctx.attention(q, kv, 0, &p), Err(VulkanError::Shape(_)))
     };
-    assert!(bad(AttnParams { kv_len: 9, ..p }, &[1.0; 8]));
-    assert!(bad(p, &[1.0; 7]));
+    assert!(bad(&mut kv, AttnParams { kv_len: 9, ..p }, &[1.0; 8]));
+    assert!(bad(&mut kv, p, &[1.0; 7]));
     // So many heads that n_head * head_dim overflows: an error, not a panic.
-    let many = AttnParams { n_head: usize::MAX, ..p };
-    assert!(matches!(ctx.attention(&[1.0; 8], &kb, &kb, shape, &many), Err(VulkanError::Shape(_))));
-    assert!(bad(AttnParams { softcap: Some(0.0), ..p }, &[1.0; 8]));
+    assert!(bad(&mut kv, AttnParams { n_head: usize::MAX, ..p }, &[1.0; 8]));
+    assert!(bad(&mut kv, AttnParams { softcap: Some(0.0), ..p }, &[1.0; 8]));
+    assert!(matches!(ctx.attention(&[1.0; 8], &mut kv, 1, &p), Err(VulkanError::Shape(_))));
     let three = KvShape { n_kv_head: 2, n_ctx: 4, head_dim: 4 };
-    assert!(matches!(
-        ctx.attention(&[1.0; 12], &kb, &kb, three, &AttnParams { n_head: 3, ..p }),
-        Err(VulkanError::Shape(_))
-    ));
+    let mut kv3 = DevKv::new(ctx, three, KvElem::F16, 1, None).unwrap();
+    assert!(bad(&mut kv3, AttnParams { n_head: 3, ..p }, &[1.0; 12]));
     let wide = KvShape { n_kv_head: 1, n_ctx: 1, head_dim: MAX_HEAD_DIM + 2 };
-    let wb = Buffer::zeroed(ctx, wide.bytes().unwrap()).unwrap();
-    let q = vec![0.0; MAX_HEAD_DIM + 2];
-    assert!(matches!(
-        ctx.attention(&q, &wb, &wb, wide, &AttnParams { n_head: 1, kv_len: 1, ..p }),
-        Err(VulkanError::Shape(_))
-    ));
+    assert!(matches!(DevKv::new(ctx, wide, KvElem::F16, 1, None), Err(VulkanError::Shape(_))));
 }
 
-/// A decode loop as the engine runs it: each step stores the token's K and V with `kv_store`
-/// and attends over the cache so far, on the device and on the CPU (`KvCache::store` into an f16
-/// cache, then `attention`); within the attention tolerance, 1e-4 absolute. head_dim 512 is
-/// `MAX_HEAD_DIM`; 6 is even but not a multiple of 4.
+/// A layer larger than the device's largest storage buffer is a limit error; several layers
+/// that are not together share buffers as far as the limit allows.
+#[test]
+fn kv_caches_split_into_buffers_by_whole_layers() {
+    let Some(ctx) = ctx() else { return };
+    let limit = ctx.info().max_storage_buffer_range.min(u64::from(u32::MAX)) as usize;
+    // One layer (K and V, f32) just above the limit.
+    let n_ctx = limit / (2 * 4 * 2) + 1;
+    let shape = KvShape { n_kv_head: 1, n_ctx, head_dim: 2 };
+    assert!(matches!(DevKv::new(ctx, shape, KvElem::F32, 1, None), Err(VulkanError::Limit { .. })));
+    // Layers of a third of the limit: three per buffer, so seven layers take three buffers.
+    let n_ctx = limit / (3 * 2 * 2 * 64);
+    let shape = KvShape { n_kv_head: 1, n_ctx, head_dim: 64 };
+    let mut kv = DevKv::new(ctx, shape, KvElem::F16, 7, None).unwrap();
+    assert_eq!(kv.buffers(), 3);
+    // Each layer is its own: a store into layer 4 changes only layer 4.
+    let k: Vec<f32> = (0..64).map(|i| i as f32).collect();
+    ctx.kv_store(&mut kv, 4, &k, &k, n_ctx - 1).unwrap();
+    for l in 0..7 {
+        let (kb, _) = kv.layer(l).unwrap();
+        let nonzero = kb.iter().any(|&b| b != 0);
+        assert_eq!(nonzero, l == 4, "layer {l}");
+    }
+}
+
+/// A decode loop as the engine runs it: a prefill chunk stores its tokens at once and attends
+/// with one query per token, then each step stores one token's K and V and attends over the
+/// cache so far, on the device and on the CPU (`KvCache::store`, then `attention`); within the
+/// attention tolerance, 1e-4 absolute. head_dim 512 is `MAX_HEAD_DIM`; 6 is even but not a
+/// multiple of 4.
 #[test]
 fn decode_steps_store_then_attend() {
     let Some(ctx) = ctx() else { return };
     let pool = ThreadPool::new(1);
     let mut rng = Rng(71);
     let mut worst = 0f64;
-    for (head_dim, n_kv_head, group, window, softcap) in
-        [(512, 1, 2, None, None), (6, 2, 3, Some(4), Some(20.0)), (128, 2, 1, Some(9), None)]
-    {
+    for (elem, head_dim, n_kv_head, group, window, softcap) in [
+        (KvElem::F16, 512, 1, 2, None, None),
+        (KvElem::F16, 6, 2, 3, Some(4), Some(20.0)),
+        (KvElem::F32, 128, 2, 1, Some(9), None),
+    ] {
         let n_ctx = 24;
         let shape = KvShape { n_kv_head, n_ctx, head_dim };
         let total = n_kv_head * n_ctx * head_dim;
-        let (mut kc, mut vc) = (vec![f16::from_f32(0.0); total], vec![f16::from_f32(0.0); total]);
-        let mut kb = Buffer::zeroed(ctx, shape.bytes().unwrap()).unwrap();
-        let mut vb = Buffer::zeroed(ctx, shape.bytes().unwrap()).unwrap();
+        let kvd = n_kv_head * head_dim;
+        let mut cpu = Ref::new(elem, &vec![0.0; total], &vec![0.0; total]);
+        let mut dev = DevKv::new(ctx, shape, elem, 1, None).unwrap();
         let n_head = n_kv_head * group;
-        for pos in 0..n_ctx {
-            let k = rng.vec(n_kv_head * head_dim, 1.0);
-            let v = rng.vec(n_kv_head * head_dim, 1.0);
-            KvCache::store(KvDataMut::F16(&mut kc), &k, pos, n_kv_head, n_ctx, head_dim);
-            KvCache::store(KvDataMut::F16(&mut vc), &v, pos, n_kv_head, n_ctx, head_dim);
-            ctx.kv_store(&mut kb, shape, &k, pos).unwrap();
-            ctx.kv_store(&mut vb, shape, &v, pos).unwrap();
-            let q = rng.vec(n_head * head_dim, 2.0);
+        // A prefill chunk of 5, then single tokens.
+        let mut pos = 0;
+        while pos < n_ctx {
+            let m = if pos == 0 { 5 } else { 1 };
+            let k = rng.vec(m * kvd, 1.0);
+            let v = rng.vec(m * kvd, 1.0);
+            for t in 0..m {
+                cpu.store(&k[t * kvd..][..kvd], &v[t * kvd..][..kvd], pos + t, shape);
+            }
+            ctx.kv_store(&mut dev, 0, &k, &v, pos).unwrap();
+            let q = rng.vec(m * n_head * head_dim, 2.0);
             let p = AttnParams {
                 n_head,
                 scale: 1.0 / (head_dim as f32).sqrt(),
                 pos0: pos,
-                kv_len: pos + 1,
+                kv_len: pos + m,
                 causal: true,
                 window,
                 softcap,
             };
-            let kv =
-                KvCache { k: KvData::F16(&kc), v: KvData::F16(&vc), n_kv_head, n_ctx, head_dim };
             let mut want = vec![0f32; q.len()];
-            attention(&pool, &q, 1, &kv, &p, &mut want).unwrap();
-            let got = ctx.attention(&q, &kb, &vb, shape, &p).unwrap();
+            attention(&pool, &q, m, &cpu.cache(shape), &p, &mut want).unwrap();
+            let got = ctx.attention(&q, &mut dev, 0, &p).unwrap();
             for (i, (&g, &e)) in got.iter().zip(&want).enumerate() {
                 let err = f64::from((g - e).abs());
-                assert!(err <= 1e-4, "{shape:?} pos {pos} elem {i}: got {g}, want {e}");
+                assert!(err <= 1e-4, "{elem:?} {shape:?} pos {pos} elem {i}: got {g}, want {e}");
                 worst = worst.max(err);
             }
+            pos += m;
         }
     }
     eprintln!("decode steps: largest absolute error {worst:e}");

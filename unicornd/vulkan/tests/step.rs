@@ -6,10 +6,15 @@
 
 mod common;
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
+use unicorn_kernels::attention::AttnParams;
+use unicorn_kernels::ops::{Rope, RopeMode};
 use unicorn_kernels::GgmlType;
-use unicorn_vulkan::{Context, Options, OutRows, Step, Weight};
+use unicorn_vulkan::{
+    Context, KvCache, KvElem, KvShape, Options, OutRows, Step, VulkanError, Weight,
+};
 
 use common::{q8_matrix, values};
 
@@ -203,4 +208,129 @@ fn timestamps_measure_every_dispatch() {
     assert_eq!(t.iter().map(|o| o.count).sum::<u64>(), 300, "{t:?}");
     assert!(step.take_timings().is_empty(), "taken");
     eprintln!("timings: {t:?}");
+}
+
+/// Attention as the engine runs it with the attention class on the device, for two contexts
+/// batched in one step (a prefill chunk of 3 tokens and a single decode token, each with its own
+/// cache): RoPE of Q and K at each token's position, the store of each context's K and V, and
+/// attention over its cache, in one submission, giving what the op-level calls give. A cache
+/// dropped while a recording names it stays allocated until that recording is submitted.
+#[test]
+fn rope_store_and_attention_of_two_contexts_in_one_submission() {
+    let Some(ctx) = ctx() else { return };
+    let (n_head, n_kv, hd, n_ctx) = (4, 2, 16, 8);
+    let shape = KvShape { n_kv_head: n_kv, n_ctx, head_dim: hd };
+    let rope = Rope { mode: RopeMode::Neox, n_dims: hd, freq_base: 10_000.0, freq_scale: 1.0 };
+    let live = Arc::new(AtomicUsize::new(0));
+    let new_cache = || KvCache::new(ctx, shape, KvElem::F16, 2, Some(Arc::clone(&live))).unwrap();
+    // Context A has 2 positions already; B none. The batch: A's 1 token, then B's 3.
+    let (lens, past) = ([1usize, 3], [2usize, 0]);
+    let n = 4;
+    let pos: Vec<usize> = vec![2, 0, 1, 2];
+    let (qd, kvd) = (n_head * hd, n_kv * hd);
+    let (q, k, v) = (values(n * qd, 11), values(n * kvd, 12), values(n * kvd, 13));
+    let (old_k, old_v) = (values(2 * kvd, 14), values(2 * kvd, 15));
+
+    // The op-level path, each call its own submission.
+    let mut want = Vec::new();
+    {
+        let mut caches = [new_cache(), new_cache()];
+        ctx.kv_store(&mut caches[0], 1, &old_k, &old_v, 0).unwrap();
+        let qr = ctx.rope(&rope, &q, hd, &pos).unwrap();
+        let kr = ctx.rope(&rope, &k, hd, &pos).unwrap();
+        let mut t0 = 0;
+        for (c, (&m, &p0)) in caches.iter_mut().zip(lens.iter().zip(&past)) {
+            ctx.kv_store(c, 1, &kr[t0 * kvd..][..m * kvd], &v[t0 * kvd..][..m * kvd], p0).unwrap();
+            let p = AttnParams {
+                n_head,
+                scale: 0.25,
+                pos0: p0,
+                kv_len: p0 + m,
+                causal: true,
+                window: Some(2),
+                softcap: None,
+            };
+            want.extend(ctx.attention(&qr[t0 * qd..][..m * qd], c, 1, &p).unwrap());
+            t0 += m;
+        }
+    }
+    assert_eq!(live.load(Ordering::Relaxed), 0, "the op-level caches were freed");
+
+    let mut caches = [new_cache(), new_cache()];
+    ctx.kv_store(&mut caches[0], 1, &old_k, &old_v, 0).unwrap();
+    let mut step = Step::new(ctx, false).unwrap();
+    let before = step.stats();
+    let pos_t = step.upload_u32(&pos.iter().map(|&p| p as u32).collect::<Vec<_>>()).unwrap();
+    let (qt, kt, vt) =
+        (step.upload(&q).unwrap(), step.upload(&k).unwrap(), step.upload(&v).unwrap());
+    let out = step.tensor(n * qd).unwrap();
+    step.rope(&rope, qt, hd, pos_t, n).unwrap();
+    step.rope(&rope, kt, hd, pos_t, n).unwrap();
+    let mut t0 = 0;
+    for (c, (&m, &p0)) in caches.iter_mut().zip(lens.iter().zip(&past)) {
+        step.kv_store(c, 1, kt, vt, t0, m, p0).unwrap();
+        let p = AttnParams {
+            n_head,
+            scale: 0.25,
+            pos0: p0,
+            kv_len: p0 + m,
+            causal: true,
+            window: Some(2),
+            softcap: None,
+        };
+        step.attention(qt, c, 1, &p, t0, m, out).unwrap();
+        t0 += m;
+    }
+    assert_eq!(step.held_kv_caches(), 2);
+    assert!(matches!(caches[0].layer(1), Err(VulkanError::InUse(_))), "held by the recording");
+    // Dropping a context's cache now frees nothing: the recording still names it.
+    let [a, b] = caches;
+    drop(b);
+    assert_eq!(live.load(Ordering::Relaxed), 2);
+    let mut got = vec![0.0; n * qd];
+    step.read(out, &mut got).unwrap();
+    assert_eq!(step.stats().submits - before.submits, 1, "one submission for the batch");
+    assert_eq!(step.held_kv_caches(), 0);
+    assert_eq!(live.load(Ordering::Relaxed), 1, "freed once the submission was waited for");
+    assert_close("attention", &want, &got);
+    assert!(a.layer(1).is_ok(), "released by the submission");
+    drop(a);
+    assert_eq!(live.load(Ordering::Relaxed), 0);
+
+    // Bad arguments are errors, not panics: a query tensor also the output, positions of the
+    // wrong length, rows beyond the tensors.
+    let mut c = new_cache();
+    step.begin().unwrap();
+    let qt = step.upload(&q).unwrap();
+    let out = step.tensor(n * qd).unwrap();
+    let p = AttnParams {
+        n_head,
+        scale: 0.25,
+        pos0: 0,
+        kv_len: 1,
+        causal: true,
+        window: None,
+        softcap: None,
+    };
+    assert!(step.attention(qt, &mut c, 0, &p, 0, 1, qt).is_err());
+    assert!(step.attention(qt, &mut c, 0, &p, 4, 1, out).is_err());
+    let short = step.upload_u32(&[0, 1]).unwrap();
+    assert!(step.rope(&rope, qt, hd, short, n).is_err());
+    assert!(step.copy(qt, 0, out, n * qd - 1, 2).is_err());
+}
+
+/// Rows gathered on the device land where asked.
+#[test]
+fn copy_gathers_rows() {
+    let Some(ctx) = ctx() else { return };
+    let mut step = Step::new(ctx, false).unwrap();
+    let x0 = values(5 * D, 21);
+    let x = step.upload(&x0).unwrap();
+    let sel = step.tensor(2 * D).unwrap();
+    step.copy(x, 4 * D, sel, 0, D).unwrap();
+    step.copy(x, D, sel, D, D).unwrap();
+    let mut got = vec![0.0; 2 * D];
+    step.read(sel, &mut got).unwrap();
+    assert_eq!(&got[..D], &x0[4 * D..]);
+    assert_eq!(&got[D..], &x0[D..2 * D]);
 }

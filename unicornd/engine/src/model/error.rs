@@ -33,6 +33,13 @@ pub enum ModelError {
     Kernel(#[from] KernelError),
     #[error("vulkan: {0}")]
     Vulkan(#[from] unicorn_vulkan::VulkanError),
+    /// The context's cache was on a Vulkan device that was lost, so positions `valid..n_past`
+    /// exist nowhere else: rewind to `valid` (or less) and decode them again.
+    #[error(
+        "the KV cache of positions {valid}..{n_past} was on a lost Vulkan device; rewind the \
+         context to {valid} or less"
+    )]
+    KvLost { valid: usize, n_past: usize },
     #[error("could not map {bytes} bytes for the KV cache: {source}")]
     KvMemory { bytes: u64, source: std::io::Error },
 }

@@ -13,9 +13,10 @@
 
 use std::sync::MutexGuard;
 
-use unicorn_kernels::ops::{add_assign, geglu, rms_norm, swiglu};
+use unicorn_kernels::attention::AttnParams;
+use unicorn_kernels::ops::{add_assign, geglu, rms_norm, swiglu, Rope};
 use unicorn_kernels::{matmul, ThreadPool};
-use unicorn_vulkan::{OutRows, Tensor};
+use unicorn_vulkan::{Context, KvCache, OutRows, Tensor, VulkanError};
 
 use super::placement::{Exec, Gpu, OpClass};
 use super::transformer::Ffn;
@@ -227,6 +228,100 @@ impl<'e> Flow<'e> {
             }
         }
         Ok(())
+    }
+
+    /// The device state, for an operation that only runs there.
+    fn device(&mut self) -> Result<&mut Gpu, ModelError> {
+        self.gpu()
+            .ok_or_else(|| VulkanError::Shape("a device operation without a device".into()))
+            .map_err(ModelError::from)
+    }
+
+    /// The Vulkan context, when some class runs there.
+    pub fn context(&mut self) -> Option<&'static Context> {
+        self.gpu().map(|g| g.step.context())
+    }
+
+    /// A device tensor holding the words `v` (token positions).
+    pub fn upload_u32(&mut self, v: &[u32]) -> Result<Tensor, ModelError> {
+        Ok(self.device()?.step.upload_u32(v)?)
+    }
+
+    /// RoPE on the device, in place on `x` (`n` tokens of heads of `head_dim`, at the positions
+    /// in `pos`).
+    pub fn rope(
+        &mut self,
+        rope: &Rope,
+        x: &mut Act,
+        head_dim: usize,
+        pos: Tensor,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let gpu = self.device()?;
+        let t = Flow::dev(gpu, x)?;
+        gpu.step.rope(rope, t, head_dim, pos, n)?;
+        x.host_ok = false;
+        Ok(())
+    }
+
+    /// Stores rows `tok0..tok0 + n` of `k` and `v` at positions `pos0..` of `layer` of the
+    /// device cache `kv`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_store(
+        &mut self,
+        kv: &mut KvCache<'static>,
+        layer: usize,
+        k: &mut Act,
+        v: &mut Act,
+        tok0: usize,
+        n: usize,
+        pos0: usize,
+    ) -> Result<(), ModelError> {
+        let gpu = self.device()?;
+        let (kt, vt) = (Flow::dev(gpu, k)?, Flow::dev(gpu, v)?);
+        Ok(gpu.step.kv_store(kv, layer, kt, vt, tok0, n, pos0)?)
+    }
+
+    /// A device tensor that `a`'s new value is written into, by parts (see [`Flow::attention`]).
+    pub fn out_tensor(&mut self, a: &mut Act) -> Result<Tensor, ModelError> {
+        Flow::out(self.device()?, a)
+    }
+
+    /// Attention of rows `tok0..tok0 + n` of `q` over `layer` of the device cache `kv`, into the
+    /// same rows of `out` (from [`Flow::out_tensor`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &mut self,
+        q: &mut Act,
+        kv: &mut KvCache<'static>,
+        layer: usize,
+        p: &AttnParams,
+        tok0: usize,
+        n: usize,
+        out: Tensor,
+    ) -> Result<(), ModelError> {
+        let gpu = self.device()?;
+        let qt = Flow::dev(gpu, q)?;
+        Ok(gpu.step.attention(qt, kv, layer, p, tok0, n, out)?)
+    }
+
+    /// Rows `rows` (of `d` values) of `x`, gathered on the device when `x` is only there (so
+    /// the hidden state need not come back), else on the host.
+    pub fn gather(&mut self, x: &mut Act, rows: &[usize], d: usize) -> Result<Act, ModelError> {
+        let mut sel = Act::zeros(rows.len() * d);
+        if let (false, Some(xt), Some(gpu)) = (x.host_ok, x.dev, self.gpu()) {
+            let ot = Flow::out(gpu, &mut sel)?;
+            for (i, &r) in rows.iter().enumerate() {
+                gpu.step.copy(xt, r * d, ot, i * d, d)?;
+            }
+            return Ok(sel);
+        }
+        let x = self.host(x)?;
+        let out = self.overwrite(&mut sel);
+        for (o, &r) in out.chunks_exact_mut(d).zip(rows) {
+            o.copy_from_slice(&x[r * d..][..d]);
+        }
+        Ok(sel)
     }
 
     /// Takes `a`'s host storage (its current value, read back if needed).

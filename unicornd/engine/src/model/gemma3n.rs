@@ -44,8 +44,9 @@
 //! projection with the feed-forward class; the AltUp router, coefficients and projections and
 //! `per_layer_model_proj` (small, or once per token) on the CPU. With classes on the Vulkan
 //! device the block's norms, products and residual additions stay on the device between the
-//! shared steps; the host code (AltUp's prediction and correction, LAuReL's `1/sqrt(2)`, the
-//! gaussian top-k, the per-layer input's GeGLU) reads its inputs back, so a layer is about six
+//! shared steps, and with the attention class there RoPE, the KV cache and attention too; the
+//! host code (AltUp's prediction and correction, LAuReL's `1/sqrt(2)`, the gaussian top-k, the
+//! per-layer input's GeGLU) reads its inputs back, so a layer is about five and a half
 //! submissions rather than one (see `unicornd/vulkan/README.md`).
 
 use super::placement::OpClass;

@@ -148,6 +148,12 @@ impl Model {
         self.exec.stats()
     }
 
+    /// Contexts of this model whose KV cache is allocated on the Vulkan device (each is freed
+    /// when its context is dropped, once no submission uses it).
+    pub fn device_kv_caches(&self) -> usize {
+        self.exec.live_kv().load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Device time per kind of operation of the last pass on the Vulkan device, largest first;
     /// measured only with `UNICORN_VULKAN_TIMING=1` (empty otherwise).
     pub fn vulkan_timings(&self) -> Vec<unicorn_vulkan::OpTime> {

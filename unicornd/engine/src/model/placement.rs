@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use unicorn_vulkan::{
@@ -418,6 +418,11 @@ pub(crate) struct Exec {
     gpu: Mutex<Option<Gpu>>,
     /// A Vulkan call failed during a pass: every class runs on the CPU from then on.
     failed: AtomicBool,
+    /// That failure was a lost device, whose memory (the contexts' device KV caches) can no
+    /// longer be trusted.
+    lost: AtomicBool,
+    /// Device KV caches of this model's contexts whose memory is allocated.
+    live_kv: Arc<AtomicUsize>,
 }
 
 /// Rows `row0..row0 + rows` of a weight tensor in one device buffer (a tensor larger than the
@@ -486,7 +491,13 @@ impl Gpu {
 
 impl Exec {
     pub fn new(backends: Backends) -> Exec {
-        Exec { backends, gpu: Mutex::new(None), failed: AtomicBool::new(false) }
+        Exec {
+            backends,
+            gpu: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
+            live_kv: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     pub fn backends(&self) -> &Backends {
@@ -505,9 +516,24 @@ impl Exec {
     }
 
     /// After a Vulkan error in a pass: every class on the CPU from now on (logged at error).
+    /// The device state (weights, the step) is dropped; its recording was waited for or never
+    /// submitted, so it holds the contexts' device caches no longer, and they can be copied back
+    /// to the host unless the device was lost.
     pub fn fail_over(&self, e: &VulkanError) {
         log::error!("vulkan failed during a forward pass ({e}); this model runs on the cpu now");
+        self.lost.fetch_or(e.is_device_lost(), Ordering::Relaxed);
         self.failed.store(true, Ordering::Relaxed);
+        self.gpu.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    /// Whether a failure lost the device (see [`Exec::fail_over`]).
+    pub fn device_lost(&self) -> bool {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// The counter of this model's device KV caches.
+    pub fn live_kv(&self) -> &Arc<AtomicUsize> {
+        &self.live_kv
     }
 
     /// The device state, locked for a pass, with a new step begun; `None` when no class is on

@@ -12,6 +12,7 @@
 use unicorn_kernels::attention::{attention_batch, Attend, AttnParams};
 use unicorn_kernels::ops::{scale, Rope, RopeMode};
 use unicorn_kernels::{matmul_group, ThreadPool};
+use unicorn_vulkan::{KvShape, Tensor, VulkanError};
 
 pub(crate) use super::flow::Act;
 use super::flow::Flow;
@@ -236,9 +237,11 @@ pub struct Seq<'a> {
 ///
 /// The steps take and give [`Act`]s: with classes on the Vulkan device, a step's device
 /// operations leave their outputs there, so consecutive device operations (a layer's norms,
-/// products and residual additions) are recorded into one submission; a step on the CPU (RoPE,
-/// the KV cache and attention; an architecture's own host code, via [`Pass::host`]) reads back
-/// what it needs, which is where the recorded work is submitted.
+/// products and residual additions) are recorded into one submission; a step on the CPU (an
+/// architecture's own host code, via [`Pass::host`]; RoPE, the KV cache and attention when the
+/// attention class is on the CPU) reads back what it needs, which is where the recorded work is
+/// submitted. With the attention class on the device, RoPE, the cache store and attention run
+/// there too, over each context's device cache, so a plain block's pass is one submission.
 pub(crate) struct Pass<'a> {
     bytes: &'a [u8],
     pool: &'a ThreadPool,
@@ -255,6 +258,10 @@ pub(crate) struct Pass<'a> {
     /// local ones, with the window.
     rope_global: (Rope, Vec<f32>),
     rope_local: Option<(Rope, Vec<f32>, usize)>,
+    /// RoPE, the KV store and attention run on the device, over the contexts' device caches.
+    dev_attn: bool,
+    /// The positions as a device tensor, once uploaded.
+    pos_t: Option<Tensor>,
     q: Act,
     k: Act,
     v: Act,
@@ -274,7 +281,7 @@ impl<'a> Pass<'a> {
     pub fn new(
         hp: &'a HParams,
         run: Run<'a>,
-        seqs: &[Seq<'_>],
+        seqs: &mut [Seq<'_>],
         rope_mode: RopeMode,
         local: Option<(usize, f32)>,
     ) -> Result<Pass<'a>, ModelError> {
@@ -318,6 +325,19 @@ impl<'a> Pass<'a> {
         let rope_global = tables(rope);
         let mut flow = Flow::new(run.exec)?;
         let submits_before = flow.submits();
+        // Attention on the device needs heads the shaders take; the caches must hold every
+        // position where attention runs (a copy of what only the other side has).
+        let shape = KvShape { n_kv_head: hp.n_head_kv, n_ctx: 1, head_dim: hp.head_dim };
+        let dev = flow.context().filter(|_| flow.on(OpClass::Attention));
+        let dev = dev.filter(|_| shape.check_head_dim().is_ok());
+        for s in seqs.iter_mut() {
+            match dev {
+                Some(ctx) => {
+                    s.kv.device_cache(ctx, run.exec.live_kv())?;
+                }
+                None => s.kv.sync_host(!run.exec.device_lost())?,
+            }
+        }
         Ok(Pass {
             bytes: run.bytes,
             pool: run.pool,
@@ -329,6 +349,8 @@ impl<'a> Pass<'a> {
             starts,
             rope_global,
             rope_local,
+            dev_attn: dev.is_some(),
+            pos_t: None,
             q: Act::default(),
             k: Act::default(),
             v: Act::default(),
@@ -515,6 +537,11 @@ impl<'a> Pass<'a> {
                 self.norm_in_place(&mut v, hd, None)?;
             }
         }
+        if self.dev_attn {
+            let r = self.device_attention(seqs, a, opts, &mut q, &mut k, &mut v, out);
+            (self.q, self.k, self.v) = (q, k, v);
+            return r;
+        }
         // RoPE, the KV cache and attention run on the CPU: the device's work so far is
         // submitted here, when Q (and K and V) are read back.
         let qh = self.flow.host_mut(&mut q)?;
@@ -572,6 +599,71 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
+    /// [`Pass::attention`] after the products and norms, on the device: RoPE of Q and K, then per
+    /// sequence the store of its K and V into its device cache and attention over it, then the
+    /// output product. Nothing comes back to the host.
+    #[allow(clippy::too_many_arguments)]
+    fn device_attention(
+        &mut self,
+        seqs: &mut [Seq<'_>],
+        a: &Attention,
+        opts: AttnOpts,
+        q: &mut Act,
+        k: &mut Act,
+        v: &mut Act,
+        out: &mut Act,
+    ) -> Result<(), ModelError> {
+        let (hp, n) = (self.hp, self.n);
+        let (hd, qd) = (hp.head_dim, hp.q_dim());
+        let pos_t = match self.pos_t {
+            Some(t) => t,
+            None => {
+                let pos = self
+                    .pos
+                    .iter()
+                    .map(|&p| u32::try_from(p))
+                    .collect::<Result<Vec<u32>, _>>()
+                    .map_err(|_| VulkanError::Shape("a position beyond 32 bits".into()))?;
+                *self.pos_t.insert(self.flow.upload_u32(&pos)?)
+            }
+        };
+        let (rope, window) = match (&self.rope_local, a.local) {
+            (Some((r, _, w)), true) => (*r, Some(*w)),
+            _ => (self.rope_global.0, None),
+        };
+        if hp.rope_dims > 0 {
+            self.flow.rope(&rope, q, hd, pos_t, n)?;
+            if a.kv.is_some() {
+                self.flow.rope(&rope, k, hd, pos_t, n)?;
+            }
+        }
+        let mut attn = std::mem::take(&mut self.attn);
+        attn.resize(n * qd);
+        let r = (|| {
+            let ot = self.flow.out_tensor(&mut attn)?;
+            for (s, &t0) in seqs.iter_mut().zip(&self.starts) {
+                let (m, pos0) = (s.tokens.len(), self.pos[t0]);
+                let cache = s.kv.device_mut()?;
+                if a.kv.is_some() {
+                    self.flow.kv_store(cache, a.cache, k, v, t0, m, pos0)?;
+                }
+                let params = AttnParams {
+                    n_head: hp.n_head,
+                    scale: opts.scale,
+                    pos0,
+                    kv_len: pos0 + m,
+                    causal: true,
+                    window,
+                    softcap: None,
+                };
+                self.flow.attention(q, cache, a.cache, &params, t0, m, ot)?;
+            }
+            self.matmul(Some(OpClass::Attention), &a.wo, &mut attn, out)
+        })();
+        self.attn = attn;
+        r
+    }
+
     /// The feed-forward `f` on the normed input `h`, into `out` (`n x n_embd`). With
     /// `sparsity`, each token's gate values are first cut at their mean plus `sparsity`
     /// standard deviations (Gemma 3n's gaussian top-k: `relu(gate - cutoff)`, on the CPU).
@@ -622,18 +714,10 @@ impl<'a> Pass<'a> {
         }
         out.clear();
         if !rows.is_empty() {
-            // Every row in order (a single decode, or every position): no gathering, so the
-            // hidden state may stay on the device.
-            let mut sel = if rows.len() == self.n {
-                x
-            } else {
-                let x = self.flow.host(&mut x)?;
-                let mut sel = Vec::with_capacity(rows.len() * d);
-                for &r in &rows {
-                    sel.extend_from_slice(&x[r * d..][..d]);
-                }
-                Act::from_vec(sel)
-            };
+            // Every row in order (a single decode, or every position) needs no gathering; else
+            // the rows are gathered where the hidden state is, so it may stay on the device.
+            let mut sel =
+                if rows.len() == self.n { x } else { self.flow.gather(&mut x, &rows, d)? };
             self.norm_in_place(&mut sel, d, Some(output_norm))?;
             // Only the selected rows: the product runs over them, not the batch.
             self.n = rows.len();
@@ -648,7 +732,7 @@ impl<'a> Pass<'a> {
         }
         self.flow.finish(self.submits_before);
         for s in seqs.iter_mut() {
-            s.kv.push_tokens(s.tokens);
+            s.kv.push_tokens(s.tokens, self.dev_attn);
         }
         Ok(())
     }
