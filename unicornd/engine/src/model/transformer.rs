@@ -12,6 +12,7 @@
 use unicorn_kernels::attention::{attention_batch, Attend, AttnParams};
 use unicorn_kernels::ops::{scale, Rope, RopeMode};
 use unicorn_kernels::{matmul_group, ThreadPool};
+use unicorn_xdna::hwctx::QosPriority;
 
 pub(crate) use super::flow::Act;
 use super::flow::Flow;
@@ -27,6 +28,8 @@ pub(crate) struct Run<'a> {
     pub bytes: &'a [u8],
     pub exec: &'a Exec,
     pub pool: &'a ThreadPool,
+    /// The NPU priority of the batch (the driver's QoS hint for its contexts).
+    pub qos: QosPriority,
 }
 
 /// A network the model runs: the plain [`Transformer`], or an architecture's own arrangement
@@ -316,7 +319,7 @@ impl<'a> Pass<'a> {
             (r, tab, window)
         });
         let rope_global = tables(rope);
-        let mut flow = Flow::new(run.exec)?;
+        let mut flow = Flow::new(run.exec, run.qos)?;
         let submits_before = flow.submits();
         Ok(Pass {
             bytes: run.bytes,
