@@ -133,6 +133,8 @@ pub struct Server {
     timer_seq: u64,
     devices: Vec<Device>,
     npu_status: unicorn::protocol::NpuStatus,
+    /// The NPU runtime when some class runs on it (its counters go into each status).
+    npu_runtime: Option<Arc<unicorn_xdna::runtime::Runtime>>,
     started: Instant,
     counters: Counters,
     recv_buf: Vec<u8>,
@@ -190,6 +192,7 @@ impl Server {
         let backends = unicorn_engine::model::Backends::from_env();
         let devices = crate::devices::discover(&backends, &npu);
         let npu_status = npu.status(&backends);
+        let npu_runtime = backends.npu_runtime().cloned();
         for d in &devices {
             log::info!(
                 "device {}: {} ({}; {})",
@@ -211,6 +214,7 @@ impl Server {
             timer_seq: 0,
             devices,
             npu_status,
+            npu_runtime,
             started: Instant::now(),
             counters: Counters::default(),
             recv_buf: vec![0u8; MAX_REQUEST_BYTES],
@@ -887,7 +891,13 @@ impl Server {
             engine_queue: self.engine.stats().queued.load(Atomic::Relaxed) as u32,
             engine_steps: self.engine.stats().steps.load(Atomic::Relaxed),
             engine_batched_steps: self.engine.stats().batched_steps.load(Atomic::Relaxed),
-            npu: self.npu_status.clone(),
+            npu: {
+                let mut npu = self.npu_status.clone();
+                if let Some(rt) = &self.npu_runtime {
+                    npu.details.push(crate::devices::npu_activity(rt));
+                }
+                npu
+            },
         }
     }
 
