@@ -8,11 +8,9 @@
 //! runtime started, and the product classes are offered to the placement.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use unicorn::protocol::{Device, DeviceKind, NpuStatus};
 use unicorn_engine::model::{Backend, Backends, NpuOffer, OpClass};
-use unicorn_xdna::device::{AccelDevice, Device as XdnaDevice};
 use unicorn_xdna::discover::Report;
 use unicorn_xdna::manifest::Manifest;
 use unicorn_xdna::runtime::Runtime;
@@ -26,57 +24,12 @@ pub struct Npu {
     pub offer: NpuOffer,
 }
 
-/// The offer for `manifest`'s kernels on the device `open` opens (`core_rows` from its AIE
-/// metadata): the product classes when some ready kernel is one the engine runs, with a
-/// runtime on that device; otherwise nothing, and why.
-pub fn offer_for(
-    manifest: &Manifest,
-    core_rows: u32,
-    open: impl FnOnce() -> std::io::Result<Arc<dyn XdnaDevice>>,
-) -> NpuOffer {
-    if !manifest.ready.iter().any(|r| NpuOffer::drives(&r.kernel)) {
-        return NpuOffer::none(format!(
-            "no kernel the engine runs is ready ({}; the NPU path runs matvec and matmul \
-             kernels with bf16 or f32 activations)",
-            manifest.summary()
-        ));
-    }
-    let dev = match open() {
-        Ok(d) => d,
-        Err(e) => return NpuOffer::none(format!("the NPU could not be opened for kernels: {e}")),
-    };
-    match Runtime::new(dev, manifest, core_rows) {
-        Ok(rt) => NpuOffer::for_runtime(Arc::new(rt)),
-        Err(e) => NpuOffer::none(format!("the NPU runtime could not start: {e}")),
-    }
-}
-
 /// Discovers the NPU and, when one is usable, loads the kernel manifest and starts the runtime
-/// that runs its kernels; the offer covers the product classes when the manifest has kernels
-/// the engine runs.
+/// that runs its kernels ([`unicorn_engine::model::discover_npu`]); the offer covers the product
+/// classes when the manifest has kernels the engine runs.
 pub fn npu() -> Npu {
-    let report = unicorn_xdna::discover::discover();
-    let Some(node) = report.usable() else {
-        let offer = NpuOffer::none(report.summary());
-        return Npu { report, manifest: None, offer };
-    };
-    let manifest = match Manifest::default_dir() {
-        None => Err(format!(
-            "no kernel manifest (set {} or install {})",
-            unicorn_xdna::manifest::DIR_ENV,
-            unicorn_xdna::manifest::INSTALLED_DIR
-        )),
-        Some(dir) => Manifest::load(&dir).map_err(|e| e.to_string()),
-    };
-    let offer = match &manifest {
-        Err(e) => NpuOffer::none(format!("the NPU has no usable kernels ({e})")),
-        Ok(m) => {
-            let rows = node.info.as_ref().map_or(0, |i| u32::from(i.aie.core.row_count));
-            let path = node.path.clone();
-            offer_for(m, rows, || AccelDevice::open(&path).map(|d| Arc::new(d) as _))
-        }
-    };
-    Npu { report, manifest: Some(manifest), offer }
+    let d = unicorn_engine::model::discover_npu();
+    Npu { report: d.report, manifest: d.manifest, offer: d.offer }
 }
 
 /// Classes of `backends` placed on the NPU.
@@ -247,6 +200,9 @@ fn nodes(dir: &str, prefix: &str, kind: DeviceKind, class: &str, backend: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use unicorn_engine::model::offer_for_manifest;
+    use unicorn_xdna::device::Device as XdnaDevice;
     use unicorn_xdna::fake::FakeDevice;
     use unicorn_xdna::manifest::{DType, Kernel, Op, Ready, Shape, WeightLayout};
     use unicorn_xdna::xclbin::{build, Xclbin};
@@ -307,7 +263,7 @@ mod tests {
             ready("mv", Op::Matvec, 64, 64, DType::Bf16),
             ready("norm", Op::RmsNorm, 1, 64, DType::Bf16),
         ]);
-        let offer = offer_for(&m, 4, open);
+        let offer = offer_for_manifest(&m, 4, open);
         for c in [OpClass::Attention, OpClass::FeedForward, OpClass::Output] {
             assert!(offer.covers(c), "{c:?}: {}", offer.reason());
         }
@@ -346,11 +302,12 @@ mod tests {
             ready("mv8", Op::Matvec, 64, 64, DType::I8),
             ready("norm", Op::RmsNorm, 1, 64, DType::Bf16),
         ]);
-        let offer = offer_for(&m, 4, || panic!("opened the device with nothing to run"));
+        let offer = offer_for_manifest(&m, 4, || panic!("opened the device with nothing to run"));
         assert!(OpClass::ALL.iter().all(|&c| !offer.covers(c)));
         assert!(offer.reason().contains("no kernel the engine runs"), "{}", offer.reason());
         let m = manifest(vec![ready("mv", Op::Matvec, 64, 64, DType::Bf16)]);
-        let offer = offer_for(&m, 4, || Err(std::io::Error::from_raw_os_error(libc::EACCES)));
+        let offer =
+            offer_for_manifest(&m, 4, || Err(std::io::Error::from_raw_os_error(libc::EACCES)));
         assert!(!offer.covers(OpClass::FeedForward));
         assert!(offer.reason().contains("could not be opened"), "{}", offer.reason());
     }

@@ -21,6 +21,7 @@ mod weights;
 pub use error::ModelError;
 pub use hparams::HParams;
 pub use kv::{KvState, KvType};
+pub use npu::{check_kernel, discover_npu, offer_for_manifest, KernelCheck, NpuDiscovery};
 pub use placement::{
     set_npu_offer, shared_vulkan_context, Backend, Backends, NpuOffer, OpClass, Placement,
     PlacementError, BACKEND_ENV,

@@ -27,13 +27,78 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use unicorn_kernels::formats::{bf16_to_f32, f32_to_bf16};
 use unicorn_kernels::{matmul, KernelError, ThreadPool};
 use unicorn_xdna::bo::Bo;
+use unicorn_xdna::device::{AccelDevice, Device};
+use unicorn_xdna::discover::Report;
 use unicorn_xdna::hwctx::QosPriority;
-use unicorn_xdna::manifest::{DType, Kernel, Op, WeightLayout};
+use unicorn_xdna::manifest::{DType, Kernel, Manifest, Op, WeightLayout};
 use unicorn_xdna::runtime::{self, Prepared, Runtime};
 use unicorn_xdna::XdnaError;
 
+use super::placement::NpuOffer;
 use super::weights::Matrix;
 use super::ModelError;
+
+/// What NPU discovery found: the report, the kernel manifest (when an NPU is usable) and the
+/// offer the placement resolves against (with the runtime running the offered classes).
+#[derive(Debug)]
+pub struct NpuDiscovery {
+    pub report: Report,
+    pub manifest: Option<Result<Manifest, String>>,
+    pub offer: NpuOffer,
+}
+
+/// Discovers the NPU and, when one is usable, loads the kernel manifest
+/// ([`Manifest::default_dir`]) and starts the runtime on the device
+/// ([`offer_for_manifest`]). Without a usable NPU the offer is empty and says why.
+pub fn discover_npu() -> NpuDiscovery {
+    let report = unicorn_xdna::discover::discover();
+    let Some(node) = report.usable() else {
+        let offer = NpuOffer::none(report.summary());
+        return NpuDiscovery { report, manifest: None, offer };
+    };
+    let manifest = match Manifest::default_dir() {
+        None => Err(format!(
+            "no kernel manifest (set {} or install {})",
+            unicorn_xdna::manifest::DIR_ENV,
+            unicorn_xdna::manifest::INSTALLED_DIR
+        )),
+        Some(dir) => Manifest::load(&dir).map_err(|e| e.to_string()),
+    };
+    let offer = match &manifest {
+        Err(e) => NpuOffer::none(format!("the NPU has no usable kernels ({e})")),
+        Ok(m) => {
+            let rows = node.info.as_ref().map_or(0, |i| u32::from(i.aie.core.row_count));
+            let path = node.path.clone();
+            offer_for_manifest(m, rows, || AccelDevice::open(&path).map(|d| Arc::new(d) as _))
+        }
+    };
+    NpuDiscovery { report, manifest: Some(manifest), offer }
+}
+
+/// The offer for `manifest`'s kernels on the device `open` opens (`core_rows` from its AIE
+/// metadata): the product classes when some ready kernel is one the engine runs, with a
+/// runtime on that device; otherwise nothing, and why.
+pub fn offer_for_manifest(
+    manifest: &Manifest,
+    core_rows: u32,
+    open: impl FnOnce() -> std::io::Result<Arc<dyn Device>>,
+) -> NpuOffer {
+    if !manifest.ready.iter().any(|r| drivable(&r.kernel)) {
+        return NpuOffer::none(format!(
+            "no kernel the engine runs is ready ({}; the NPU path runs matvec and matmul \
+             kernels with bf16 or f32 activations)",
+            manifest.summary()
+        ));
+    }
+    let dev = match open() {
+        Ok(d) => d,
+        Err(e) => return NpuOffer::none(format!("the NPU could not be opened for kernels: {e}")),
+    };
+    match Runtime::new(dev, manifest, core_rows) {
+        Ok(rt) => NpuOffer::for_runtime(Arc::new(rt)),
+        Err(e) => NpuOffer::none(format!("the NPU runtime could not start: {e}")),
+    }
+}
 
 /// Whether the engine can drive kernel `k` (its activation type and weight layout).
 pub(crate) fn drivable(k: &Kernel) -> bool {
@@ -115,33 +180,44 @@ pub(crate) enum ConvertError {
     Layout(WeightLayout),
 }
 
-/// `m`'s weights in `layout`: row-major bf16, or int8 rows (`round(w / s)`, `s = max |w| / 127`
-/// per row) followed by the rows' f32 scales. Little-endian.
+/// `m`'s weights in `layout` (see [`encode_weights`]), dequantized by the CPU's code.
 pub(crate) fn convert_weights(
     m: &Matrix,
     bytes: &[u8],
     layout: WeightLayout,
 ) -> Result<Vec<u8>, ConvertError> {
     let view = m.view(bytes)?;
-    let mut row = vec![0.0f32; m.cols];
+    encode_weights(layout, m.rows, m.cols, |r, row| view.dequantize_row(r, row))
+}
+
+/// `rows` rows of `cols` weights, row `r` written by `row(r, buf)`, in `layout`: row-major bf16
+/// (rounded to nearest even), or int8 rows (`round(w / s)`, `s = max |w| / 127` per row)
+/// followed by the rows' f32 scales. Little-endian.
+pub(crate) fn encode_weights(
+    layout: WeightLayout,
+    rows: usize,
+    cols: usize,
+    mut row: impl FnMut(usize, &mut [f32]) -> Result<(), KernelError>,
+) -> Result<Vec<u8>, ConvertError> {
+    let mut buf = vec![0.0f32; cols];
     match layout {
         WeightLayout::RowMajorBf16 => {
-            let mut out = Vec::with_capacity(m.rows * m.cols * 2);
-            for r in 0..m.rows {
-                view.dequantize_row(r, &mut row)?;
-                out.extend(row.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()));
+            let mut out = Vec::with_capacity(rows * cols * 2);
+            for r in 0..rows {
+                row(r, &mut buf)?;
+                out.extend(buf.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()));
             }
             Ok(out)
         }
         WeightLayout::RowMajorI8RowScale => {
-            let mut out = Vec::with_capacity(m.rows * m.cols + 4 * m.rows);
-            let mut scales = Vec::with_capacity(m.rows);
-            for r in 0..m.rows {
-                view.dequantize_row(r, &mut row)?;
-                let amax = row.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+            let mut out = Vec::with_capacity(rows * cols + 4 * rows);
+            let mut scales = Vec::with_capacity(rows);
+            for r in 0..rows {
+                row(r, &mut buf)?;
+                let amax = buf.iter().fold(0.0f32, |a, v| a.max(v.abs()));
                 let s = amax / 127.0;
                 let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
-                out.extend(row.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8));
+                out.extend(buf.iter().map(|&v| (v * inv).round().clamp(-127.0, 127.0) as i8 as u8));
                 scales.push(s);
             }
             out.extend(scales.iter().flat_map(|s| s.to_le_bytes()));
@@ -149,6 +225,119 @@ pub(crate) fn convert_weights(
         }
         other => Err(ConvertError::Layout(other)),
     }
+}
+
+/// The weights of `layout` back as f32 (what the kernel multiplies by).
+fn decode_weights(layout: WeightLayout, rows: usize, cols: usize, data: &[u8]) -> Vec<f32> {
+    match layout {
+        WeightLayout::RowMajorI8RowScale => {
+            let (q, s) = data.split_at(rows * cols);
+            q.chunks_exact(cols)
+                .zip(s.chunks_exact(4))
+                .flat_map(|(row, s)| {
+                    let s = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    row.iter().map(move |&v| f32::from(v as i8) * s)
+                })
+                .collect()
+        }
+        _ => data.chunks_exact(2).map(|b| bf16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+    }
+}
+
+/// One kernel against the CPU on random inputs: the hardware test's per-kernel row.
+#[derive(Clone, Debug)]
+pub struct KernelCheck {
+    pub name: String,
+    /// Largest |NPU - CPU| over the outputs, and the largest |CPU| (its scale).
+    pub max_abs_err: f32,
+    pub max_abs_ref: f32,
+    /// Median wall time of one NPU run (input upload, run, output download) and of the CPU's
+    /// f32 product of the same weights, in microseconds.
+    pub npu_us: f64,
+    pub cpu_us: f64,
+}
+
+/// Runs product kernel `i` of `rt` `reps` times on random weights and inputs (seeded) and
+/// compares its output with an f32 product on the CPU of the weights as the kernel's layout
+/// holds them (so the difference is the kernel's, not the conversion's). On the test double
+/// nothing is computed and the outputs stay zero: the error then equals the reference's size.
+pub fn check_kernel(
+    rt: &Runtime,
+    i: usize,
+    reps: usize,
+    seed: u64,
+) -> Result<KernelCheck, XdnaError> {
+    let k = rt.kernel(i).ok_or_else(|| XdnaError::Invalid(format!("no kernel {i}")))?.clone();
+    if !drivable(&k) {
+        return Err(XdnaError::Invalid(format!(
+            "kernel {} is not a product the engine runs",
+            k.name
+        )));
+    }
+    let (m, kk, n) = (k.shape.m as usize, k.shape.k as usize, k.shape.n as usize);
+    let mut state = seed | 1;
+    let mut rand = move || {
+        // xorshift64*: uniform in [-1, 1).
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    };
+    let scale = 1.0 / (kk as f32).sqrt();
+    let wdata = encode_weights(k.weights, m, kk, |_, row| {
+        row.iter_mut().for_each(|v| *v = rand() * scale);
+        Ok(())
+    })
+    .map_err(|e| XdnaError::Invalid(e.to_string()))?;
+    let w = decode_weights(k.weights, m, kk, &wdata);
+    let x: Vec<f32> = (0..n * kk).map(|_| rand()).collect();
+    let d = k.dtype;
+    let mut xb = vec![0u8; n * kk * elem_bytes(d)];
+    encode_acts(d, &x, &mut xb);
+    let mut xr = vec![0.0f32; n * kk];
+    decode_acts(d, &xb, &mut xr);
+    let (wbo, xbo) = (rt.shmem(wdata.len())?, rt.shmem(xb.len())?);
+    let ybo = rt.shmem(n * m * elem_bytes(d))?;
+    runtime::upload(&wbo, &wdata)?;
+    let bos: [&Bo; 3] = match k.op {
+        Op::Matmul => [&xbo, &wbo, &ybo],
+        _ => [&wbo, &xbo, &ybo],
+    };
+    let qos = QosPriority::Normal;
+    let p = rt.prepare(i, qos, &bos)?;
+    let mut yb = vec![0u8; n * m * elem_bytes(d)];
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        runtime::upload(&xbo, &xb)?;
+        rt.run(&p, qos, &bos)?;
+        runtime::download(&ybo, &mut yb)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut y = vec![0.0f32; n * m];
+    decode_acts(d, &yb, &mut y);
+    let mut cpu_times = Vec::with_capacity(reps.max(1));
+    let mut want = vec![0.0f32; n * m];
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        for (t_, xrow) in xr.chunks_exact(kk).enumerate() {
+            for (r, wrow) in w.chunks_exact(kk).enumerate() {
+                want[t_ * m + r] = wrow.iter().zip(xrow).map(|(a, b)| a * b).sum();
+            }
+        }
+        cpu_times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok(KernelCheck {
+        name: k.name.clone(),
+        max_abs_err: y.iter().zip(&want).fold(0.0f32, |a, (p, q)| a.max((p - q).abs())),
+        max_abs_ref: want.iter().fold(0.0f32, |a, v| a.max(v.abs())),
+        npu_us: median(&mut times),
+        cpu_us: median(&mut cpu_times),
+    })
 }
 
 fn elem_bytes(d: DType) -> usize {
