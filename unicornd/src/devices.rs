@@ -24,11 +24,12 @@ pub struct Npu {
     pub offer: NpuOffer,
 }
 
-/// Discovers the NPU and, when one is usable, loads the kernel manifest and starts the runtime
-/// that runs its kernels ([`unicorn_engine::model::discover_npu`]); the offer covers the product
-/// classes when the manifest has kernels the engine runs.
-pub fn npu() -> Npu {
-    let d = unicorn_engine::model::discover_npu();
+/// Discovers the NPU and, when one is usable, loads the kernel manifest and (when `start`: some
+/// class is asked to run on xdna) starts the runtime that runs its kernels
+/// ([`unicorn_engine::model::discover_npu`]); the offer covers the product classes when the
+/// manifest has kernels the engine runs.
+pub fn npu(start: bool) -> Npu {
+    let d = unicorn_engine::model::discover_npu(start);
     Npu { report: d.report, manifest: d.manifest, offer: d.offer }
 }
 
@@ -209,7 +210,7 @@ mod tests {
 
     #[test]
     fn the_cpu_is_always_there_and_in_use() {
-        let npu = npu();
+        let npu = npu(false);
         let d = discover(&Backends::cpu(), &npu);
         assert_eq!(d[0].kind, DeviceKind::Cpu);
         assert!(d[0].in_use);

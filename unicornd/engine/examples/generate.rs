@@ -23,7 +23,7 @@ fn main() {
         args.get(4).and_then(|s| s.parse().ok()).unwrap_or_else(unicorn_kernels::default_threads);
     // The NPU is offered only where discovery ran (the daemon runs it at start).
     if std::env::var(BACKEND_ENV).is_ok_and(|v| v.contains("xdna")) {
-        let d = discover_npu();
+        let d = discover_npu(true);
         eprintln!("npu: {}", d.report);
         if let Some(m) = &d.manifest {
             eprintln!("npu: {}", m.as_ref().map_or_else(|e| e.clone(), |m| m.summary()));

@@ -12,7 +12,7 @@ const REL_TOL: f32 = 1e-2;
 
 fn main() {
     let reps: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(20);
-    let d = discover_npu();
+    let d = discover_npu(true);
     println!("npu: {}", d.report);
     let Some(rt) = d.offer.runtime() else {
         eprintln!("npu_kernels: nothing to run: {}", d.offer.reason());

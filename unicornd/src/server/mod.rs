@@ -186,7 +186,12 @@ impl Server {
         log::info!("engine: {} compute threads", config.threads);
         // Resolved and logged ("placement: ...", a warning per fallback) once per process;
         // every model uses it.
-        let npu = crate::devices::npu();
+        // The NPU runtime starts only when the placement asks for the NPU somewhere.
+        let wants_npu = std::env::var(unicorn_engine::model::BACKEND_ENV)
+            .ok()
+            .and_then(|v| v.parse::<unicorn_engine::model::Placement>().ok())
+            .is_some_and(|p| p.uses(unicorn_engine::model::Backend::Xdna));
+        let npu = crate::devices::npu(wants_npu);
         log::info!("npu: {}", npu.report);
         unicorn_engine::model::set_npu_offer(npu.offer.clone());
         let backends = unicorn_engine::model::Backends::from_env();

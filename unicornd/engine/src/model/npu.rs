@@ -48,9 +48,10 @@ pub struct NpuDiscovery {
 }
 
 /// Discovers the NPU and, when one is usable, loads the kernel manifest
-/// ([`Manifest::default_dir`]) and starts the runtime on the device
-/// ([`offer_for_manifest`]). Without a usable NPU the offer is empty and says why.
-pub fn discover_npu() -> NpuDiscovery {
+/// ([`Manifest::default_dir`]) and, with `start`, starts the runtime on the device
+/// ([`offer_for_manifest`]). Without a usable NPU, or without `start` (no class asks for the
+/// NPU: the runtime's heap would pin 48 MiB for nothing), the offer is empty and says why.
+pub fn discover_npu(start: bool) -> NpuDiscovery {
     let report = unicorn_xdna::discover::discover();
     let Some(node) = report.usable() else {
         let offer = NpuOffer::none(report.summary());
@@ -66,6 +67,12 @@ pub fn discover_npu() -> NpuDiscovery {
     };
     let offer = match &manifest {
         Err(e) => NpuOffer::none(format!("the NPU has no usable kernels ({e})")),
+        Ok(m) if !start => NpuOffer::none(format!(
+            "{} kernel(s) the engine runs are ready, but no operation class is placed on xdna \
+             ({}, e.g. attention=xdna,feed_forward=xdna,output=xdna)",
+            m.ready.iter().filter(|r| drivable(&r.kernel)).count(),
+            super::BACKEND_ENV
+        )),
         Ok(m) => {
             let rows = node.info.as_ref().map_or(0, |i| u32::from(i.aie.core.row_count));
             let path = node.path.clone();
@@ -133,18 +140,33 @@ struct Io {
     y: Bo,
 }
 
-/// A matrix ready to run on kernel `kernel`: its prepared command, its weights and the I/O.
+/// A matrix ready to run on a kernel: its prepared command, its weights and the I/O.
 #[derive(Debug)]
 struct Ready {
     prepared: Prepared,
+    op: Op,
     w: Arc<Bo>,
     io: Arc<Io>,
+}
+
+impl Ready {
+    /// The buffers in the order of the design's runtime sequence (`iron_ops.py`).
+    fn bos(&self) -> [&Bo; 3] {
+        buffers(self.op, &self.w, &self.io)
+    }
+}
+
+fn buffers<'a>(op: Op, w: &'a Bo, io: &'a Io) -> [&'a Bo; 3] {
+    match op {
+        Op::Matmul => [&io.x, w, &io.y],
+        _ => [w, &io.x, &io.y],
+    }
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct State {
     /// Prepared runs by (matrix offset in the file, kernel).
-    runs: HashMap<(usize, usize), Ready>,
+    runs: HashMap<(usize, usize), Arc<Ready>>,
     /// Converted weights by (matrix offset, layout).
     weights: HashMap<(usize, u8), Arc<Bo>>,
     io: HashMap<usize, Arc<Io>>,
@@ -299,19 +321,17 @@ pub fn check_kernel(
     let (wbo, xbo) = (rt.shmem(wdata.len())?, rt.shmem(xb.len())?);
     let ybo = rt.shmem(n * m * elem_bytes(d))?;
     runtime::upload(&wbo, &wdata)?;
-    let bos: [&Bo; 3] = match k.op {
-        Op::Matmul => [&xbo, &wbo, &ybo],
-        _ => [&wbo, &xbo, &ybo],
-    };
+    let io = Io { x: xbo, y: ybo };
+    let bos = buffers(k.op, &wbo, &io);
     let qos = QosPriority::Normal;
     let p = rt.prepare(i, qos, &bos)?;
     let mut yb = vec![0u8; n * m * elem_bytes(d)];
     let mut times = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
-        runtime::upload(&xbo, &xb)?;
+        runtime::upload(&io.x, &xb)?;
         rt.run(&p, qos, &bos)?;
-        runtime::download(&ybo, &mut yb)?;
+        runtime::download(&io.y, &mut yb)?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
     let mut y = vec![0.0f32; n * m];
@@ -446,11 +466,7 @@ impl NpuPass<'_> {
         };
         let kernel = self.rt.kernel(k).expect("found above").clone();
         let ready = self.ready(m, bytes, k, &kernel)?;
-        let (w, io) = (Arc::clone(&ready.w), Arc::clone(&ready.io));
-        let bos: [&Bo; 3] = match kernel.op {
-            Op::Matmul => [&io.x, &w, &io.y],
-            _ => [&w, &io.x, &io.y],
-        };
+        let bos = ready.bos();
         let per = kernel.shape.n as usize;
         let (rows, cols, d) = (m.rows, m.cols, kernel.dtype);
         let mut xb = vec![0u8; per * cols * elem_bytes(d)];
@@ -459,10 +475,9 @@ impl NpuPass<'_> {
         for t0 in (0..n).step_by(per) {
             let t = per.min(n - t0);
             encode_acts(d, &x[t0 * cols..(t0 + t) * cols], &mut xb);
-            runtime::upload(&io.x, &xb).map_err(fail)?;
-            let ready = &self.state.runs[&(m.offset(), k)];
+            runtime::upload(&ready.io.x, &xb).map_err(fail)?;
             self.rt.run(&ready.prepared, self.qos, &bos).map_err(fail)?;
-            runtime::download(&io.y, &mut yb).map_err(fail)?;
+            runtime::download(&ready.io.y, &mut yb).map_err(fail)?;
             decode_acts(d, &yb, &mut out[t0 * rows..(t0 + t) * rows]);
         }
         Ok(())
@@ -476,31 +491,30 @@ impl NpuPass<'_> {
         bytes: &[u8],
         k: usize,
         kernel: &Kernel,
-    ) -> Result<&Ready, Miss> {
+    ) -> Result<Arc<Ready>, Miss> {
         let key = (m.offset(), k);
-        if !self.state.runs.contains_key(&key) {
-            let w = match self.weights(m, bytes, kernel.weights) {
-                Ok(w) => w,
-                Err(e) => {
-                    log::warn!(
-                        "npu: the weights of a {} x {} product cannot be put on the NPU ({e}); \
-                         it runs on the cpu",
-                        m.rows,
-                        m.cols
-                    );
-                    self.state.cpu_only.insert(m.offset());
-                    return Err(Miss::NoKernel);
-                }
-            };
-            let io = self.io(k, kernel).map_err(|e| Miss::Failed(k, e))?;
-            let bos: [&Bo; 3] = match kernel.op {
-                Op::Matmul => [&io.x, &w, &io.y],
-                _ => [&w, &io.x, &io.y],
-            };
-            let prepared = self.rt.prepare(k, self.qos, &bos).map_err(|e| Miss::Failed(k, e))?;
-            self.state.runs.insert(key, Ready { prepared, w, io });
+        if let Some(r) = self.state.runs.get(&key) {
+            return Ok(Arc::clone(r));
         }
-        Ok(&self.state.runs[&key])
+        let w = match self.weights(m, bytes, kernel.weights) {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!(
+                    "npu: the weights of a {} x {} product cannot be put on the NPU ({e}); \
+                     it runs on the cpu",
+                    m.rows,
+                    m.cols
+                );
+                self.state.cpu_only.insert(m.offset());
+                return Err(Miss::NoKernel);
+            }
+        };
+        let io = self.io(k, kernel).map_err(|e| Miss::Failed(k, e))?;
+        let bos = buffers(kernel.op, &w, &io);
+        let prepared = self.rt.prepare(k, self.qos, &bos).map_err(|e| Miss::Failed(k, e))?;
+        let ready = Arc::new(Ready { prepared, op: kernel.op, w, io });
+        self.state.runs.insert(key, Arc::clone(&ready));
+        Ok(ready)
     }
 
     fn weights(
