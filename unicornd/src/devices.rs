@@ -264,7 +264,7 @@ mod tests {
             ready("mv", Op::Matvec, 64, 64, DType::Bf16),
             ready("norm", Op::RmsNorm, 1, 64, DType::Bf16),
         ]);
-        let offer = offer_for_manifest(&m, 4, open);
+        let offer = offer_for_manifest(&m, 4, true, open);
         for c in [OpClass::Attention, OpClass::FeedForward, OpClass::Output] {
             assert!(offer.covers(c), "{c:?}: {}", offer.reason());
         }
@@ -303,13 +303,26 @@ mod tests {
             ready("mv8", Op::Matvec, 64, 64, DType::I8),
             ready("norm", Op::RmsNorm, 1, 64, DType::Bf16),
         ]);
-        let offer = offer_for_manifest(&m, 4, || panic!("opened the device with nothing to run"));
+        let offer =
+            offer_for_manifest(&m, 4, true, || panic!("opened the device with nothing to run"));
         assert!(OpClass::ALL.iter().all(|&c| !offer.covers(c)));
         assert!(offer.reason().contains("no kernel the engine runs"), "{}", offer.reason());
         let m = manifest(vec![ready("mv", Op::Matvec, 64, 64, DType::Bf16)]);
-        let offer =
-            offer_for_manifest(&m, 4, || Err(std::io::Error::from_raw_os_error(libc::EACCES)));
+        let offer = offer_for_manifest(&m, 4, true, || {
+            Err(std::io::Error::from_raw_os_error(libc::EACCES))
+        });
         assert!(!offer.covers(OpClass::FeedForward));
         assert!(offer.reason().contains("could not be opened"), "{}", offer.reason());
+        // Kernels ready but no class asks for xdna: the device is not opened (no heap pinned).
+        let offer = offer_for_manifest(&m, 4, false, || panic!("opened the device unasked"));
+        assert!(!offer.covers(OpClass::FeedForward));
+        assert!(
+            offer
+                .reason()
+                .contains("1 kernel(s) the engine runs are ready, but no operation class")
+                && offer.reason().contains("UNICORN_BACKEND"),
+            "{}",
+            offer.reason()
+        );
     }
 }

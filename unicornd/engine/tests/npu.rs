@@ -349,3 +349,32 @@ fn the_kernel_check_never_passes_on_the_test_double() {
     }
     assert_eq!(n.rt.stats().runs, 6);
 }
+
+/// Products on the NPU beside products on Vulkan (lavapipe here): with every NPU run failing,
+/// the pass equals the same placement with those classes on the CPU, bit for bit, so the
+/// activations move correctly between the Vulkan device, the host and the NPU path.
+#[test]
+fn npu_classes_beside_vulkan_classes_move_activations_correctly() {
+    let Some(reference) = common::vulkan_backends("output=vulkan".parse().unwrap()) else {
+        return;
+    };
+    let want = {
+        let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), reference).unwrap();
+        generate(&model, QosPriority::Normal)
+    };
+    let fake = Arc::new(FakeDevice::new());
+    fake.set_default_outcome(Some(Outcome::Fail { state: CmdState::Error, chain_index: 0 }));
+    let m = Manifest { dir: "test".into(), ready: all_kernels(), unusable: Vec::new() };
+    let rt = Arc::new(Runtime::new(fake.clone(), &m, 4).unwrap());
+    let placement: Placement = "attention=xdna,feed_forward=xdna,output=vulkan".parse().unwrap();
+    let backends =
+        Backends::resolve_with_npu(placement, &NpuOffer::for_runtime(rt.clone()), || {
+            unicorn_engine::model::shared_vulkan_context(true).map_err(|e| e.to_string())
+        });
+    assert_eq!(backends.placement(), placement, "{:?}", backends.fallbacks());
+    let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), backends).unwrap();
+    let got = generate(&model, QosPriority::Normal);
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(rt.stats().fallbacks > 0);
+}

@@ -67,34 +67,39 @@ pub fn discover_npu(start: bool) -> NpuDiscovery {
     };
     let offer = match &manifest {
         Err(e) => NpuOffer::none(format!("the NPU has no usable kernels ({e})")),
-        Ok(m) if !start => NpuOffer::none(format!(
-            "{} kernel(s) the engine runs are ready, but no operation class is placed on xdna \
-             ({}, e.g. attention=xdna,feed_forward=xdna,output=xdna)",
-            m.ready.iter().filter(|r| drivable(&r.kernel)).count(),
-            super::BACKEND_ENV
-        )),
         Ok(m) => {
             let rows = node.info.as_ref().map_or(0, |i| u32::from(i.aie.core.row_count));
             let path = node.path.clone();
-            offer_for_manifest(m, rows, || AccelDevice::open(&path).map(|d| Arc::new(d) as _))
+            offer_for_manifest(m, rows, start, || {
+                AccelDevice::open(&path).map(|d| Arc::new(d) as _)
+            })
         }
     };
     NpuDiscovery { report, manifest: Some(manifest), offer }
 }
 
 /// The offer for `manifest`'s kernels on the device `open` opens (`core_rows` from its AIE
-/// metadata): the product classes when some ready kernel is one the engine runs, with a
-/// runtime on that device; otherwise nothing, and why.
+/// metadata): the product classes when some ready kernel is one the engine runs and `start`
+/// (some class asks for the NPU), with a runtime on that device; otherwise nothing, and why.
 pub fn offer_for_manifest(
     manifest: &Manifest,
     core_rows: u32,
+    start: bool,
     open: impl FnOnce() -> std::io::Result<Arc<dyn Device>>,
 ) -> NpuOffer {
-    if !manifest.ready.iter().any(|r| drivable(&r.kernel)) {
+    let driven = manifest.ready.iter().filter(|r| drivable(&r.kernel)).count();
+    if driven == 0 {
         return NpuOffer::none(format!(
             "no kernel the engine runs is ready ({}; the NPU path runs matvec and matmul \
              kernels with bf16 or f32 activations)",
             manifest.summary()
+        ));
+    }
+    if !start {
+        return NpuOffer::none(format!(
+            "{driven} kernel(s) the engine runs are ready, but no operation class is placed on \
+             xdna ({}, e.g. attention=xdna,feed_forward=xdna,output=xdna)",
+            super::BACKEND_ENV
         ));
     }
     let dev = match open() {
