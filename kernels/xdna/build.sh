@@ -34,6 +34,7 @@ build() {  # name op shape...
 }
 
 build matvec_bf16_576x576 matvec 576 576
+build matvec_bf16_192x576 matvec 192 576
 build matvec_bf16_1536x576 matvec 1536 576
 build matmul_bf16_576x576x64 matmul 576 576 64
 build rms_norm_bf16_576 rms_norm 576

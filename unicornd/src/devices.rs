@@ -4,18 +4,19 @@
 //! placement, `UNICORN_BACKEND`). Render nodes are found and described, with whether this daemon
 //! can open them and whether the Vulkan backend runs on some device (the Vulkan device is not
 //! matched to a node). Accel nodes come from the xdna backend's discovery ([`npu`]), which also
-//! says plainly why there is no usable NPU.
+//! says plainly why there is no usable NPU; with one, the kernel manifest is loaded and the NPU
+//! runtime started, and the product classes are offered to the placement.
 
-use std::collections::BTreeSet;
 use std::path::Path;
 
 use unicorn::protocol::{Device, DeviceKind, NpuStatus};
-use unicorn_engine::model::{Backends, NpuOffer, OpClass};
+use unicorn_engine::model::{Backend, Backends, NpuOffer, OpClass};
 use unicorn_xdna::discover::Report;
-use unicorn_xdna::manifest::{Manifest, Op};
+use unicorn_xdna::manifest::Manifest;
+use unicorn_xdna::runtime::Runtime;
 
 /// What the NPU side found: discovery, the kernel manifest (when there is a usable NPU), and
-/// the offer the placement resolves against.
+/// the offer the placement resolves against (with the runtime that runs the offered classes).
 #[derive(Debug)]
 pub struct Npu {
     pub report: Report,
@@ -23,55 +24,39 @@ pub struct Npu {
     pub offer: NpuOffer,
 }
 
-/// The classes a manifest's operations cover: the products need matvec (decode), the norms
-/// rms_norm.
-pub fn npu_classes(ops: &BTreeSet<Op>) -> Vec<OpClass> {
-    let mut c = Vec::new();
-    if ops.contains(&Op::Matvec) {
-        c.extend([OpClass::Attention, OpClass::FeedForward, OpClass::Output]);
-    }
-    if ops.contains(&Op::RmsNorm) {
-        c.push(OpClass::Norms);
-    }
-    c
+/// Discovers the NPU and, when one is usable, loads the kernel manifest and (when `start`: some
+/// class is asked to run on xdna) starts the runtime that runs its kernels
+/// ([`unicorn_engine::model::discover_npu`]); the offer covers the product classes when the
+/// manifest has kernels the engine runs.
+pub fn npu(start: bool) -> Npu {
+    let d = unicorn_engine::model::discover_npu(start);
+    Npu { report: d.report, manifest: d.manifest, offer: d.offer }
 }
 
-/// Discovers the NPU and loads the kernel manifest when one is usable. No class is offered to
-/// the placement yet: the engine has no operator path that runs manifest kernels in a forward
-/// pass, so the offer says so instead of pretending.
-pub fn npu() -> Npu {
-    let report = unicorn_xdna::discover::discover();
-    let Some(_node) = report.usable() else {
-        let offer = NpuOffer::none(report.summary());
-        return Npu { report, manifest: None, offer };
-    };
-    let manifest = match Manifest::default_dir() {
-        None => Err(format!(
-            "no kernel manifest (set {} or install {})",
-            unicorn_xdna::manifest::DIR_ENV,
-            unicorn_xdna::manifest::INSTALLED_DIR
-        )),
-        Some(dir) => Manifest::load(&dir).map_err(|e| e.to_string()),
-    };
-    let covered = match &manifest {
-        Ok(m) => npu_classes(&m.ops()),
-        Err(_) => Vec::new(),
-    };
-    let names: Vec<&str> = covered.iter().map(|c| c.name()).collect();
-    let offer = NpuOffer::none(if covered.is_empty() {
-        "the NPU has no usable kernels".to_owned()
-    } else {
-        format!(
-            "kernels for {} are loaded, but the engine cannot run NPU kernels in a forward pass \
-             yet",
-            names.join(", ")
-        )
-    });
-    Npu { report, manifest: Some(manifest), offer }
+/// Classes of `backends` placed on the NPU.
+fn on_npu(backends: &Backends) -> Vec<OpClass> {
+    OpClass::ALL.into_iter().filter(|&c| backends.placement().get(c) == Backend::Xdna).collect()
+}
+
+/// A line of what the NPU runtime has done: kernel runs, fallbacks, retired kernels.
+pub fn npu_activity(rt: &Runtime) -> String {
+    let s = rt.stats();
+    let mut line = format!(
+        "npu runs: {} completed, {} fell back to the cpu{}",
+        s.runs,
+        s.fallbacks,
+        if rt.device().is_test_double() { " [TEST DOUBLE: nothing computed]" } else { "" }
+    );
+    let retired = rt.retired();
+    if !retired.is_empty() {
+        line.push_str(&format!("; retired after repeated failures: {}", retired.join(", ")));
+    }
+    line
 }
 
 impl Npu {
-    /// The NPU part of `unicorn status`.
+    /// The NPU part of `unicorn status` (the activity line is added per request, see
+    /// [`npu_activity`]).
     pub fn status(&self, backends: &Backends) -> NpuStatus {
         let mut details = Vec::new();
         match &self.manifest {
@@ -79,23 +64,34 @@ impl Npu {
             Some(Ok(m)) => details.push(m.summary()),
             Some(Err(e)) => details.push(format!("kernels: {e}")),
         }
-        let on_npu = unicorn_engine::model::OpClass::ALL
-            .into_iter()
-            .filter(|&c| backends.placement().get(c) == unicorn_engine::model::Backend::Xdna)
-            .count();
+        let on = on_npu(backends);
         let usable = self.report.usable().is_some();
-        details.push(if on_npu == 0 && !usable {
+        details.push(if on.is_empty() && !usable {
             "placement: nothing runs on the NPU".to_owned()
-        } else if on_npu == 0 {
+        } else if on.is_empty() {
             format!("placement: nothing runs on the NPU ({})", self.offer.reason())
         } else {
-            format!("placement: {on_npu} operation class(es) on the NPU")
+            let names: Vec<&str> = on.iter().map(|c| c.name()).collect();
+            format!(
+                "placement: the matrix products of {} run on the NPU where a kernel of their \
+                 shape is ready, the others on the cpu ({})",
+                names.join(", "),
+                self.offer.reason()
+            )
         });
         NpuStatus { usable, summary: self.report.summary(), details }
     }
 
     /// One device entry per accel node.
-    fn devices(&self) -> Vec<Device> {
+    fn devices(&self, backends: &Backends) -> Vec<Device> {
+        let on = on_npu(backends);
+        let runs = if on.is_empty() {
+            "no operation runs on it".to_owned()
+        } else {
+            let names: Vec<&str> = on.iter().map(|c| c.name()).collect();
+            format!("runs the products of {} that have kernels", names.join(", "))
+        };
+        let usable = self.report.usable().map(|n| n.path.clone());
         self.report
             .nodes
             .iter()
@@ -106,10 +102,10 @@ impl Npu {
                     n.path.display(),
                     n.driver.as_deref().unwrap_or("unknown driver")
                 ),
-                in_use: false,
+                in_use: !on.is_empty() && usable.as_ref() == Some(&n.path),
                 detail: match &n.problem {
                     Some(p) => p.clone(),
-                    None => "amdxdna device answers; no operation runs on it yet".into(),
+                    None => format!("amdxdna device answers; {runs}"),
                 },
             })
             .collect()
@@ -126,7 +122,7 @@ pub fn discover(backends: &Backends, npu: &Npu) -> Vec<Device> {
     };
     let mut devices = vec![cpu];
     devices.extend(nodes("/dev/dri", "renderD", DeviceKind::Gpu, "drm", &gpu));
-    devices.extend(npu.devices());
+    devices.extend(npu.devices(backends));
     devices
 }
 
@@ -205,10 +201,16 @@ fn nodes(dir: &str, prefix: &str, kind: DeviceKind, class: &str, backend: &str) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use unicorn_engine::model::offer_for_manifest;
+    use unicorn_xdna::device::Device as XdnaDevice;
+    use unicorn_xdna::fake::FakeDevice;
+    use unicorn_xdna::manifest::{DType, Kernel, Op, Ready, Shape, WeightLayout};
+    use unicorn_xdna::xclbin::{build, Xclbin};
 
     #[test]
     fn the_cpu_is_always_there_and_in_use() {
-        let npu = npu();
+        let npu = npu(false);
         let d = discover(&Backends::cpu(), &npu);
         assert_eq!(d[0].kind, DeviceKind::Cpu);
         assert!(d[0].in_use);
@@ -227,11 +229,100 @@ mod tests {
         }
     }
 
+    fn ready(name: &str, op: Op, m: u32, k: u32, dtype: DType) -> Ready {
+        Ready {
+            kernel: Kernel {
+                name: name.into(),
+                op,
+                xclbin: "build/k.xclbin".into(),
+                instructions: "build/k.insts.bin".into(),
+                cu: "MLIR_AIE".into(),
+                shape: Shape { m, k, n: 1 },
+                dtype,
+                weights: if op == Op::RmsNorm {
+                    WeightLayout::VectorF32
+                } else {
+                    WeightLayout::RowMajorBf16
+                },
+                columns: 1,
+                source: None,
+            },
+            xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 1, 256)).unwrap(),
+            instructions: vec![0; 64],
+        }
+    }
+
+    fn manifest(ready: Vec<Ready>) -> Manifest {
+        Manifest { dir: "test".into(), ready, unusable: Vec::new() }
+    }
+
     #[test]
-    fn manifest_ops_map_to_classes() {
-        assert!(npu_classes(&BTreeSet::new()).is_empty());
-        let c = npu_classes(&[Op::RmsNorm, Op::Softmax].into_iter().collect());
-        assert_eq!(c, vec![OpClass::Norms]);
-        assert_eq!(npu_classes(&[Op::Matvec].into_iter().collect()).len(), 3);
+    fn the_offer_covers_the_products_when_the_manifest_has_kernels_the_engine_runs() {
+        let fake = Arc::new(FakeDevice::new());
+        let open = || Ok(fake.clone() as Arc<dyn XdnaDevice>);
+        let m = manifest(vec![
+            ready("mv", Op::Matvec, 64, 64, DType::Bf16),
+            ready("norm", Op::RmsNorm, 1, 64, DType::Bf16),
+        ]);
+        let offer = offer_for_manifest(&m, 4, true, open);
+        for c in [OpClass::Attention, OpClass::FeedForward, OpClass::Output] {
+            assert!(offer.covers(c), "{c:?}: {}", offer.reason());
+        }
+        assert!(!offer.covers(OpClass::Norms));
+        // The runtime made its heap on the device: one live BO, no context yet.
+        assert_eq!(fake.live(), (1, 0));
+        let backends = Backends::resolve_with_npu(
+            "feed_forward=xdna,norms=xdna".parse().unwrap(),
+            &offer,
+            || Err("no vulkan".into()),
+        );
+        let npu = Npu {
+            report: Report { nodes: Vec::new(), memlock: None },
+            manifest: Some(Ok(m)),
+            offer,
+        };
+        let st = npu.status(&backends);
+        assert!(
+            st.details.iter().any(|l| l.contains("matrix products of feed_forward run on the NPU")),
+            "{:?}",
+            st.details
+        );
+        let rt = backends.npu_runtime().unwrap();
+        assert_eq!(
+            npu_activity(rt),
+            "npu runs: 0 completed, 0 fell back to the cpu [TEST DOUBLE: nothing computed]"
+        );
+        drop((npu, backends));
+        assert_eq!(fake.live(), (0, 0));
+    }
+
+    #[test]
+    fn no_drivable_kernel_or_no_device_means_no_offer() {
+        // int8 activations and norms only: nothing the engine runs.
+        let m = manifest(vec![
+            ready("mv8", Op::Matvec, 64, 64, DType::I8),
+            ready("norm", Op::RmsNorm, 1, 64, DType::Bf16),
+        ]);
+        let offer =
+            offer_for_manifest(&m, 4, true, || panic!("opened the device with nothing to run"));
+        assert!(OpClass::ALL.iter().all(|&c| !offer.covers(c)));
+        assert!(offer.reason().contains("no kernel the engine runs"), "{}", offer.reason());
+        let m = manifest(vec![ready("mv", Op::Matvec, 64, 64, DType::Bf16)]);
+        let offer = offer_for_manifest(&m, 4, true, || {
+            Err(std::io::Error::from_raw_os_error(libc::EACCES))
+        });
+        assert!(!offer.covers(OpClass::FeedForward));
+        assert!(offer.reason().contains("could not be opened"), "{}", offer.reason());
+        // Kernels ready but no class asks for xdna: the device is not opened (no heap pinned).
+        let offer = offer_for_manifest(&m, 4, false, || panic!("opened the device unasked"));
+        assert!(!offer.covers(OpClass::FeedForward));
+        assert!(
+            offer
+                .reason()
+                .contains("1 kernel(s) the engine runs are ready, but no operation class")
+                && offer.reason().contains("UNICORN_BACKEND"),
+            "{}",
+            offer.reason()
+        );
     }
 }

@@ -16,7 +16,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use unicorn::protocol::{Priority, SamplerParams as WireSampler};
 use unicorn::sys::SharedMemory;
 use unicorn::{Error, Status};
-use unicorn_engine::model::{KvState, Logits, ModelError, Seq};
+use unicorn_engine::model::{KvState, Logits, ModelError, QosPriority, Seq};
 use unicorn_engine::sampling::{Sampler, SamplerParams};
 use unicorn_kernels::ThreadPool;
 
@@ -540,6 +540,25 @@ fn conclude(st: &mut ContextState, job: &DecodeJob) -> Outcome {
     Ok((token, st.kv.n_past() as u64))
 }
 
+/// The NPU QoS hint of a class: realtime -> realtime, interactive -> high, normal -> normal,
+/// background -> low (the driver's `AMDXDNA_QOS_*_PRIORITY`).
+pub fn npu_qos(p: Priority) -> QosPriority {
+    match p {
+        Priority::Realtime => QosPriority::Realtime,
+        Priority::Interactive => QosPriority::High,
+        Priority::Normal => QosPriority::Normal,
+        Priority::Background => QosPriority::Low,
+    }
+}
+
+/// The NPU QoS hint of a batch: that of its most urgent class, so a batch that carries a
+/// realtime job never runs in a context marked low. The hint only labels the driver's contexts
+/// (it does not schedule by it); which jobs share a batch and what runs first stays this
+/// scheduler's decision.
+pub fn batch_qos(priorities: impl IntoIterator<Item = Priority>) -> QosPriority {
+    npu_qos(priorities.into_iter().min().unwrap_or(Priority::Normal))
+}
+
 /// Runs one step: one forward pass over every job in `step` (all on one model). Returns the
 /// jobs that ended (finished or failed) with their results.
 fn run_step(
@@ -614,7 +633,8 @@ fn run_step(
                 Seq { kv: &mut st.kv, tokens: &r.job.tokens[r.done..r.done + take], logits: want }
             })
             .collect();
-        model.model.forward(pool, &mut seqs, logits)
+        let qos = batch_qos(members.iter().map(|&(i, _)| queue[i].job.priority));
+        model.model.forward_at(pool, &mut seqs, logits, qos)
     };
     if let Err(e) = result {
         let err = model_error(e);
@@ -655,6 +675,28 @@ fn run_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn priorities_map_to_the_drivers_qos_hints() {
+        use unicorn_xdna::sys;
+        let values: Vec<u32> = Priority::ALL.iter().map(|&p| npu_qos(p).value()).collect();
+        assert_eq!(
+            values,
+            [
+                sys::QOS_REALTIME_PRIORITY,
+                sys::QOS_HIGH_PRIORITY,
+                sys::QOS_NORMAL_PRIORITY,
+                sys::QOS_LOW_PRIORITY
+            ]
+        );
+        // The same order as the classes (numerically lower is more urgent, as in the driver).
+        assert!(values.windows(2).all(|w| w[0] < w[1]));
+        // A batch takes its most urgent class.
+        assert_eq!(batch_qos([Priority::Background, Priority::Interactive]), QosPriority::High);
+        assert_eq!(batch_qos([Priority::Normal, Priority::Realtime]), QosPriority::Realtime);
+        assert_eq!(batch_qos([Priority::Background]), QosPriority::Low);
+        assert_eq!(batch_qos([]), QosPriority::Normal);
+    }
 
     fn item(ctx: usize, priority: Priority, session: u64, seq: u64, left: usize) -> Item {
         Item { ctx, model: 1, priority, session, seq, left }

@@ -2,11 +2,14 @@
 //! profiling the forward pass without the daemon.
 //!
 //!     cargo run --release -p unicorn-engine --example generate -- MODEL.gguf "PROMPT" [N] [THREADS]
+//!
+//! With `UNICORN_BACKEND` naming `xdna`, it discovers the NPU and loads the kernel manifest as
+//! the daemon does, and prints what ran on the NPU and what fell back to the CPU.
 
 use std::time::Instant;
 
 use unicorn_engine::gguf::GgufFile;
-use unicorn_engine::model::{KvType, Logits, Model, Seq};
+use unicorn_engine::model::{discover_npu, set_npu_offer, KvType, Logits, Model, Seq, BACKEND_ENV};
 use unicorn_kernels::ThreadPool;
 
 fn main() {
@@ -18,7 +21,17 @@ fn main() {
     let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(64);
     let threads: usize =
         args.get(4).and_then(|s| s.parse().ok()).unwrap_or_else(unicorn_kernels::default_threads);
+    // The NPU is offered only where discovery ran (the daemon runs it at start).
+    if std::env::var(BACKEND_ENV).is_ok_and(|v| v.contains("xdna")) {
+        let d = discover_npu(true);
+        eprintln!("npu: {}", d.report);
+        if let Some(m) = &d.manifest {
+            eprintln!("npu: {}", m.as_ref().map_or_else(|e| e.clone(), |m| m.summary()));
+        }
+        set_npu_offer(d.offer);
+    }
     let model = Model::load(GgufFile::open(&args[1]).expect("open")).expect("load");
+    eprintln!("placement: {}", model.backends().describe());
     let pool = ThreadPool::new(threads);
     eprintln!("placement: {}", model.backends().describe());
     for f in model.backends().fallbacks() {
@@ -69,4 +82,14 @@ fn main() {
         prompt.len() as f64 / prefill.as_secs_f64(),
         n as f64 / decode.as_secs_f64()
     );
+    if let Some(rt) = model.backends().npu_runtime() {
+        let s = rt.stats();
+        eprintln!(
+            "npu: {} kernel runs completed, {} fell back to the cpu, retired {:?}{}",
+            s.runs,
+            s.fallbacks,
+            rt.retired(),
+            if rt.device().is_test_double() { " [TEST DOUBLE: nothing computed]" } else { "" }
+        );
+    }
 }

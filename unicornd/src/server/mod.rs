@@ -133,6 +133,8 @@ pub struct Server {
     timer_seq: u64,
     devices: Vec<Device>,
     npu_status: unicorn::protocol::NpuStatus,
+    /// The NPU runtime when some class runs on it (its counters go into each status).
+    npu_runtime: Option<Arc<unicorn_xdna::runtime::Runtime>>,
     started: Instant,
     counters: Counters,
     recv_buf: Vec<u8>,
@@ -184,12 +186,18 @@ impl Server {
         log::info!("engine: {} compute threads", config.threads);
         // Resolved and logged ("placement: ...", a warning per fallback) once per process;
         // every model uses it.
-        let npu = crate::devices::npu();
+        // The NPU runtime starts only when the placement asks for the NPU somewhere.
+        let wants_npu = std::env::var(unicorn_engine::model::BACKEND_ENV)
+            .ok()
+            .and_then(|v| v.parse::<unicorn_engine::model::Placement>().ok())
+            .is_some_and(|p| p.uses(unicorn_engine::model::Backend::Xdna));
+        let npu = crate::devices::npu(wants_npu);
         log::info!("npu: {}", npu.report);
         unicorn_engine::model::set_npu_offer(npu.offer.clone());
         let backends = unicorn_engine::model::Backends::from_env();
         let devices = crate::devices::discover(&backends, &npu);
         let npu_status = npu.status(&backends);
+        let npu_runtime = backends.npu_runtime().cloned();
         for d in &devices {
             log::info!(
                 "device {}: {} ({}; {})",
@@ -211,6 +219,7 @@ impl Server {
             timer_seq: 0,
             devices,
             npu_status,
+            npu_runtime,
             started: Instant::now(),
             counters: Counters::default(),
             recv_buf: vec![0u8; MAX_REQUEST_BYTES],
@@ -887,7 +896,13 @@ impl Server {
             engine_queue: self.engine.stats().queued.load(Atomic::Relaxed) as u32,
             engine_steps: self.engine.stats().steps.load(Atomic::Relaxed),
             engine_batched_steps: self.engine.stats().batched_steps.load(Atomic::Relaxed),
-            npu: self.npu_status.clone(),
+            npu: {
+                let mut npu = self.npu_status.clone();
+                if let Some(rt) = &self.npu_runtime {
+                    npu.details.push(crate::devices::npu_activity(rt));
+                }
+                npu
+            },
         }
     }
 

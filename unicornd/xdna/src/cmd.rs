@@ -192,6 +192,41 @@ impl StartNpu {
     }
 }
 
+/// The opcode word XRT puts first in an ERT_START_NPU run's arguments: "run the transaction
+/// binary (instruction stream) named in the packet" (`host_app` in XRT's shim tests).
+pub const NPU_TXN_OPCODE: u64 = 3;
+/// Buffer slots of an mlir-aie (IRON) kernel: its runtime sequence's arguments, in order.
+pub const NPU_BO_SLOTS: usize = 5;
+
+/// The argument words of an mlir-aie kernel run, as XRT's shim lays them out for the `MLIR_AIE`
+/// compute unit: u64 opcode 3, u64 and u32 placeholders where XRT's kernel signature has the
+/// instruction BO and its length (the packet's `amdxdna_cmd_start_npu` carries those), then
+/// the device address of each buffer of the design's runtime sequence, in the sequence's order,
+/// unused slots zero. `None` when more than [`NPU_BO_SLOTS`] buffers are given.
+pub fn npu_args(bo_addrs: &[u64]) -> Option<Vec<u32>> {
+    if bo_addrs.len() > NPU_BO_SLOTS {
+        return None;
+    }
+    let mut args = Vec::with_capacity(5 + 2 * NPU_BO_SLOTS);
+    args.extend(u64_words(NPU_TXN_OPCODE));
+    args.extend(u64_words(0));
+    args.push(0);
+    for i in 0..NPU_BO_SLOTS {
+        args.extend(u64_words(bo_addrs.get(i).copied().unwrap_or(0)));
+    }
+    Some(args)
+}
+
+/// The buffer addresses of arguments laid out by [`npu_args`] (`None` when they are not).
+pub fn npu_arg_addrs(args: &[u32]) -> Option<Vec<u64>> {
+    if args.len() != 5 + 2 * NPU_BO_SLOTS
+        || u64::from(args[0]) | u64::from(args[1]) << 32 != NPU_TXN_OPCODE
+    {
+        return None;
+    }
+    Some(args[5..].chunks_exact(2).map(|p| u64::from(p[0]) | u64::from(p[1]) << 32).collect())
+}
+
 /// An ERT_CMD_CHAIN packet's bytes, state NEW, naming the command BOs `handles` in order.
 pub fn encode_chain(handles: &[u32]) -> Result<Vec<u8>, PacketError> {
     if handles.is_empty() {
@@ -375,6 +410,18 @@ mod tests {
         assert_eq!(Packet::decode(&bad), Err(PacketError::NoCu));
         let too_long = StartNpu { args: vec![0; MAX_PAYLOAD_WORDS], ..run };
         assert!(matches!(too_long.encode(), Err(PacketError::TooLong(_))));
+    }
+
+    #[test]
+    fn npu_args_follow_the_xrt_layout() {
+        let a = npu_args(&[0x1_0000_2000, 0x40]).unwrap();
+        assert_eq!(a.len(), 15);
+        assert_eq!(&a[..5], &[3, 0, 0, 0, 0]);
+        assert_eq!(&a[5..9], &[0x2000, 1, 0x40, 0]);
+        assert!(a[9..].iter().all(|&w| w == 0));
+        assert_eq!(npu_arg_addrs(&a).unwrap(), vec![0x1_0000_2000, 0x40, 0, 0, 0]);
+        assert!(npu_args(&[0; 6]).is_none());
+        assert!(npu_arg_addrs(&a[1..]).is_none());
     }
 
     #[test]

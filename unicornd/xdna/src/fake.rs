@@ -10,7 +10,12 @@
 //!
 //! Failure injection: [`FakeDevice::refuse_contexts`] makes CREATE_HWCTX fail with an errno;
 //! [`FakeDevice::push_outcome`] decides how the next commands end (COMPLETED, another final
-//! state such as ERROR or TIMEOUT, or never signalled so that the wait times out).
+//! state such as ERROR or TIMEOUT, or never signalled so that the wait times out), and
+//! [`FakeDevice::set_default_outcome`] how all later ones do.
+//!
+//! Inspection for tests: [`FakeDevice::submissions`] (each accepted packet with its argument
+//! BOs), [`FakeDevice::bo_at`] and [`FakeDevice::bo_bytes`] (what a BO holds), [`FakeDevice::live`]
+//! (leaked handles), [`FakeDevice::context_priorities`] (the QoS of each context).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::io;
@@ -77,7 +82,20 @@ struct State {
     next_ctx: u32,
     refuse: Option<i32>,
     outcomes: VecDeque<Outcome>,
+    /// How commands end when `outcomes` is empty (`None`: COMPLETED).
+    default_outcome: Option<Outcome>,
     calls: Vec<String>,
+    submitted: Vec<Submission>,
+}
+
+/// A command the fake accepted (EXEC_CMD passed its checks), for tests to inspect.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Submission {
+    pub hwctx: u32,
+    /// The packet as submitted (state NEW).
+    pub packet: Packet,
+    /// The argument BO handles of the EXEC_CMD.
+    pub args: Vec<u32>,
 }
 
 /// The test double. See the module documentation.
@@ -156,6 +174,12 @@ impl FakeDevice {
         self.st().outcomes.push_back(o);
     }
 
+    /// How every command ends once the queue of [`FakeDevice::push_outcome`] is empty
+    /// (`None`: COMPLETED, the default).
+    pub fn set_default_outcome(&self, o: Option<Outcome>) {
+        self.st().default_outcome = o;
+    }
+
     /// Every call so far, e.g. `CREATE_BO(type 2)`, in order.
     pub fn calls(&self) -> Vec<String> {
         self.st().calls.clone()
@@ -170,6 +194,39 @@ impl FakeDevice {
     /// The QoS priority a context was created with.
     pub fn context_priority(&self, handle: u32) -> Option<u32> {
         self.st().ctxs.get(&handle).map(|c| c.priority)
+    }
+
+    /// The QoS priorities of the live contexts, by handle.
+    pub fn context_priorities(&self) -> Vec<(u32, u32)> {
+        let mut v: Vec<(u32, u32)> = self.st().ctxs.iter().map(|(&h, c)| (h, c.priority)).collect();
+        v.sort();
+        v
+    }
+
+    /// Every command accepted so far, in order.
+    pub fn submissions(&self) -> Vec<Submission> {
+        self.st().submitted.clone()
+    }
+
+    /// The live BO whose device address range holds `addr`: (handle, type, size). A DEV BO is
+    /// preferred to the heap that holds it.
+    pub fn bo_at(&self, addr: u64) -> Option<(u32, u32, u64)> {
+        let s = self.st();
+        let inside = |b: &FakeBo| addr >= b.xdna_addr && addr - b.xdna_addr < b.size;
+        let mut hits: Vec<(u32, &FakeBo)> =
+            s.bos.iter().filter(|(_, b)| inside(b)).map(|(&h, b)| (h, b)).collect();
+        hits.sort_by_key(|(_, b)| b.kind != sys::BO_DEV);
+        hits.first().map(|(h, b)| (*h, b.kind, b.size))
+    }
+
+    /// The host-visible contents of a live SHMEM, CMD or heap BO (what the device would read).
+    pub fn bo_bytes(&self, handle: u32) -> Option<Vec<u8>> {
+        let s = self.st();
+        let bo = s.bos.get(&handle)?;
+        let mem = bo.mem.as_ref()?;
+        let mut out = vec![0u8; usize::try_from(bo.size).ok()?];
+        mem.read(0, &mut out).ok()?;
+        Some(out)
     }
 
     fn log(s: &mut State, call: String) {
@@ -505,7 +562,12 @@ impl Device for FakeDevice {
                 }
             }
         }
-        let outcome = s.outcomes.pop_front().unwrap_or(Outcome::Complete);
+        s.submitted.push(Submission {
+            hwctx: arg.hwctx,
+            packet: packet.clone(),
+            args: args.to_vec(),
+        });
+        let outcome = s.outcomes.pop_front().or(s.default_outcome).unwrap_or(Outcome::Complete);
         let ctx = s.ctxs.get_mut(&arg.hwctx).ok_or_else(|| err(libc::EINVAL))?;
         ctx.last_seq += 1;
         let seq = ctx.last_seq;

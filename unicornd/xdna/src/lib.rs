@@ -8,6 +8,8 @@
 //!   nothing.
 //! - [`bo`], [`hwctx`], [`cmd`]: buffer objects, the heap, hardware contexts with their CUs,
 //!   ERT_START_NPU and ERT_CMD_CHAIN packets, submission and syncobj waits with timeouts.
+//! - [`runtime`]: the kernels of the manifest as the engine runs them (contexts per QoS
+//!   priority, prepared runs, fallback counting and retirement).
 //! - [`xclbin`]: the container parser (hostile input), [`manifest`]: the kernel manifest,
 //!   [`discover`]: finding the NPU and saying why there is none.
 //!
@@ -21,6 +23,7 @@ mod error;
 pub mod fake;
 pub mod hwctx;
 pub mod manifest;
+pub mod runtime;
 pub mod sys;
 pub mod xclbin;
 

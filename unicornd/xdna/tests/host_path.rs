@@ -292,3 +292,64 @@ fn the_heap_runs_out_and_dev_bos_come_back() {
     c.read(0, &mut out).unwrap();
     assert_eq!(&out, b"npu!");
 }
+
+/// The runtime the engine drives: a prepared run names the instruction stream and the buffers
+/// in the XRT argument layout; failures are counted and retire the kernel after RETIRE_AFTER,
+/// which gives its contexts back and refuses further runs.
+#[test]
+fn the_runtime_runs_counts_and_retires() {
+    use unicorn_xdna::cmd::{npu_arg_addrs, Packet};
+    use unicorn_xdna::manifest::{DType, Kernel, Manifest, Op, Ready, Shape, WeightLayout};
+    use unicorn_xdna::runtime::{Runtime, RETIRE_AFTER};
+
+    let fake = Arc::new(FakeDevice::new());
+    let ready = Ready {
+        kernel: Kernel {
+            name: "mv".into(),
+            op: Op::Matvec,
+            xclbin: "build/mv.xclbin".into(),
+            instructions: "build/mv.insts.bin".into(),
+            cu: "MLIR_AIE".into(),
+            shape: Shape { m: 64, k: 64, n: 1 },
+            dtype: DType::Bf16,
+            weights: WeightLayout::RowMajorBf16,
+            columns: 2,
+            source: None,
+        },
+        xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 2, 256)).unwrap(),
+        instructions: vec![0; 128],
+    };
+    let m = Manifest { dir: "t".into(), ready: vec![ready], unusable: Vec::new() };
+    let rt = Runtime::new(fake.clone(), &m, 4).unwrap();
+    let (w, x, y) = (rt.shmem(8192).unwrap(), rt.shmem(128).unwrap(), rt.shmem(128).unwrap());
+    let p = rt.prepare(0, QosPriority::Low, &[&w, &x, &y]).unwrap();
+    assert!(fake.calls().contains(&"CREATE_HWCTX(tiles 8, opc 256)".to_owned()));
+    rt.run(&p, QosPriority::Low, &[&w, &x, &y]).unwrap();
+    let sub = fake.submissions().pop().unwrap();
+    let Packet::StartNpu { run, .. } = sub.packet else { panic!("{sub:?}") };
+    assert_eq!(run.instr_size, 128);
+    assert_eq!(
+        npu_arg_addrs(&run.args).unwrap(),
+        vec![w.xdna_addr(), x.xdna_addr(), y.xdna_addr(), 0, 0]
+    );
+    assert_eq!(&sub.args[1..], &[w.handle(), x.handle(), y.handle()]);
+    assert_eq!(fake.context_priorities()[0].1, sys::QOS_LOW_PRIORITY);
+    // The packet is written again before each run: the device left COMPLETED in it.
+    rt.run(&p, QosPriority::Low, &[&w, &x, &y]).unwrap();
+    assert_eq!(rt.stats().runs, 2);
+    fake.set_default_outcome(Some(Outcome::Fail { state: CmdState::Error, chain_index: 0 }));
+    for i in 1..=RETIRE_AFTER {
+        let e = rt.run(&p, QosPriority::Low, &[&w, &x, &y]).unwrap_err();
+        assert!(e.job_failure(), "{e}");
+        assert_eq!(rt.failed(0, &e), i == RETIRE_AFTER);
+    }
+    assert!(!rt.usable(0));
+    assert_eq!(rt.retired(), ["mv"]);
+    assert_eq!(rt.stats().fallbacks, u64::from(RETIRE_AFTER));
+    assert!(fake.context_priorities().is_empty(), "a retired kernel's context is destroyed");
+    let submitted = fake.submissions().len();
+    assert!(rt.run(&p, QosPriority::Low, &[&w, &x, &y]).is_err());
+    assert_eq!(fake.submissions().len(), submitted, "nothing submitted for a retired kernel");
+    drop((p, w, x, y, rt));
+    assert_eq!(fake.live(), (0, 0));
+}

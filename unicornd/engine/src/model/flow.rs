@@ -17,7 +17,9 @@ use unicorn_kernels::attention::AttnParams;
 use unicorn_kernels::ops::{add_assign, geglu, rms_norm, swiglu, Rope};
 use unicorn_kernels::{matmul, ThreadPool};
 use unicorn_vulkan::{Context, KvCache, OutRows, Tensor, VulkanError};
+use unicorn_xdna::hwctx::QosPriority;
 
+use super::npu::NpuPass;
 use super::placement::{Exec, Gpu, OpClass};
 use super::transformer::Ffn;
 use super::weights::Matrix;
@@ -67,13 +69,19 @@ impl Act {
 pub(crate) struct Flow<'e> {
     gpu: Option<MutexGuard<'e, Option<Gpu>>>,
     on: [bool; 4],
+    /// The NPU side, when some class's products run there ([`super::npu`]).
+    npu: Option<NpuPass<'e>>,
+    on_npu: [bool; 4],
 }
 
 impl<'e> Flow<'e> {
-    /// A pass on `exec`'s placement; locks and begins the device step when some class is there.
-    pub fn new(exec: &'e Exec) -> Result<Flow<'e>, ModelError> {
+    /// A pass on `exec`'s placement; locks and begins the device step when some class is there,
+    /// and locks the model's NPU side (its runs at priority `qos`) when some class is on it.
+    pub fn new(exec: &'e Exec, qos: QosPriority) -> Result<Flow<'e>, ModelError> {
         let on = OpClass::ALL.map(|c| exec.on_device(c));
-        Ok(Flow { gpu: exec.gpu()?, on })
+        let on_npu = OpClass::ALL.map(|c| exec.on_npu(c));
+        let npu = if on_npu.contains(&true) { exec.npu(qos) } else { None };
+        Ok(Flow { gpu: exec.gpu()?, on, npu, on_npu })
     }
 
     /// The device state, when the class is on it.
@@ -89,8 +97,15 @@ impl<'e> Flow<'e> {
         self.gpu.as_mut().and_then(|g| g.as_mut())
     }
 
-    /// Whether `class` runs on the device.
+    /// Whether `class` runs on a device (Vulkan, or the NPU: then each of its products is
+    /// dispatched on its own, see [`Flow::matmul`]).
     pub fn on(&self, class: OpClass) -> bool {
+        self.on_vulkan(class) || (self.on_npu[class as usize] && self.npu.is_some())
+    }
+
+    /// Whether `class` runs on the Vulkan device (not the NPU): where its attention, RoPE and KV
+    /// cache go with it.
+    pub fn on_vulkan(&self, class: OpClass) -> bool {
         self.on[class as usize] && self.gpu.is_some()
     }
 
@@ -178,7 +193,14 @@ impl<'e> Flow<'e> {
         n: usize,
         out: &mut Act,
     ) -> Result<(), ModelError> {
-        if let Some(gpu) = class.and_then(|c| self.gpu_for(c)) {
+        if class.is_some_and(|c| self.on_npu[c as usize]) && self.npu.is_some() {
+            // The NPU path falls back to the CPU per product by itself.
+            let x = self.host(x)?;
+            let out = self.overwrite(out);
+            if let Some(npu) = self.npu.as_mut() {
+                npu.matmul(m, bytes, pool, x, n, out)?;
+            }
+        } else if let Some(gpu) = class.and_then(|c| self.gpu_for(c)) {
             let parts = gpu.matrix(m, bytes)?;
             let xt = Flow::dev(gpu, x)?;
             let ot = Flow::out(gpu, out)?;

@@ -12,6 +12,7 @@ mod gemma3n;
 mod hparams;
 mod kv;
 mod llama;
+mod npu;
 mod placement;
 mod qwen3;
 mod transformer;
@@ -20,6 +21,7 @@ mod weights;
 pub use error::ModelError;
 pub use hparams::HParams;
 pub use kv::{KvState, KvType};
+pub use npu::{check_kernel, discover_npu, offer_for_manifest, KernelCheck, NpuDiscovery};
 pub use placement::{
     set_npu_offer, shared_vulkan_context, Backend, Backends, NpuOffer, OpClass, Placement,
     PlacementError, BACKEND_ENV,
@@ -27,6 +29,7 @@ pub use placement::{
 pub use transformer::{Logits, Seq};
 
 use unicorn_kernels::ThreadPool;
+pub use unicorn_xdna::hwctx::QosPriority;
 
 use crate::gguf::GgufFile;
 use crate::tokenizer::Tokenizer;
@@ -123,14 +126,28 @@ impl Model {
         KvState::new(&self.hp, n_ctx, ty)
     }
 
-    /// Runs a batch of sequences (see [`transformer::Transformer::forward`]).
+    /// Runs a batch of sequences (see [`transformer::Transformer::forward`]) at the normal
+    /// NPU priority.
     pub fn forward(
         &self,
         pool: &ThreadPool,
         seqs: &mut [Seq<'_>],
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        let run = transformer::Run { bytes: self.gguf.bytes(), exec: &self.exec, pool };
+        self.forward_at(pool, seqs, logits, QosPriority::Normal)
+    }
+
+    /// [`Model::forward`] with `qos` as the priority hint of the NPU contexts its products run
+    /// in (the scheduler passes the batch's highest class; it stays the arbiter of what runs
+    /// when, the driver does not schedule by the hint).
+    pub fn forward_at(
+        &self,
+        pool: &ThreadPool,
+        seqs: &mut [Seq<'_>],
+        logits: &mut Vec<f32>,
+        qos: QosPriority,
+    ) -> Result<(), ModelError> {
+        let run = transformer::Run { bytes: self.gguf.bytes(), exec: &self.exec, pool, qos };
         match self.net.forward(run, seqs, logits) {
             // A device error (e.g. a lost device): the pass left the sequences as they were, so
             // it runs again with every class on the CPU, as do all later ones.

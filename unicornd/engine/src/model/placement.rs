@@ -15,6 +15,11 @@ use unicorn_vulkan::{
     timing_from_env, Context, OpTime, Options, Step, StepStats, VulkanError, Weight,
 };
 
+use unicorn_xdna::hwctx::QosPriority;
+use unicorn_xdna::manifest::Kernel;
+use unicorn_xdna::runtime::Runtime;
+
+use super::npu::{Npu, NpuPass};
 use super::weights::Matrix;
 use super::ModelError;
 
@@ -208,31 +213,69 @@ pub fn shared_vulkan_context(allow_cpu: bool) -> Result<&'static Context, &'stat
 }
 
 /// What the NPU can take in this process: the classes that a usable amdxdna device with loaded
-/// kernels runs, and why the others cannot run there. The daemon sets it once at start
-/// ([`set_npu_offer`]) from discovery and the kernel manifest; without it no class is offered.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// kernels runs, the runtime that runs them, and why the others cannot run there. The daemon
+/// sets it once at start ([`set_npu_offer`]) from discovery and the kernel manifest; without it
+/// no class is offered.
+#[derive(Clone, Debug)]
 pub struct NpuOffer {
     classes: Vec<OpClass>,
+    runtime: Option<Arc<Runtime>>,
     reason: String,
 }
 
 impl NpuOffer {
+    /// The classes whose operations the NPU path runs: the matrix products (norms, RoPE and
+    /// attention itself stay where they are).
+    pub const CLASSES: [OpClass; 3] = [OpClass::Attention, OpClass::FeedForward, OpClass::Output];
+
     /// Nothing offered, because of `reason`.
     pub fn none(reason: impl Into<String>) -> NpuOffer {
-        NpuOffer { classes: Vec::new(), reason: reason.into() }
+        NpuOffer { classes: Vec::new(), runtime: None, reason: reason.into() }
     }
 
-    /// `classes` offered; `reason` says why the others are not.
-    pub fn classes(classes: &[OpClass], reason: impl Into<String>) -> NpuOffer {
-        NpuOffer { classes: classes.to_vec(), reason: reason.into() }
+    /// `classes` offered, run by `runtime` (classes outside [`NpuOffer::CLASSES`] are not);
+    /// `reason` says why the others are not.
+    pub fn new(runtime: Arc<Runtime>, classes: &[OpClass], reason: impl Into<String>) -> NpuOffer {
+        let classes = classes.iter().copied().filter(|c| NpuOffer::CLASSES.contains(c)).collect();
+        NpuOffer { classes, runtime: Some(runtime), reason: reason.into() }
+    }
+
+    /// Whether the engine's NPU path runs kernel `k` (a matvec or matmul with bf16 or f32
+    /// activations and row-major bf16 or int8-with-row-scale weights).
+    pub fn drives(k: &Kernel) -> bool {
+        super::npu::drivable(k)
+    }
+
+    /// The offer of `runtime`: the product classes when some kernel of it is one the engine
+    /// drives ([`NpuOffer::drives`]), nothing otherwise.
+    pub fn for_runtime(runtime: Arc<Runtime>) -> NpuOffer {
+        let driven: Vec<String> =
+            runtime.kernels().filter(|k| NpuOffer::drives(k)).map(|k| k.name.clone()).collect();
+        if driven.is_empty() {
+            return NpuOffer::none("the NPU has no kernel the engine runs");
+        }
+        NpuOffer::new(
+            runtime,
+            &NpuOffer::CLASSES,
+            format!(
+                "kernels {}; a product without a kernel of its shape runs on the cpu, norms \
+                 stay off the NPU",
+                driven.join(", ")
+            ),
+        )
     }
 
     pub fn covers(&self, class: OpClass) -> bool {
-        self.classes.contains(&class)
+        self.runtime.is_some() && self.classes.contains(&class)
     }
 
     pub fn reason(&self) -> &str {
         &self.reason
+    }
+
+    /// The runtime, when something is offered.
+    pub fn runtime(&self) -> Option<&Arc<Runtime>> {
+        self.runtime.as_ref()
     }
 }
 
@@ -258,6 +301,8 @@ pub struct Backends {
     placement: Placement,
     requested: Placement,
     vulkan: Option<&'static Context>,
+    /// The NPU runtime, when some class runs on it.
+    npu: Option<Arc<Runtime>>,
     fallbacks: Vec<String>,
 }
 
@@ -274,6 +319,7 @@ impl Backends {
             placement: Placement::cpu(),
             requested: Placement::cpu(),
             vulkan: None,
+            npu: None,
             fallbacks: Vec::new(),
         }
     }
@@ -336,7 +382,11 @@ impl Backends {
                 }
             }
         }
-        Backends { placement, requested, vulkan, fallbacks }
+        let npu = npu.runtime().filter(|_| placement.uses(Backend::Xdna)).cloned();
+        if let Some(rt) = &npu {
+            log::info!("xdna backend on {}", rt.device().name());
+        }
+        Backends { placement, requested, vulkan, npu, fallbacks }
     }
 
     /// [`Backends::resolve_with`] on the process's shared Vulkan context; `allow_cpu` accepts a
@@ -395,10 +445,18 @@ impl Backends {
         if let Some(d) = self.vulkan_device() {
             s.push_str(&format!(" (vulkan: {d})"));
         }
+        if let Some(rt) = &self.npu {
+            s.push_str(&format!(" (xdna: {})", rt.device().name()));
+        }
         if self.placement != self.requested {
             s.push_str(&format!("; asked for {}", self.requested));
         }
         s
+    }
+
+    /// The NPU runtime, when some class runs on it.
+    pub fn npu_runtime(&self) -> Option<&Arc<Runtime>> {
+        self.npu.as_ref()
     }
 
     /// The Vulkan context when `class` runs on it.
@@ -416,6 +474,8 @@ impl Backends {
 pub(crate) struct Exec {
     backends: Backends,
     gpu: Mutex<Option<Gpu>>,
+    /// The model's NPU side, when some class runs on the NPU.
+    npu: Option<Npu>,
     /// A Vulkan call failed during a pass: every class runs on the CPU from then on.
     failed: AtomicBool,
     /// That failure was a lost device, whose memory (the contexts' device KV caches) can no
@@ -491,13 +551,25 @@ impl Gpu {
 
 impl Exec {
     pub fn new(backends: Backends) -> Exec {
+        let npu = backends.npu.clone().map(Npu::new);
         Exec {
             backends,
             gpu: Mutex::new(None),
+            npu,
             failed: AtomicBool::new(false),
             lost: AtomicBool::new(false),
             live_kv: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// Whether `class` runs on the NPU.
+    pub fn on_npu(&self, class: OpClass) -> bool {
+        self.npu.is_some() && self.backends.placement.get(class) == Backend::Xdna
+    }
+
+    /// The model's NPU state for a pass at priority `qos`, when some class runs on the NPU.
+    pub fn npu(&self, qos: QosPriority) -> Option<NpuPass<'_>> {
+        self.npu.as_ref().map(|n| n.pass(qos))
     }
 
     pub fn backends(&self) -> &Backends {
@@ -635,23 +707,44 @@ mod tests {
         assert!(b.fallbacks()[0].contains("xdna"));
     }
 
+    /// A runtime on the test double with no kernels: enough for placement.
+    fn test_runtime() -> Arc<Runtime> {
+        let dev: Arc<dyn unicorn_xdna::device::Device> =
+            Arc::new(unicorn_xdna::fake::FakeDevice::new());
+        let m = unicorn_xdna::manifest::Manifest {
+            dir: "none".into(),
+            ready: Vec::new(),
+            unusable: Vec::new(),
+        };
+        Arc::new(Runtime::new(dev, &m, 4).unwrap())
+    }
+
     #[test]
     fn xdna_keeps_the_classes_the_npu_offer_covers() {
         let p = Placement::cpu()
             .with(OpClass::Attention, Backend::Xdna)
             .with(OpClass::Norms, Backend::Xdna);
-        let offer = NpuOffer::classes(&[OpClass::Norms], "no attention kernels in the manifest");
+        let offer = NpuOffer::new(
+            test_runtime(),
+            &[OpClass::Attention, OpClass::Norms],
+            "no feed-forward kernels in the manifest",
+        );
+        // Norms are never offered: the NPU path runs products only.
+        assert!(!offer.covers(OpClass::Norms));
         let b = Backends::resolve_with_npu(p, &offer, || Err("no device".into()));
-        assert_eq!(b.placement().get(OpClass::Norms), Backend::Xdna);
-        assert_eq!(b.placement().get(OpClass::Attention), Backend::Cpu);
+        assert_eq!(b.placement().get(OpClass::Attention), Backend::Xdna);
+        assert_eq!(b.placement().get(OpClass::Norms), Backend::Cpu);
         assert_eq!(b.fallbacks().len(), 2);
-        assert!(b.fallbacks()[0].contains("xdna cannot run attention"), "{:?}", b.fallbacks());
-        assert!(b.fallbacks()[0].contains("no attention kernels"), "{:?}", b.fallbacks());
+        assert!(b.fallbacks()[0].contains("xdna cannot run norms"), "{:?}", b.fallbacks());
+        assert!(b.fallbacks()[0].contains("no feed-forward kernels"), "{:?}", b.fallbacks());
+        assert!(b.npu_runtime().is_some());
+        assert!(b.describe().contains("test double"), "{}", b.describe());
         // Nothing offered: every xdna class falls back, naming the reason.
         let none = NpuOffer::none("no NPU: no /dev/accel node");
         let b = Backends::resolve_with_npu(p, &none, || Err("no device".into()));
         assert_eq!(b.placement(), Placement::cpu());
         assert!(b.fallbacks()[0].contains("no /dev/accel node"), "{:?}", b.fallbacks());
+        assert!(b.npu_runtime().is_none());
     }
 
     #[test]

@@ -13,6 +13,7 @@ use unicorn_kernels::attention::{attention_batch, Attend, AttnParams};
 use unicorn_kernels::ops::{scale, Rope, RopeMode};
 use unicorn_kernels::{matmul_group, ThreadPool};
 use unicorn_vulkan::{KvShape, Tensor, VulkanError};
+use unicorn_xdna::hwctx::QosPriority;
 
 pub(crate) use super::flow::Act;
 use super::flow::Flow;
@@ -28,6 +29,8 @@ pub(crate) struct Run<'a> {
     pub bytes: &'a [u8],
     pub exec: &'a Exec,
     pub pool: &'a ThreadPool,
+    /// The NPU priority of the batch (the driver's QoS hint for its contexts).
+    pub qos: QosPriority,
 }
 
 /// A network the model runs: the plain [`Transformer`], or an architecture's own arrangement
@@ -323,12 +326,12 @@ impl<'a> Pass<'a> {
             (r, tab, window)
         });
         let rope_global = tables(rope);
-        let mut flow = Flow::new(run.exec)?;
+        let mut flow = Flow::new(run.exec, run.qos)?;
         let submits_before = flow.submits();
         // Attention on the device needs heads the shaders take; the caches must hold every
         // position where attention runs (a copy of what only the other side has).
         let shape = KvShape { n_kv_head: hp.n_head_kv, n_ctx: 1, head_dim: hp.head_dim };
-        let dev = flow.context().filter(|_| flow.on(OpClass::Attention));
+        let dev = flow.context().filter(|_| flow.on_vulkan(OpClass::Attention));
         let dev = dev.filter(|_| shape.check_head_dim().is_ok());
         for s in seqs.iter_mut() {
             match dev {
