@@ -246,6 +246,7 @@ mod tests {
                 },
                 columns: 1,
                 source: None,
+                eps: None,
             },
             xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 1, 256)).unwrap(),
             instructions: vec![0; 64],

@@ -43,6 +43,7 @@ fn kernel(name: &str, op: Op, m: u32, k: u32, n: u32, weights: WeightLayout) -> 
             weights,
             columns: 1,
             source: None,
+            eps: None,
         },
         xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 1, 256)).unwrap(),
         instructions: vec![0; 64],
