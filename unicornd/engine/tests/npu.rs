@@ -354,20 +354,21 @@ fn more_kernels_than_contexts_take_turns() {
 
 /// The hardware test's per-kernel check, on the test double: it runs (the packet and buffers
 /// pass the fake's checks) but nothing is computed, so the output is all zeros and the error
-/// is the whole reference: the check can never pass without an NPU doing the product.
+/// is the whole reference: the check can never pass without an NPU doing the product or norm.
 #[test]
 fn the_kernel_check_never_passes_on_the_test_double() {
     let n = npu(vec![
         mv("q", 128, N_EMBD),
         kernel("wo_i8", Op::Matvec, N_EMBD, 128, 1, WeightLayout::RowMajorI8RowScale),
         kernel("up_mm", Op::Matmul, N_FF, N_EMBD, 4, WeightLayout::RowMajorBf16),
+        norm_kernel("norm", N_EMBD, 4, EPS),
     ]);
-    for i in 0..3 {
+    for i in 0..4 {
         let c = unicorn_engine::model::check_kernel(&n.rt, i, 2, 7).unwrap();
         assert!(c.max_abs_ref > 0.1, "{c:?}");
         assert_eq!(c.max_abs_err, c.max_abs_ref, "{c:?}");
     }
-    assert_eq!(n.rt.stats().runs, 6);
+    assert_eq!(n.rt.stats().runs, 8);
 }
 
 /// Products on the NPU beside products on Vulkan (lavapipe here): with every NPU run failing,

@@ -315,10 +315,28 @@ pub struct KernelCheck {
     pub cpu_us: f64,
 }
 
-/// Runs product kernel `i` of `rt` `reps` times on random weights and inputs (seeded) and
-/// compares its output with an f32 product on the CPU of the weights as the kernel's layout
-/// holds them (so the difference is the kernel's, not the conversion's). On the test double
-/// nothing is computed and the outputs stay zero: the error then equals the reference's size.
+/// Uniform values in [-1, 1) from `seed` (xorshift64*).
+fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed | 1;
+    move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs kernel `i` of `rt` `reps` times on random weights and inputs (seeded) and compares its
+/// output with the CPU's f32 result on the values as the kernel receives them (so the
+/// difference is the kernel's, not the conversion's): a product against an f32 product of the
+/// weights as its layout holds them, an rms_norm against an f32 RMSNorm with the kernel's
+/// declared eps. On the test double nothing is computed and the outputs stay zero: the error
+/// then equals the reference's size.
 pub fn check_kernel(
     rt: &Runtime,
     i: usize,
@@ -326,21 +344,17 @@ pub fn check_kernel(
     seed: u64,
 ) -> Result<KernelCheck, XdnaError> {
     let k = rt.kernel(i).ok_or_else(|| XdnaError::Invalid(format!("no kernel {i}")))?.clone();
+    if drivable_norm(&k) {
+        return check_norm(rt, i, &k, reps, seed);
+    }
     if !drivable_product(&k) {
         return Err(XdnaError::Invalid(format!(
-            "kernel {} is not a product the engine runs",
+            "kernel {} is not a product or norm the engine runs",
             k.name
         )));
     }
     let (m, kk, n) = (k.shape.m as usize, k.shape.k as usize, k.shape.n as usize);
-    let mut state = seed | 1;
-    let mut rand = move || {
-        // xorshift64*: uniform in [-1, 1).
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    };
+    let mut rand = uniform(seed);
     let scale = 1.0 / (kk as f32).sqrt();
     let wdata = encode_weights(k.weights, m, kk, |_, row| {
         row.iter_mut().for_each(|v| *v = rand() * scale);
@@ -383,10 +397,58 @@ pub fn check_kernel(
         }
         cpu_times.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    Ok(KernelCheck {
+        name: k.name.clone(),
+        max_abs_err: y.iter().zip(&want).fold(0.0f32, |a, (p, q)| a.max((p - q).abs())),
+        max_abs_ref: want.iter().fold(0.0f32, |a, v| a.max(v.abs())),
+        npu_us: median(&mut times),
+        cpu_us: median(&mut cpu_times),
+    })
+}
+
+/// [`check_kernel`] of rms_norm kernel `i` (`k`): `m` random rows of `k` values, a random
+/// weight vector around 1.
+fn check_norm(
+    rt: &Runtime,
+    i: usize,
+    k: &Kernel,
+    reps: usize,
+    seed: u64,
+) -> Result<KernelCheck, XdnaError> {
+    let (rows, dim, d) = (k.shape.m as usize, k.shape.k as usize, k.dtype);
+    let eps = k.eps.ok_or_else(|| XdnaError::Invalid(format!("{}: no eps", k.name)))?;
+    let mut rand = uniform(seed);
+    let w: Vec<f32> = (0..dim).map(|_| 1.0 + 0.5 * rand()).collect();
+    let x: Vec<f32> = (0..rows * dim).map(|_| rand()).collect();
+    let mut xb = vec![0u8; rows * dim * elem_bytes(d)];
+    encode_acts(d, &x, &mut xb);
+    let mut xr = vec![0.0f32; rows * dim];
+    decode_acts(d, &xb, &mut xr);
+    let wdata: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (wbo, xbo, ybo) = (rt.shmem(wdata.len())?, rt.shmem(xb.len())?, rt.shmem(xb.len())?);
+    runtime::upload(&wbo, &wdata)?;
+    let io = Io { x: xbo, y: ybo };
+    let bos = buffers(k.op, &wbo, &io);
+    let qos = QosPriority::Normal;
+    let p = rt.prepare(i, qos, &bos)?;
+    let mut yb = vec![0u8; xb.len()];
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        runtime::upload(&io.x, &xb)?;
+        rt.run(&p, qos, &bos)?;
+        runtime::download(&io.y, &mut yb)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut y = vec![0.0f32; rows * dim];
+    decode_acts(d, &yb, &mut y);
+    let mut want = vec![0.0f32; rows * dim];
+    let mut cpu_times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        rms_norm(&xr, &mut want, dim, Some(&w), eps);
+        cpu_times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
     Ok(KernelCheck {
         name: k.name.clone(),
         max_abs_err: y.iter().zip(&want).fold(0.0f32, |a, (p, q)| a.max((p - q).abs())),
