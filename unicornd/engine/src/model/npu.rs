@@ -204,10 +204,11 @@ pub(crate) struct State {
     no_kernel: HashSet<(usize, usize)>,
     /// Matrices whose weights could not be put on the NPU (logged once each): CPU for good.
     cpu_only: HashSet<usize>,
-    /// Norms' prepared runs by (weight vector address, kernel), and their weight BOs by
-    /// address. The vectors are the model's, alive as long as this state (the model's too).
+    /// Norms' prepared runs by (weight vector address, kernel), and their weight BOs (with the
+    /// values uploaded) by address. The vectors are the model's, alive as long as it; the
+    /// values are compared on each use so that a reused address never runs stale weights.
     norm_runs: HashMap<(usize, usize), Arc<Ready>>,
-    norm_weights: HashMap<usize, Arc<Bo>>,
+    norm_weights: HashMap<usize, (Vec<f32>, Arc<Bo>)>,
     /// Why norms run on the CPU, each reason logged once.
     norm_cpu: HashSet<String>,
 }
@@ -730,11 +731,15 @@ impl NpuPass<'_> {
     /// uploaded as the kernel's f32 vector, I/O BOs made, the command packet written.
     fn norm_ready(&mut self, w: &[f32], k: usize, kernel: &Kernel) -> Result<Arc<Ready>, Miss> {
         let addr = w.as_ptr() as usize;
+        if self.state.norm_weights.get(&addr).is_some_and(|(v, _)| v.as_slice() != w) {
+            self.state.norm_weights.remove(&addr);
+            self.state.norm_runs.retain(|&(a, _), _| a != addr);
+        }
         if let Some(r) = self.state.norm_runs.get(&(addr, k)) {
             return Ok(Arc::clone(r));
         }
         let wbo = match self.state.norm_weights.get(&addr) {
-            Some(b) => Arc::clone(b),
+            Some((_, b)) => Arc::clone(b),
             None => {
                 let data: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
                 let bo = self.rt.shmem(data.len()).and_then(|bo| {
@@ -742,7 +747,7 @@ impl NpuPass<'_> {
                     Ok(bo)
                 });
                 let bo = Arc::new(bo.map_err(|e| Miss::Failed(k, e))?);
-                self.state.norm_weights.insert(addr, Arc::clone(&bo));
+                self.state.norm_weights.insert(addr, (w.to_vec(), Arc::clone(&bo)));
                 bo
             }
         };
@@ -817,8 +822,25 @@ mod tests {
         assert!(why.iter().any(|w| w.contains("norm4 computes with eps 1e-5")), "{why:?}");
         // Fits: 3 rows of 4 in runs of 2 rows.
         let mut out = vec![0.0f32; 12];
+        let mut w = w;
+        let weight_bo = |fake: &FakeDevice| {
+            let subs = fake.submissions();
+            let unicorn_xdna::cmd::Packet::StartNpu { run, .. } = &subs.last().unwrap().packet
+            else {
+                panic!("not a run")
+            };
+            let a = unicorn_xdna::cmd::npu_arg_addrs(&run.args).unwrap()[1];
+            fake.bo_bytes(fake.bo_at(a).unwrap().0).unwrap()
+        };
+        let f32s = |w: &[f32]| w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
         pass.norm(&x, &mut out, 4, Some(&w), 1e-5);
         assert_eq!(fake.submissions().len(), 2);
         assert_eq!(pass.rt.stats().runs, 2);
+        assert_eq!(weight_bo(&fake), f32s(&w));
+        // The same vector with new values is uploaded again, not served stale.
+        w[0] = -3.0;
+        pass.norm(&x, &mut out, 4, Some(&w), 1e-5);
+        assert_eq!(fake.submissions().len(), 4);
+        assert_eq!(weight_bo(&fake), f32s(&w));
     }
 }
