@@ -5,7 +5,8 @@
 //! can open them and whether the Vulkan backend runs on some device (the Vulkan device is not
 //! matched to a node). Accel nodes come from the xdna backend's discovery ([`npu`]), which also
 //! says plainly why there is no usable NPU; with one, the kernel manifest is loaded and the NPU
-//! runtime started, and the product classes are offered to the placement.
+//! runtime started, and the classes its kernels serve (the products' classes, `norms` with an
+//! rms_norm kernel) are offered to the placement.
 
 use std::path::Path;
 
@@ -27,7 +28,7 @@ pub struct Npu {
 /// Discovers the NPU and, when one is usable, loads the kernel manifest and (when `start`: some
 /// class is asked to run on xdna) starts the runtime that runs its kernels
 /// ([`unicorn_engine::model::discover_npu`]); the offer covers the product classes when the
-/// manifest has kernels the engine runs.
+/// manifest has product kernels the engine runs, and `norms` when it has such rms_norm kernels.
 pub fn npu(start: bool) -> Npu {
     let d = unicorn_engine::model::discover_npu(start);
     Npu { report: d.report, manifest: d.manifest, offer: d.offer }
@@ -36,6 +37,21 @@ pub fn npu(start: bool) -> Npu {
 /// Classes of `backends` placed on the NPU.
 fn on_npu(backends: &Backends) -> Vec<OpClass> {
     OpClass::ALL.into_iter().filter(|&c| backends.placement().get(c) == Backend::Xdna).collect()
+}
+
+/// What of the classes `on` runs on the NPU, in words: "the matrix products of a, b and the
+/// RMSNorms".
+fn npu_ops(on: &[OpClass]) -> String {
+    let products: Vec<&str> =
+        on.iter().filter(|&&c| c != OpClass::Norms).map(|c| c.name()).collect();
+    let mut parts = Vec::new();
+    if !products.is_empty() {
+        parts.push(format!("the matrix products of {}", products.join(", ")));
+    }
+    if on.contains(&OpClass::Norms) {
+        parts.push("the RMSNorms".to_owned());
+    }
+    parts.join(" and ")
 }
 
 /// A line of what the NPU runtime has done: kernel runs, fallbacks, retired kernels.
@@ -71,11 +87,10 @@ impl Npu {
         } else if on.is_empty() {
             format!("placement: nothing runs on the NPU ({})", self.offer.reason())
         } else {
-            let names: Vec<&str> = on.iter().map(|c| c.name()).collect();
             format!(
-                "placement: the matrix products of {} run on the NPU where a kernel of their \
-                 shape is ready, the others on the cpu ({})",
-                names.join(", "),
+                "placement: {} run on the NPU where a kernel of their shape is ready, the \
+                 others on the cpu ({})",
+                npu_ops(&on),
                 self.offer.reason()
             )
         });
@@ -88,8 +103,7 @@ impl Npu {
         let runs = if on.is_empty() {
             "no operation runs on it".to_owned()
         } else {
-            let names: Vec<&str> = on.iter().map(|c| c.name()).collect();
-            format!("runs the products of {} that have kernels", names.join(", "))
+            format!("runs {} that have kernels", npu_ops(&on))
         };
         let usable = self.report.usable().map(|n| n.path.clone());
         self.report
@@ -230,6 +244,10 @@ mod tests {
     }
 
     fn ready(name: &str, op: Op, m: u32, k: u32, dtype: DType) -> Ready {
+        ready_eps(name, op, m, k, dtype, None)
+    }
+
+    fn ready_eps(name: &str, op: Op, m: u32, k: u32, dtype: DType, eps: Option<f32>) -> Ready {
         Ready {
             kernel: Kernel {
                 name: name.into(),
@@ -246,6 +264,7 @@ mod tests {
                 },
                 columns: 1,
                 source: None,
+                eps,
             },
             xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 1, 256)).unwrap(),
             instructions: vec![0; 64],
@@ -268,7 +287,13 @@ mod tests {
         for c in [OpClass::Attention, OpClass::FeedForward, OpClass::Output] {
             assert!(offer.covers(c), "{c:?}: {}", offer.reason());
         }
+        // The rms_norm kernel declares no eps, so what it computes is unknown: norms stay off.
         assert!(!offer.covers(OpClass::Norms));
+        assert!(
+            offer.reason().contains("no rms_norm kernel the engine runs"),
+            "{}",
+            offer.reason()
+        );
         // The runtime made its heap on the device: one live BO, no context yet.
         assert_eq!(fake.live(), (1, 0));
         let backends = Backends::resolve_with_npu(
@@ -294,6 +319,38 @@ mod tests {
         );
         drop((npu, backends));
         assert_eq!(fake.live(), (0, 0));
+    }
+
+    #[test]
+    fn the_offer_covers_norms_when_an_rms_norm_kernel_declares_its_eps() {
+        let fake = Arc::new(FakeDevice::new());
+        let open = || Ok(fake.clone() as Arc<dyn XdnaDevice>);
+        let m = manifest(vec![ready_eps("norm", Op::RmsNorm, 1, 64, DType::Bf16, Some(1e-5))]);
+        let offer = offer_for_manifest(&m, 4, true, open);
+        assert!(offer.covers(OpClass::Norms), "{}", offer.reason());
+        // No product kernel: the product classes are not offered, and the reason says so.
+        for c in [OpClass::Attention, OpClass::FeedForward, OpClass::Output] {
+            assert!(!offer.covers(c), "{c:?}");
+        }
+        assert!(offer.reason().contains("no product kernel"), "{}", offer.reason());
+        let backends = Backends::resolve_with_npu(
+            "feed_forward=xdna,norms=xdna".parse().unwrap(),
+            &offer,
+            || Err("no vulkan".into()),
+        );
+        assert_eq!(backends.placement().get(OpClass::Norms), Backend::Xdna);
+        assert_eq!(backends.placement().get(OpClass::FeedForward), Backend::Cpu);
+        let npu = Npu {
+            report: Report { nodes: Vec::new(), memlock: None },
+            manifest: Some(Ok(m)),
+            offer,
+        };
+        let st = npu.status(&backends);
+        assert!(
+            st.details.iter().any(|l| l.starts_with("placement: the RMSNorms run on the NPU")),
+            "{:?}",
+            st.details
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use common::fixture::Fixture;
 use unicorn_engine::gguf::GgufFile;
 use unicorn_engine::model::{
-    Backends, KvType, Logits, Model, NpuOffer, Placement, QosPriority, Seq,
+    Backend, Backends, KvType, Logits, Model, NpuOffer, OpClass, Placement, QosPriority, Seq,
 };
 use unicorn_kernels::{GgmlType, ThreadPool};
 use unicorn_xdna::cmd::{self, CmdState, Packet};
@@ -43,6 +43,7 @@ fn kernel(name: &str, op: Op, m: u32, k: u32, n: u32, weights: WeightLayout) -> 
             weights,
             columns: 1,
             source: None,
+            eps: None,
         },
         xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 1, 256)).unwrap(),
         instructions: vec![0; 64],
@@ -67,6 +68,19 @@ fn all_kernels() -> Vec<Ready> {
     ]
 }
 
+/// An rms_norm kernel of rows of `k` values, `rows` rows per run, declaring `eps` (as the
+/// manifest's entry for `iron_ops.py rms_norm`: f32 weight vector, bf16 rows).
+fn norm_kernel(name: &str, k: u32, rows: u32, eps: f32) -> Ready {
+    let mut r = kernel(name, Op::RmsNorm, rows, k, 1, WeightLayout::VectorF32);
+    r.kernel.eps = Some(eps);
+    r
+}
+
+/// qwen3-tiny's norm epsilon.
+const EPS: f32 = 1e-6;
+/// Its head dimension (the width of the Q and K norms).
+const HEAD_DIM: u32 = 32;
+
 struct Npu {
     fake: Arc<FakeDevice>,
     rt: Arc<Runtime>,
@@ -74,12 +88,18 @@ struct Npu {
 }
 
 fn npu(kernels: Vec<Ready>) -> Npu {
+    npu_on(kernels, "attention=xdna,feed_forward=xdna,output=xdna")
+}
+
+/// The runtime of `kernels` on a fake device, with the classes of `placement` resolved against
+/// its offer (all of them must be offered).
+fn npu_on(kernels: Vec<Ready>, placement: &str) -> Npu {
     let fake = Arc::new(FakeDevice::new());
     let dev: Arc<dyn Device> = fake.clone();
     let m = Manifest { dir: "test".into(), ready: kernels, unusable: Vec::new() };
     let rt = Arc::new(Runtime::new(dev, &m, 4).unwrap());
     let offer = NpuOffer::for_runtime(Arc::clone(&rt));
-    let placement: Placement = "attention=xdna,feed_forward=xdna,output=xdna".parse().unwrap();
+    let placement: Placement = placement.parse().unwrap();
     let backends = Backends::resolve_with_npu(placement, &offer, || Err("no vulkan here".into()));
     assert_eq!(backends.placement(), placement, "{:?}", backends.fallbacks());
     Npu { fake, rt, backends }
@@ -334,20 +354,21 @@ fn more_kernels_than_contexts_take_turns() {
 
 /// The hardware test's per-kernel check, on the test double: it runs (the packet and buffers
 /// pass the fake's checks) but nothing is computed, so the output is all zeros and the error
-/// is the whole reference: the check can never pass without an NPU doing the product.
+/// is the whole reference: the check can never pass without an NPU doing the product or norm.
 #[test]
 fn the_kernel_check_never_passes_on_the_test_double() {
     let n = npu(vec![
         mv("q", 128, N_EMBD),
         kernel("wo_i8", Op::Matvec, N_EMBD, 128, 1, WeightLayout::RowMajorI8RowScale),
         kernel("up_mm", Op::Matmul, N_FF, N_EMBD, 4, WeightLayout::RowMajorBf16),
+        norm_kernel("norm", N_EMBD, 4, EPS),
     ]);
-    for i in 0..3 {
+    for i in 0..4 {
         let c = unicorn_engine::model::check_kernel(&n.rt, i, 2, 7).unwrap();
         assert!(c.max_abs_ref > 0.1, "{c:?}");
         assert_eq!(c.max_abs_err, c.max_abs_ref, "{c:?}");
     }
-    assert_eq!(n.rt.stats().runs, 6);
+    assert_eq!(n.rt.stats().runs, 8);
 }
 
 /// Products on the NPU beside products on Vulkan (lavapipe here): with every NPU run failing,
@@ -377,4 +398,159 @@ fn npu_classes_beside_vulkan_classes_move_activations_correctly() {
     assert_eq!(got.len(), want.len());
     assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
     assert!(rt.stats().fallbacks > 0);
+}
+
+const ALL_ON_NPU: &str = "attention=xdna,feed_forward=xdna,output=xdna,norms=xdna";
+
+/// Norms placed on xdna beside the products, every run failing: the norms come from the CPU
+/// too, the logits are the CPU pass's bit for bit, and both rms_norm kernels (widths n_embd and
+/// head_dim) are retired after RETIRE_AFTER failures each, like the product kernels.
+#[test]
+fn failed_norm_runs_fall_back_to_the_cpu_and_retire_their_kernels() {
+    let want = cpu_logits("qwen3-tiny-f16.gguf");
+    for outcome in [Outcome::Fail { state: CmdState::Error, chain_index: 0 }, Outcome::Hang] {
+        let mut kernels = all_kernels();
+        kernels.push(norm_kernel("norm", N_EMBD, 4, EPS));
+        kernels.push(norm_kernel("qk_norm", HEAD_DIM, 8, EPS));
+        let k = kernels.len();
+        let n = npu_on(kernels, ALL_ON_NPU);
+        n.fake.set_default_outcome(Some(outcome));
+        let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), n.backends.clone()).unwrap();
+        let got = generate(&model, QosPriority::Normal);
+        assert_eq!(got.len(), want.len());
+        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{outcome:?}: the logits differ from the cpu pass");
+        let s = n.rt.stats();
+        assert_eq!(s.runs, 0, "{outcome:?}");
+        let retired = n.rt.retired();
+        assert!(retired.contains(&"norm".to_owned()), "{retired:?}");
+        assert!(retired.contains(&"qk_norm".to_owned()), "{retired:?}");
+        assert_eq!(s.retired, k, "{outcome:?}: retired {retired:?}");
+        assert_eq!(s.fallbacks, u64::from(RETIRE_AFTER) * k as u64, "{outcome:?}");
+        assert_eq!(n.fake.submissions().len(), RETIRE_AFTER as usize * k, "{outcome:?}");
+    }
+}
+
+/// Norms alone on xdna, with only an n_embd-wide kernel (4 rows per run): the attention,
+/// feed-forward and output norms go to the NPU, each in runs of up to 4 rows (the last padded
+/// with zero rows); each packet names the input, weight and output BOs in the design's order
+/// `(x, w, y)` with their sizes; each weight BO holds the model's norm weights as the kernel's
+/// f32 vector, checked against the file's tensors decoded here; the head-wide Q/K norms, which
+/// have no kernel, stay on the CPU.
+#[test]
+fn norm_weights_are_f32_vectors_and_packets_name_x_w_y() {
+    let n = npu_on(vec![norm_kernel("norm", N_EMBD, 4, EPS)], "norms=xdna");
+    let file = gguf("qwen3-tiny-f16.gguf");
+    let vector = |name: &str| -> Vec<f32> {
+        let t = file.tensor(name).unwrap();
+        match t.ty {
+            GgmlType::F32 => t
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            GgmlType::F16 => t
+                .data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            ty => panic!("{name}: {ty:?}"),
+        }
+    };
+    // The norms of one layer in pass order, then the output norm.
+    let layer =
+        |l: usize| [format!("blk.{l}.attn_norm.weight"), format!("blk.{l}.ffn_norm.weight")];
+    let mut order: Vec<String> = (0..4).flat_map(layer).collect();
+    order.push("output_norm.weight".into());
+    let refs: Vec<Vec<f32>> = order.iter().map(|t| vector(t)).collect();
+    let model = Model::load_with(file, n.backends.clone()).unwrap();
+    let pool = ThreadPool::new(2);
+    let mut kv = model.new_state(8, KvType::F16).unwrap();
+    let mut logits = Vec::new();
+    let mut seq = [Seq { kv: &mut kv, tokens: &PROMPT, logits: Logits::Last }];
+    model.forward(&pool, &mut seq, &mut logits).unwrap();
+    // 5 tokens: two runs (4 + 1 rows) per layer norm, one for the last row's output norm.
+    let s = n.rt.stats();
+    assert_eq!((s.runs, s.fallbacks, s.retired), (4 * 2 * 2 + 1, 0, 0));
+    let subs = n.fake.submissions();
+    assert_eq!(subs.len(), 17);
+    let row_bytes = u64::from(N_EMBD) * 2;
+    let mut weights = Vec::new();
+    for sub in &subs {
+        let Packet::StartNpu { header, run, .. } = &sub.packet else { panic!("{sub:?}") };
+        assert_eq!(header.opcode, cmd::ERT_START_NPU);
+        let (instr, kind, _) = n.fake.bo_at(run.instr_addr).unwrap();
+        assert_eq!(kind, sys::BO_DEV);
+        let addrs = cmd::npu_arg_addrs(&run.args).unwrap();
+        assert_eq!(&addrs[3..], &[0, 0]);
+        let bo = |a: u64| n.fake.bo_at(a).unwrap();
+        let (x, w, y) = (bo(addrs[0]), bo(addrs[1]), bo(addrs[2]));
+        assert_eq!((x.1, w.1, y.1), (sys::BO_SHMEM, sys::BO_SHMEM, sys::BO_SHMEM));
+        assert_eq!((x.2, w.2, y.2), (4 * row_bytes, u64::from(N_EMBD) * 4, 4 * row_bytes));
+        assert_eq!(sub.args, vec![instr, x.0, w.0, y.0]);
+        let wb = n.fake.bo_bytes(w.0).unwrap();
+        weights.push(
+            wb.chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect::<Vec<f32>>(),
+        );
+    }
+    // Two runs per layer norm name the same weight BO; the output norm's once.
+    let per_run: Vec<&Vec<f32>> =
+        refs[..8].iter().flat_map(|r| [r, r]).chain(std::iter::once(&refs[8])).collect();
+    for (i, (got, want)) in weights.iter().zip(&per_run).enumerate() {
+        let same = got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same && got.len() == want.len(),
+            "run {i}: weight BO is not {}",
+            order[i.min(16) / 2]
+        );
+    }
+    // The last run (the output norm of one row) padded its input with 3 zero rows.
+    let Packet::StartNpu { run, .. } = &subs[16].packet else { unreachable!() };
+    let x = n.fake.bo_at(cmd::npu_arg_addrs(&run.args).unwrap()[0]).unwrap();
+    let xb = n.fake.bo_bytes(x.0).unwrap();
+    assert!(xb[..row_bytes as usize].iter().any(|&b| b != 0), "the row itself is there");
+    assert!(xb[row_bytes as usize..].iter().all(|&b| b == 0), "padding rows are zero");
+}
+
+/// An rms_norm kernel of the right widths whose baked-in epsilon (1e-5, as aie/ops.cc's) is
+/// not the model's (1e-6): norms are offered (the offer does not know the model) but never
+/// submitted; the pass is the CPU's bit for bit and nothing counts as a fallback.
+#[test]
+fn a_norm_kernel_of_another_eps_is_never_used() {
+    let want = cpu_logits("qwen3-tiny-f16.gguf");
+    let n = npu_on(
+        vec![norm_kernel("norm", N_EMBD, 4, 1e-5), norm_kernel("qk_norm", HEAD_DIM, 8, 1e-5)],
+        "norms=xdna",
+    );
+    let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), n.backends.clone()).unwrap();
+    let got = generate(&model, QosPriority::Normal);
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert_eq!(n.rt.stats(), Default::default());
+    assert!(n.fake.submissions().is_empty());
+}
+
+/// A manifest without an rms_norm kernel the engine drives (none, or one that declares no
+/// eps) does not offer norms: norms=xdna falls back (here to the CPU, no Vulkan) with the
+/// reason, while the products stay on the NPU.
+#[test]
+fn without_an_rms_norm_kernel_norms_are_not_offered() {
+    let mut no_eps = norm_kernel("norm", N_EMBD, 4, EPS);
+    no_eps.kernel.eps = None;
+    for kernels in [all_kernels(), [all_kernels(), vec![no_eps]].concat()] {
+        let fake = Arc::new(FakeDevice::new());
+        let m = Manifest { dir: "test".into(), ready: kernels, unusable: Vec::new() };
+        let rt = Arc::new(Runtime::new(fake.clone(), &m, 4).unwrap());
+        let offer = NpuOffer::for_runtime(rt);
+        assert!(!offer.covers(OpClass::Norms), "{}", offer.reason());
+        assert!(offer.covers(OpClass::FeedForward));
+        let placement: Placement = ALL_ON_NPU.parse().unwrap();
+        let b = Backends::resolve_with_npu(placement, &offer, || Err("no vulkan here".into()));
+        assert_eq!(b.placement().get(OpClass::Norms), Backend::Cpu);
+        assert_eq!(b.placement().get(OpClass::FeedForward), Backend::Xdna);
+        let f = b.fallbacks().join(" | ");
+        assert!(f.contains("xdna cannot run norms"), "{f}");
+        assert!(f.contains("no rms_norm kernel the engine runs is ready"), "{f}");
+    }
 }

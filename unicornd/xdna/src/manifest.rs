@@ -15,6 +15,7 @@
 //! dtype = "i8"                     # activations/weights: i8, bf16, f32
 //! weights = "row_major_i8_row_scale"   # none, row_major_bf16, row_major_i8_row_scale
 //! columns = 4                      # AIE columns the design uses
+//! # eps = 1e-5                     # rms_norm only: the epsilon the kernel computes with
 //! ```
 
 use std::collections::BTreeSet;
@@ -93,7 +94,7 @@ fn one() -> u32 {
 }
 
 /// One kernel entry as written.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Kernel {
     pub name: String,
@@ -108,6 +109,10 @@ pub struct Kernel {
     /// Where the source lives (for people).
     #[serde(default)]
     pub source: Option<String>,
+    /// An `rms_norm` kernel's epsilon, as its code computes it (baked in; the engine runs the
+    /// kernel only for models with exactly this epsilon). Not given for other ops.
+    #[serde(default)]
+    pub eps: Option<f32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -179,6 +184,12 @@ impl Manifest {
             let weighted = matches!(k.op, Op::Matvec | Op::Matmul | Op::RmsNorm);
             if weighted == (k.weights == WeightLayout::None) {
                 return Err(what("weights must be given exactly for matvec, matmul and rms_norm"));
+            }
+            if k.eps.is_some() && k.op != Op::RmsNorm {
+                return Err(what("eps is given only for rms_norm"));
+            }
+            if k.eps.is_some_and(|e| !(e.is_finite() && e > 0.0)) {
+                return Err(what("eps must be positive"));
             }
             if k.cu.is_empty() {
                 return Err(what("cu is empty"));

@@ -315,6 +315,7 @@ fn the_runtime_runs_counts_and_retires() {
             weights: WeightLayout::RowMajorBf16,
             columns: 2,
             source: None,
+            eps: None,
         },
         xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 2, 256)).unwrap(),
         instructions: vec![0; 128],

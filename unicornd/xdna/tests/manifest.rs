@@ -40,6 +40,11 @@ fn the_repository_manifest_parses() {
     for op in [Op::Matvec, Op::Matmul, Op::RmsNorm, Op::Rope, Op::Silu, Op::Softmax] {
         assert!(ops.contains(&op), "no {op:?} kernel in the manifest");
     }
+    // The epsilon aie/ops.cc bakes into rms_norm_bf16, and only there.
+    for k in &kernels {
+        let want = (k.op == Op::RmsNorm).then_some(1e-5f32);
+        assert_eq!(k.eps, want, "{}", k.name);
+    }
     // Without a build every kernel is unusable, each with its missing file named.
     let m = Manifest::load(&dir).unwrap();
     if !dir.join("build").exists() {
@@ -60,6 +65,7 @@ fn bad_entries_are_refused() {
         ("m = 64", "m = 0", "non-zero"),
         ("weights = \"row_major_bf16\"", "weights = \"none\"", "weights must be given"),
         ("columns = 1", "columns = 1\nextra = 3", "unknown field"),
+        ("columns = 1", "columns = 1\neps = 1e-5", "eps is given only for rms_norm"),
     ] {
         let text = ONE.replace(from, to);
         let e = Manifest::parse(&text, "m.toml").unwrap_err().to_string();

@@ -69,7 +69,7 @@ impl Act {
 pub(crate) struct Flow<'e> {
     gpu: Option<MutexGuard<'e, Option<Gpu>>>,
     on: [bool; 4],
-    /// The NPU side, when some class's products run there ([`super::npu`]).
+    /// The NPU side, when some class's products or norms run there ([`super::npu`]).
     npu: Option<NpuPass<'e>>,
     on_npu: [bool; 4],
 }
@@ -97,8 +97,8 @@ impl<'e> Flow<'e> {
         self.gpu.as_mut().and_then(|g| g.as_mut())
     }
 
-    /// Whether `class` runs on a device (Vulkan, or the NPU: then each of its products is
-    /// dispatched on its own, see [`Flow::matmul`]).
+    /// Whether `class` runs on a device (Vulkan, or the NPU: then each of its products or norms
+    /// is dispatched on its own, see [`Flow::matmul`] and [`Flow::norm`]).
     pub fn on(&self, class: OpClass) -> bool {
         self.on_vulkan(class) || (self.on_npu[class as usize] && self.npu.is_some())
     }
@@ -174,6 +174,13 @@ impl<'e> Flow<'e> {
             let wt = w.map(|w| gpu.vector(w)).transpose()?;
             let ot = Flow::out(gpu, out)?;
             gpu.step.rms_norm(xt, dim, wt, eps, ot)?;
+        } else if self.on_npu[OpClass::Norms as usize] && self.npu.is_some() {
+            // The NPU path falls back to the CPU per norm by itself.
+            let x = self.host(x)?;
+            let out = self.overwrite(out);
+            if let Some(npu) = self.npu.as_mut() {
+                npu.norm(x, out, dim, w, eps);
+            }
         } else {
             let x = self.host(x)?;
             rms_norm(x, self.overwrite(out), dim, w, eps);

@@ -17,14 +17,22 @@
 //!   be made) is counted and logged by the runtime, which retires the kernel after repeated
 //!   failures; the product is computed by the CPU kernel, so nothing wrong reaches the caller.
 //!
+//! RMSNorms (class `norms`) run the same way on an `rms_norm` kernel of their row width (its
+//! `m` rows per run, the last run padded with zero rows), with the norm's weight vector in the
+//! kernel's layout (`vector_f32`) in a BO made once per model. The kernel's epsilon is baked into
+//! its code and declared in the manifest (`eps`): a model with another epsilon, a norm without a
+//! weight or a width without a kernel runs on the CPU (logged once each). Failures count and
+//! retire the kernel exactly as for products.
+//!
 //! Argument order of the runs is the order of the IRON designs' runtime sequences
-//! (`kernels/xdna/iron_ops.py`): matvec `(W, x, y)`, matmul `(X, W, Y)`; the words are laid out
-//! by [`unicorn_xdna::cmd::npu_args`].
+//! (`kernels/xdna/iron_ops.py`): matvec `(W, x, y)`, matmul `(X, W, Y)`, rms_norm `(x, w, y)`;
+//! the words are laid out by [`unicorn_xdna::cmd::npu_args`].
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use unicorn_kernels::formats::{bf16_to_f32, f32_to_bf16};
+use unicorn_kernels::ops::rms_norm;
 use unicorn_kernels::{matmul, KernelError, ThreadPool};
 use unicorn_xdna::bo::Bo;
 use unicorn_xdna::device::{AccelDevice, Device};
@@ -79,8 +87,10 @@ pub fn discover_npu(start: bool) -> NpuDiscovery {
 }
 
 /// The offer for `manifest`'s kernels on the device `open` opens (`core_rows` from its AIE
-/// metadata): the product classes when some ready kernel is one the engine runs and `start`
-/// (some class asks for the NPU), with a runtime on that device; otherwise nothing, and why.
+/// metadata): when some ready kernel is one the engine runs and `start` (some class asks for
+/// the NPU), a runtime on that device offering the classes its kernels serve
+/// ([`NpuOffer::for_runtime`]: the product classes, and `norms` with an `rms_norm` kernel);
+/// otherwise nothing, and why.
 pub fn offer_for_manifest(
     manifest: &Manifest,
     core_rows: u32,
@@ -91,14 +101,14 @@ pub fn offer_for_manifest(
     if driven == 0 {
         return NpuOffer::none(format!(
             "no kernel the engine runs is ready ({}; the NPU path runs matvec and matmul \
-             kernels with bf16 or f32 activations)",
+             kernels with bf16 or f32 activations, and rms_norm kernels with a declared eps)",
             manifest.summary()
         ));
     }
     if !start {
         return NpuOffer::none(format!(
             "{driven} kernel(s) the engine runs are ready, but no operation class is placed on \
-             xdna ({}, e.g. attention=xdna,feed_forward=xdna,output=xdna)",
+             xdna ({}, e.g. attention=xdna,feed_forward=xdna,output=xdna,norms=xdna)",
             super::BACKEND_ENV
         ));
     }
@@ -112,11 +122,25 @@ pub fn offer_for_manifest(
     }
 }
 
-/// Whether the engine can drive kernel `k` (its activation type and weight layout).
+/// Whether the engine can drive kernel `k`: a product or a norm it runs.
 pub(crate) fn drivable(k: &Kernel) -> bool {
+    drivable_product(k) || drivable_norm(k)
+}
+
+/// A matvec or matmul with activations and weights the engine converts to.
+pub(crate) fn drivable_product(k: &Kernel) -> bool {
     matches!(k.op, Op::Matvec | Op::Matmul)
         && matches!(k.dtype, DType::Bf16 | DType::F32)
         && matches!(k.weights, WeightLayout::RowMajorBf16 | WeightLayout::RowMajorI8RowScale)
+}
+
+/// An rms_norm with an f32 weight vector and a declared epsilon (without one, what it computes
+/// is unknown, so no model's norm may take it).
+pub(crate) fn drivable_norm(k: &Kernel) -> bool {
+    k.op == Op::RmsNorm
+        && matches!(k.dtype, DType::Bf16 | DType::F32)
+        && k.weights == WeightLayout::VectorF32
+        && k.eps.is_some()
 }
 
 /// A model's NPU side: the runtime and the model's buffers on it.
@@ -164,6 +188,7 @@ impl Ready {
 fn buffers<'a>(op: Op, w: &'a Bo, io: &'a Io) -> [&'a Bo; 3] {
     match op {
         Op::Matmul => [&io.x, w, &io.y],
+        Op::RmsNorm => [&io.x, w, &io.y],
         _ => [w, &io.x, &io.y],
     }
 }
@@ -179,6 +204,13 @@ pub(crate) struct State {
     no_kernel: HashSet<(usize, usize)>,
     /// Matrices whose weights could not be put on the NPU (logged once each): CPU for good.
     cpu_only: HashSet<usize>,
+    /// Norms' prepared runs by (weight vector address, kernel), and their weight BOs (with the
+    /// values uploaded) by address. The vectors are the model's, alive as long as it; the
+    /// values are compared on each use so that a reused address never runs stale weights.
+    norm_runs: HashMap<(usize, usize), Arc<Ready>>,
+    norm_weights: HashMap<usize, (Vec<f32>, Arc<Bo>)>,
+    /// Why norms run on the CPU, each reason logged once.
+    norm_cpu: HashSet<String>,
 }
 
 /// The NPU side of one forward pass.
@@ -284,10 +316,28 @@ pub struct KernelCheck {
     pub cpu_us: f64,
 }
 
-/// Runs product kernel `i` of `rt` `reps` times on random weights and inputs (seeded) and
-/// compares its output with an f32 product on the CPU of the weights as the kernel's layout
-/// holds them (so the difference is the kernel's, not the conversion's). On the test double
-/// nothing is computed and the outputs stay zero: the error then equals the reference's size.
+/// Uniform values in [-1, 1) from `seed` (xorshift64*).
+fn uniform(seed: u64) -> impl FnMut() -> f32 {
+    let mut state = seed | 1;
+    move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Runs kernel `i` of `rt` `reps` times on random weights and inputs (seeded) and compares its
+/// output with the CPU's f32 result on the values as the kernel receives them (so the
+/// difference is the kernel's, not the conversion's): a product against an f32 product of the
+/// weights as its layout holds them, an rms_norm against an f32 RMSNorm with the kernel's
+/// declared eps. On the test double nothing is computed and the outputs stay zero: the error
+/// then equals the reference's size.
 pub fn check_kernel(
     rt: &Runtime,
     i: usize,
@@ -295,21 +345,17 @@ pub fn check_kernel(
     seed: u64,
 ) -> Result<KernelCheck, XdnaError> {
     let k = rt.kernel(i).ok_or_else(|| XdnaError::Invalid(format!("no kernel {i}")))?.clone();
-    if !drivable(&k) {
+    if drivable_norm(&k) {
+        return check_norm(rt, i, &k, reps, seed);
+    }
+    if !drivable_product(&k) {
         return Err(XdnaError::Invalid(format!(
-            "kernel {} is not a product the engine runs",
+            "kernel {} is not a product or norm the engine runs",
             k.name
         )));
     }
     let (m, kk, n) = (k.shape.m as usize, k.shape.k as usize, k.shape.n as usize);
-    let mut state = seed | 1;
-    let mut rand = move || {
-        // xorshift64*: uniform in [-1, 1).
-        state ^= state >> 12;
-        state ^= state << 25;
-        state ^= state >> 27;
-        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    };
+    let mut rand = uniform(seed);
     let scale = 1.0 / (kk as f32).sqrt();
     let wdata = encode_weights(k.weights, m, kk, |_, row| {
         row.iter_mut().for_each(|v| *v = rand() * scale);
@@ -352,10 +398,58 @@ pub fn check_kernel(
         }
         cpu_times.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    Ok(KernelCheck {
+        name: k.name.clone(),
+        max_abs_err: y.iter().zip(&want).fold(0.0f32, |a, (p, q)| a.max((p - q).abs())),
+        max_abs_ref: want.iter().fold(0.0f32, |a, v| a.max(v.abs())),
+        npu_us: median(&mut times),
+        cpu_us: median(&mut cpu_times),
+    })
+}
+
+/// [`check_kernel`] of rms_norm kernel `i` (`k`): `m` random rows of `k` values, a random
+/// weight vector around 1.
+fn check_norm(
+    rt: &Runtime,
+    i: usize,
+    k: &Kernel,
+    reps: usize,
+    seed: u64,
+) -> Result<KernelCheck, XdnaError> {
+    let (rows, dim, d) = (k.shape.m as usize, k.shape.k as usize, k.dtype);
+    let eps = k.eps.ok_or_else(|| XdnaError::Invalid(format!("{}: no eps", k.name)))?;
+    let mut rand = uniform(seed);
+    let w: Vec<f32> = (0..dim).map(|_| 1.0 + 0.5 * rand()).collect();
+    let x: Vec<f32> = (0..rows * dim).map(|_| rand()).collect();
+    let mut xb = vec![0u8; rows * dim * elem_bytes(d)];
+    encode_acts(d, &x, &mut xb);
+    let mut xr = vec![0.0f32; rows * dim];
+    decode_acts(d, &xb, &mut xr);
+    let wdata: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let (wbo, xbo, ybo) = (rt.shmem(wdata.len())?, rt.shmem(xb.len())?, rt.shmem(xb.len())?);
+    runtime::upload(&wbo, &wdata)?;
+    let io = Io { x: xbo, y: ybo };
+    let bos = buffers(k.op, &wbo, &io);
+    let qos = QosPriority::Normal;
+    let p = rt.prepare(i, qos, &bos)?;
+    let mut yb = vec![0u8; xb.len()];
+    let mut times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        runtime::upload(&io.x, &xb)?;
+        rt.run(&p, qos, &bos)?;
+        runtime::download(&io.y, &mut yb)?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let mut y = vec![0.0f32; rows * dim];
+    decode_acts(d, &yb, &mut y);
+    let mut want = vec![0.0f32; rows * dim];
+    let mut cpu_times = Vec::with_capacity(reps.max(1));
+    for _ in 0..reps.max(1) {
+        let t = std::time::Instant::now();
+        rms_norm(&xr, &mut want, dim, Some(&w), eps);
+        cpu_times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
     Ok(KernelCheck {
         name: k.name.clone(),
         max_abs_err: y.iter().zip(&want).fold(0.0f32, |a, (p, q)| a.max((p - q).abs())),
@@ -442,7 +536,7 @@ impl NpuPass<'_> {
                 && k.shape.m as usize == rows
                 && k.shape.k as usize == cols
                 && (op != Op::Matvec || k.shape.n == 1)
-                && drivable(k)
+                && drivable_product(k)
                 && self.rt.usable(i)
         })
     }
@@ -545,10 +639,208 @@ impl NpuPass<'_> {
             return Ok(Arc::clone(io));
         }
         let (s, e) = (kernel.shape, elem_bytes(kernel.dtype));
-        let x = self.rt.shmem(s.n as usize * s.k as usize * e)?;
-        let y = self.rt.shmem(s.n as usize * s.m as usize * e)?;
+        // A product runs `n` tokens of `k` in, `m` out; a norm `m` rows of `k` in and out.
+        let (xn, yn) = match kernel.op {
+            Op::RmsNorm => (s.m as usize * s.k as usize, s.m as usize * s.k as usize),
+            _ => (s.n as usize * s.k as usize, s.n as usize * s.m as usize),
+        };
+        let x = self.rt.shmem(xn * e)?;
+        let y = self.rt.shmem(yn * e)?;
         let io = Arc::new(Io { x, y });
         self.state.io.insert(k, Arc::clone(&io));
         Ok(io)
+    }
+
+    /// RMSNorm of the rows of `dim` values of `x` into `out`, times `w` (eps `eps`): on the NPU
+    /// when an rms_norm kernel of that width and epsilon is usable, else on the CPU (a failed
+    /// run is counted and retires its kernel like a product's).
+    pub fn norm(&mut self, x: &[f32], out: &mut [f32], dim: usize, w: Option<&[f32]>, eps: f32) {
+        match self.try_norm(x, out, dim, w, eps) {
+            Ok(()) => return,
+            Err(Miss::NoKernel) => {}
+            Err(Miss::Failed(k, e)) => {
+                self.rt.failed(k, &e);
+            }
+        }
+        rms_norm(x, out, dim, w, eps);
+    }
+
+    /// Logs `why` (a norm runs on the CPU) the first time.
+    fn norm_on_cpu(&mut self, why: String) -> Miss {
+        if self.state.norm_cpu.insert(why.clone()) {
+            log::info!("npu: {why}; it runs on the cpu");
+        }
+        Miss::NoKernel
+    }
+
+    fn try_norm(
+        &mut self,
+        x: &[f32],
+        out: &mut [f32],
+        dim: usize,
+        w: Option<&[f32]>,
+        eps: f32,
+    ) -> Result<(), Miss> {
+        let Some(w) = w else {
+            // The kernel always multiplies by a weight vector.
+            return Err(self.norm_on_cpu(format!("a norm of width {dim} has no weight")));
+        };
+        let width = |k: &Kernel| k.op == Op::RmsNorm && k.shape.k as usize == dim;
+        let found = self.rt.kernels().enumerate().position(|(i, k)| {
+            width(k) && drivable_norm(k) && k.eps == Some(eps) && self.rt.usable(i)
+        });
+        let Some(k) = found else {
+            let other_eps: Vec<String> = self
+                .rt
+                .kernels()
+                .enumerate()
+                .filter(|&(i, k)| width(k) && drivable_norm(k) && self.rt.usable(i))
+                .map(|(_, k)| format!("{} computes with eps {:e}", k.name, k.eps.unwrap_or(0.0)))
+                .collect();
+            let why = if other_eps.is_empty() {
+                format!("no usable rms_norm kernel of width {dim}")
+            } else {
+                format!(
+                    "the model's norm eps is {eps:e}, but {} (baked into the kernel)",
+                    other_eps.join(", ")
+                )
+            };
+            return Err(self.norm_on_cpu(why));
+        };
+        let kernel = self.rt.kernel(k).expect("found above").clone();
+        let ready = self.norm_ready(w, k, &kernel)?;
+        let bos = ready.bos();
+        let per = kernel.shape.m as usize;
+        let d = kernel.dtype;
+        let mut xb = vec![0u8; per * dim * elem_bytes(d)];
+        let mut yb = vec![0u8; per * dim * elem_bytes(d)];
+        let fail = |e| Miss::Failed(k, e);
+        let rows = x.len() / dim;
+        for r0 in (0..rows).step_by(per) {
+            let r = per.min(rows - r0);
+            encode_acts(d, &x[r0 * dim..(r0 + r) * dim], &mut xb);
+            runtime::upload(&ready.io.x, &xb).map_err(fail)?;
+            self.rt.run(&ready.prepared, self.qos, &bos).map_err(fail)?;
+            runtime::download(&ready.io.y, &mut yb).map_err(fail)?;
+            decode_acts(d, &yb, &mut out[r0 * dim..(r0 + r) * dim]);
+        }
+        Ok(())
+    }
+
+    /// The norm of weight `w`'s prepared run on kernel `k`, made on first use: the weight
+    /// uploaded as the kernel's f32 vector, I/O BOs made, the command packet written.
+    fn norm_ready(&mut self, w: &[f32], k: usize, kernel: &Kernel) -> Result<Arc<Ready>, Miss> {
+        let addr = w.as_ptr() as usize;
+        if self.state.norm_weights.get(&addr).is_some_and(|(v, _)| v.as_slice() != w) {
+            self.state.norm_weights.remove(&addr);
+            self.state.norm_runs.retain(|&(a, _), _| a != addr);
+        }
+        if let Some(r) = self.state.norm_runs.get(&(addr, k)) {
+            return Ok(Arc::clone(r));
+        }
+        let wbo = match self.state.norm_weights.get(&addr) {
+            Some((_, b)) => Arc::clone(b),
+            None => {
+                let data: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+                let bo = self.rt.shmem(data.len()).and_then(|bo| {
+                    runtime::upload(&bo, &data)?;
+                    Ok(bo)
+                });
+                let bo = Arc::new(bo.map_err(|e| Miss::Failed(k, e))?);
+                self.state.norm_weights.insert(addr, (w.to_vec(), Arc::clone(&bo)));
+                bo
+            }
+        };
+        let io = self.io(k, kernel).map_err(|e| Miss::Failed(k, e))?;
+        let bos = buffers(kernel.op, &wbo, &io);
+        let prepared = self.rt.prepare(k, self.qos, &bos).map_err(|e| Miss::Failed(k, e))?;
+        let ready = Arc::new(Ready { prepared, op: kernel.op, w: wbo, io });
+        self.state.norm_runs.insert((addr, k), Arc::clone(&ready));
+        Ok(ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unicorn_xdna::fake::FakeDevice;
+    use unicorn_xdna::manifest::{Ready as ReadyKernel, Shape};
+    use unicorn_xdna::xclbin::{build, Xclbin};
+
+    /// An rms_norm kernel of width 4, 2 rows per run, eps 1e-5, on a fake device.
+    fn norm_runtime() -> (Arc<FakeDevice>, Arc<Runtime>) {
+        let kernel = Kernel {
+            name: "norm4".into(),
+            op: Op::RmsNorm,
+            xclbin: "build/norm4.xclbin".into(),
+            instructions: "build/norm4.insts.bin".into(),
+            cu: "MLIR_AIE".into(),
+            shape: Shape { m: 2, k: 4, n: 1 },
+            dtype: DType::Bf16,
+            weights: WeightLayout::VectorF32,
+            columns: 1,
+            source: None,
+            eps: Some(1e-5),
+        };
+        let ready = ReadyKernel {
+            kernel,
+            xclbin: Xclbin::parse(&build::npu_xclbin(&["MLIR_AIE"], 1, 256)).unwrap(),
+            instructions: vec![0; 64],
+        };
+        let fake = Arc::new(FakeDevice::new());
+        let m = Manifest { dir: "test".into(), ready: vec![ready], unusable: Vec::new() };
+        let rt = Arc::new(Runtime::new(fake.clone(), &m, 4).unwrap());
+        (fake, rt)
+    }
+
+    /// A norm without a weight, of a width without a kernel, or of another eps runs on the
+    /// CPU (its exact result) without a submission, each reason recorded once; a norm the
+    /// kernel fits is submitted in runs of the kernel's rows.
+    #[test]
+    fn norms_the_kernel_does_not_fit_run_on_the_cpu_once_logged() {
+        let (fake, rt) = norm_runtime();
+        let npu = Npu::new(rt);
+        let mut pass = npu.pass(QosPriority::Normal);
+        let x: Vec<f32> = (0..12).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let w = [0.5f32, 1.0, 1.5, 2.0];
+        let w6 = [1.0f32; 6];
+        let cases: [(usize, Option<&[f32]>, f32); 3] =
+            [(4, None, 1e-5), (6, Some(&w6), 1e-5), (4, Some(&w), 1e-6)];
+        for _ in 0..2 {
+            for (dim, wt, eps) in cases {
+                let (mut got, mut want) = (vec![7.0f32; 12], vec![0.0f32; 12]);
+                pass.norm(&x, &mut got, dim, wt, eps);
+                rms_norm(&x, &mut want, dim, wt, eps);
+                assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{dim}");
+            }
+        }
+        assert!(fake.submissions().is_empty());
+        let why: Vec<&String> = pass.state.norm_cpu.iter().collect();
+        assert_eq!(why.len(), 3, "{why:?}");
+        assert!(why.iter().any(|w| w.contains("has no weight")), "{why:?}");
+        assert!(why.iter().any(|w| w.contains("no usable rms_norm kernel of width 6")), "{why:?}");
+        assert!(why.iter().any(|w| w.contains("norm4 computes with eps 1e-5")), "{why:?}");
+        // Fits: 3 rows of 4 in runs of 2 rows.
+        let mut out = vec![0.0f32; 12];
+        let mut w = w;
+        let weight_bo = |fake: &FakeDevice| {
+            let subs = fake.submissions();
+            let unicorn_xdna::cmd::Packet::StartNpu { run, .. } = &subs.last().unwrap().packet
+            else {
+                panic!("not a run")
+            };
+            let a = unicorn_xdna::cmd::npu_arg_addrs(&run.args).unwrap()[1];
+            fake.bo_bytes(fake.bo_at(a).unwrap().0).unwrap()
+        };
+        let f32s = |w: &[f32]| w.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        pass.norm(&x, &mut out, 4, Some(&w), 1e-5);
+        assert_eq!(fake.submissions().len(), 2);
+        assert_eq!(pass.rt.stats().runs, 2);
+        assert_eq!(weight_bo(&fake), f32s(&w));
+        // The same vector with new values is uploaded again, not served stale.
+        w[0] = -3.0;
+        pass.norm(&x, &mut out, 4, Some(&w), 1e-5);
+        assert_eq!(fake.submissions().len(), 4);
+        assert_eq!(weight_bo(&fake), f32s(&w));
     }
 }

@@ -224,9 +224,14 @@ pub struct NpuOffer {
 }
 
 impl NpuOffer {
-    /// The classes whose operations the NPU path runs: the matrix products (norms, RoPE and
-    /// attention itself stay where they are).
-    pub const CLASSES: [OpClass; 3] = [OpClass::Attention, OpClass::FeedForward, OpClass::Output];
+    /// The classes whose operations the NPU path runs: the matrix products of attention,
+    /// feed-forward and output, and the RMSNorms (RoPE and attention itself stay where they
+    /// are).
+    pub const CLASSES: [OpClass; 4] =
+        [OpClass::Attention, OpClass::FeedForward, OpClass::Output, OpClass::Norms];
+
+    /// The product classes, offered when a product kernel is driven.
+    const PRODUCTS: [OpClass; 3] = [OpClass::Attention, OpClass::FeedForward, OpClass::Output];
 
     /// Nothing offered, because of `reason`.
     pub fn none(reason: impl Into<String>) -> NpuOffer {
@@ -241,28 +246,46 @@ impl NpuOffer {
     }
 
     /// Whether the engine's NPU path runs kernel `k` (a matvec or matmul with bf16 or f32
-    /// activations and row-major bf16 or int8-with-row-scale weights).
+    /// activations and row-major bf16 or int8-with-row-scale weights, or an rms_norm with bf16
+    /// or f32 activations, an f32 weight vector and a declared eps).
     pub fn drives(k: &Kernel) -> bool {
         super::npu::drivable(k)
     }
 
-    /// The offer of `runtime`: the product classes when some kernel of it is one the engine
-    /// drives ([`NpuOffer::drives`]), nothing otherwise.
+    /// The offer of `runtime`: the product classes when some product kernel of it is one the
+    /// engine drives, `norms` when some rms_norm kernel is ([`NpuOffer::drives`]), nothing
+    /// when neither.
     pub fn for_runtime(runtime: Arc<Runtime>) -> NpuOffer {
-        let driven: Vec<String> =
-            runtime.kernels().filter(|k| NpuOffer::drives(k)).map(|k| k.name.clone()).collect();
-        if driven.is_empty() {
+        let names = |f: fn(&Kernel) -> bool| -> Vec<String> {
+            runtime.kernels().filter(|k| f(k)).map(|k| k.name.clone()).collect()
+        };
+        let products = names(super::npu::drivable_product);
+        let norms = names(super::npu::drivable_norm);
+        if products.is_empty() && norms.is_empty() {
             return NpuOffer::none("the NPU has no kernel the engine runs");
         }
-        NpuOffer::new(
-            runtime,
-            &NpuOffer::CLASSES,
-            format!(
-                "kernels {}; a product without a kernel of its shape runs on the cpu, norms \
-                 stay off the NPU",
-                driven.join(", ")
-            ),
-        )
+        let mut classes = Vec::new();
+        let mut says = Vec::new();
+        if products.is_empty() {
+            says.push("no product kernel the engine runs is ready".to_owned());
+        } else {
+            classes.extend(NpuOffer::PRODUCTS);
+            says.push(format!(
+                "product kernels {}; a product without a kernel of its shape runs on the cpu",
+                products.join(", ")
+            ));
+        }
+        if norms.is_empty() {
+            says.push("norms stay off the NPU: no rms_norm kernel the engine runs is ready".into());
+        } else {
+            classes.push(OpClass::Norms);
+            says.push(format!(
+                "norm kernels {}; a norm without a kernel of its width and eps, or without a \
+                 weight, runs on the cpu",
+                norms.join(", ")
+            ));
+        }
+        NpuOffer::new(runtime, &classes, says.join("; "))
     }
 
     pub fn covers(&self, class: OpClass) -> bool {
@@ -726,11 +749,15 @@ mod tests {
             .with(OpClass::Norms, Backend::Xdna);
         let offer = NpuOffer::new(
             test_runtime(),
-            &[OpClass::Attention, OpClass::Norms],
-            "no feed-forward kernels in the manifest",
+            &[OpClass::Attention],
+            "no feed-forward kernels in the manifest, no rms_norm kernel",
         );
-        // Norms are never offered: the NPU path runs products only.
+        // A class the offer leaves out falls back, with the offer's reason.
         assert!(!offer.covers(OpClass::Norms));
+        assert!(NpuOffer::new(test_runtime(), &[OpClass::Norms], "").covers(OpClass::Norms));
+        // No kernel the engine drives: nothing offered, norms included.
+        let none = NpuOffer::for_runtime(test_runtime());
+        assert!(OpClass::ALL.iter().all(|&c| !none.covers(c)), "{}", none.reason());
         let b = Backends::resolve_with_npu(p, &offer, || Err("no device".into()));
         assert_eq!(b.placement().get(OpClass::Attention), Backend::Xdna);
         assert_eq!(b.placement().get(OpClass::Norms), Backend::Cpu);
