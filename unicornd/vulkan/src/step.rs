@@ -228,22 +228,20 @@ impl<'c> Step<'c> {
     /// A new tensor holding `values`. It is written now, which is sound while recording because
     /// no dispatch recorded so far names a tensor handed out after it.
     pub fn upload(&mut self, values: &[f32]) -> Result<Tensor> {
-        let t = self.tensor(values.len())?;
-        let buf = &mut self.scratch[t.idx as usize];
-        for (o, v) in buf.as_bytes_mut().chunks_exact_mut(4).zip(values) {
-            o.copy_from_slice(&v.to_ne_bytes());
-        }
-        self.stats.uploads += 1;
-        Ok(t)
+        self.upload_words(values.iter().map(|v| v.to_ne_bytes()))
     }
 
     /// A new tensor of `values.len()` 32-bit words holding `values` (e.g. token positions for
     /// [`Step::rope`]); written now, as [`Step::upload`].
     pub fn upload_u32(&mut self, values: &[u32]) -> Result<Tensor> {
-        let t = self.tensor(values.len())?;
+        self.upload_words(values.iter().map(|v| v.to_ne_bytes()))
+    }
+
+    fn upload_words(&mut self, words: impl ExactSizeIterator<Item = [u8; 4]>) -> Result<Tensor> {
+        let t = self.tensor(words.len())?;
         let buf = &mut self.scratch[t.idx as usize];
-        for (o, v) in buf.as_bytes_mut().chunks_exact_mut(4).zip(values) {
-            o.copy_from_slice(&v.to_ne_bytes());
+        for (o, w) in buf.as_bytes_mut().chunks_exact_mut(4).zip(words) {
+            o.copy_from_slice(&w);
         }
         self.stats.uploads += 1;
         Ok(t)

@@ -369,33 +369,52 @@ pub fn check_kernel(
     encode_acts(d, &x, &mut xb);
     let mut xr = vec![0.0f32; n * kk];
     decode_acts(d, &xb, &mut xr);
-    let (wbo, xbo) = (rt.shmem(wdata.len())?, rt.shmem(xb.len())?);
-    let ybo = rt.shmem(n * m * elem_bytes(d))?;
-    runtime::upload(&wbo, &wdata)?;
+    measure(rt, i, &k, &wdata, &xb, n * m, reps, |want| {
+        for (t, xrow) in xr.chunks_exact(kk).enumerate() {
+            for (r, wrow) in w.chunks_exact(kk).enumerate() {
+                want[t * m + r] = wrow.iter().zip(xrow).map(|(a, b)| a * b).sum();
+            }
+        }
+    })
+}
+
+/// Runs kernel `i` (`k`) `reps` times on the weights `wdata` and the encoded activations `xb`,
+/// its `out_len` outputs against `cpu`'s (timed as often), both times medians.
+#[allow(clippy::too_many_arguments)]
+fn measure(
+    rt: &Runtime,
+    i: usize,
+    k: &Kernel,
+    wdata: &[u8],
+    xb: &[u8],
+    out_len: usize,
+    reps: usize,
+    mut cpu: impl FnMut(&mut [f32]),
+) -> Result<KernelCheck, XdnaError> {
+    let d = k.dtype;
+    let out_bytes = out_len * elem_bytes(d);
+    let (wbo, xbo, ybo) = (rt.shmem(wdata.len())?, rt.shmem(xb.len())?, rt.shmem(out_bytes)?);
+    runtime::upload(&wbo, wdata)?;
     let io = Io { x: xbo, y: ybo };
     let bos = buffers(k.op, &wbo, &io);
     let qos = QosPriority::Normal;
     let p = rt.prepare(i, qos, &bos)?;
-    let mut yb = vec![0u8; n * m * elem_bytes(d)];
+    let mut yb = vec![0u8; out_bytes];
     let mut times = Vec::with_capacity(reps.max(1));
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
-        runtime::upload(&io.x, &xb)?;
+        runtime::upload(&io.x, xb)?;
         rt.run(&p, qos, &bos)?;
         runtime::download(&io.y, &mut yb)?;
         times.push(t.elapsed().as_secs_f64() * 1e6);
     }
-    let mut y = vec![0.0f32; n * m];
+    let mut y = vec![0.0f32; out_len];
     decode_acts(d, &yb, &mut y);
+    let mut want = vec![0.0f32; out_len];
     let mut cpu_times = Vec::with_capacity(reps.max(1));
-    let mut want = vec![0.0f32; n * m];
     for _ in 0..reps.max(1) {
         let t = std::time::Instant::now();
-        for (t_, xrow) in xr.chunks_exact(kk).enumerate() {
-            for (r, wrow) in w.chunks_exact(kk).enumerate() {
-                want[t_ * m + r] = wrow.iter().zip(xrow).map(|(a, b)| a * b).sum();
-            }
-        }
+        cpu(&mut want);
         cpu_times.push(t.elapsed().as_secs_f64() * 1e6);
     }
     Ok(KernelCheck {
@@ -426,37 +445,7 @@ fn check_norm(
     let mut xr = vec![0.0f32; rows * dim];
     decode_acts(d, &xb, &mut xr);
     let wdata: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let (wbo, xbo, ybo) = (rt.shmem(wdata.len())?, rt.shmem(xb.len())?, rt.shmem(xb.len())?);
-    runtime::upload(&wbo, &wdata)?;
-    let io = Io { x: xbo, y: ybo };
-    let bos = buffers(k.op, &wbo, &io);
-    let qos = QosPriority::Normal;
-    let p = rt.prepare(i, qos, &bos)?;
-    let mut yb = vec![0u8; xb.len()];
-    let mut times = Vec::with_capacity(reps.max(1));
-    for _ in 0..reps.max(1) {
-        let t = std::time::Instant::now();
-        runtime::upload(&io.x, &xb)?;
-        rt.run(&p, qos, &bos)?;
-        runtime::download(&io.y, &mut yb)?;
-        times.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    let mut y = vec![0.0f32; rows * dim];
-    decode_acts(d, &yb, &mut y);
-    let mut want = vec![0.0f32; rows * dim];
-    let mut cpu_times = Vec::with_capacity(reps.max(1));
-    for _ in 0..reps.max(1) {
-        let t = std::time::Instant::now();
-        rms_norm(&xr, &mut want, dim, Some(&w), eps);
-        cpu_times.push(t.elapsed().as_secs_f64() * 1e6);
-    }
-    Ok(KernelCheck {
-        name: k.name.clone(),
-        max_abs_err: y.iter().zip(&want).fold(0.0f32, |a, (p, q)| a.max((p - q).abs())),
-        max_abs_ref: want.iter().fold(0.0f32, |a, v| a.max(v.abs())),
-        npu_us: median(&mut times),
-        cpu_us: median(&mut cpu_times),
-    })
+    measure(rt, i, k, &wdata, &xb, rows * dim, reps, |want| rms_norm(&xr, want, dim, Some(&w), eps))
 }
 
 fn elem_bytes(d: DType) -> usize {
