@@ -30,6 +30,11 @@ const N_EMBD: u32 = 64;
 const N_FF: u32 = 192;
 const N_VOCAB: u32 = 49152;
 
+/// Whether `a` and `b` hold the same values, bit for bit, as far as both go.
+fn bit_equal(a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
 fn kernel(name: &str, op: Op, m: u32, k: u32, n: u32, weights: WeightLayout) -> Ready {
     Ready {
         kernel: Kernel {
@@ -147,7 +152,7 @@ fn failed_runs_fall_back_to_the_cpu_and_retire_their_kernels() {
         let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), n.backends.clone()).unwrap();
         let got = generate(&model, QosPriority::Normal);
         assert_eq!(got.len(), want.len());
-        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = bit_equal(&got, &want);
         assert!(same, "{outcome:?}: the logits differ from the cpu pass");
         let s = n.rt.stats();
         assert_eq!(s.runs, 0, "{outcome:?}");
@@ -396,7 +401,7 @@ fn npu_classes_beside_vulkan_classes_move_activations_correctly() {
     let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), backends).unwrap();
     let got = generate(&model, QosPriority::Normal);
     assert_eq!(got.len(), want.len());
-    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(bit_equal(&got, &want));
     assert!(rt.stats().fallbacks > 0);
 }
 
@@ -418,7 +423,7 @@ fn failed_norm_runs_fall_back_to_the_cpu_and_retire_their_kernels() {
         let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), n.backends.clone()).unwrap();
         let got = generate(&model, QosPriority::Normal);
         assert_eq!(got.len(), want.len());
-        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = bit_equal(&got, &want);
         assert!(same, "{outcome:?}: the logits differ from the cpu pass");
         let s = n.rt.stats();
         assert_eq!(s.runs, 0, "{outcome:?}");
@@ -499,7 +504,7 @@ fn norm_weights_are_f32_vectors_and_packets_name_x_w_y() {
     let per_run: Vec<&Vec<f32>> =
         refs[..8].iter().flat_map(|r| [r, r]).chain(std::iter::once(&refs[8])).collect();
     for (i, (got, want)) in weights.iter().zip(&per_run).enumerate() {
-        let same = got.iter().zip(want.iter()).all(|(a, b)| a.to_bits() == b.to_bits());
+        let same = bit_equal(got, want);
         assert!(
             same && got.len() == want.len(),
             "run {i}: weight BO is not {}",
@@ -526,7 +531,7 @@ fn a_norm_kernel_of_another_eps_is_never_used() {
     );
     let model = Model::load_with(gguf("qwen3-tiny-f16.gguf"), n.backends.clone()).unwrap();
     let got = generate(&model, QosPriority::Normal);
-    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(bit_equal(&got, &want));
     assert_eq!(n.rt.stats(), Default::default());
     assert!(n.fake.submissions().is_empty());
 }

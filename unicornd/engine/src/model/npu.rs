@@ -554,19 +554,34 @@ impl NpuPass<'_> {
         };
         let kernel = self.rt.kernel(k).expect("found above").clone();
         let ready = self.ready(m, bytes, k, &kernel)?;
-        let bos = ready.bos();
         let per = kernel.shape.n as usize;
-        let (rows, cols, d) = (m.rows, m.cols, kernel.dtype);
-        let mut xb = vec![0u8; per * cols * elem_bytes(d)];
-        let mut yb = vec![0u8; per * rows * elem_bytes(d)];
+        self.run_rows(k, &kernel, &ready, per, (x, m.cols), (&mut out[..n * m.rows], m.rows))
+    }
+
+    /// Runs kernel `k`'s prepared run over the rows of `x` (`in_w` values each), `per` rows a
+    /// run (the last run padded with zeros), into the rows of `out` (`out_w` values each).
+    fn run_rows(
+        &self,
+        k: usize,
+        kernel: &Kernel,
+        ready: &Ready,
+        per: usize,
+        (x, in_w): (&[f32], usize),
+        (out, out_w): (&mut [f32], usize),
+    ) -> Result<(), Miss> {
+        let d = kernel.dtype;
+        let bos = ready.bos();
+        let mut xb = vec![0u8; per * in_w * elem_bytes(d)];
+        let mut yb = vec![0u8; per * out_w * elem_bytes(d)];
         let fail = |e| Miss::Failed(k, e);
-        for t0 in (0..n).step_by(per) {
-            let t = per.min(n - t0);
-            encode_acts(d, &x[t0 * cols..(t0 + t) * cols], &mut xb);
+        let rows = out.len() / out_w;
+        for r0 in (0..rows).step_by(per) {
+            let r = per.min(rows - r0);
+            encode_acts(d, &x[r0 * in_w..(r0 + r) * in_w], &mut xb);
             runtime::upload(&ready.io.x, &xb).map_err(fail)?;
             self.rt.run(&ready.prepared, self.qos, &bos).map_err(fail)?;
             runtime::download(&ready.io.y, &mut yb).map_err(fail)?;
-            decode_acts(d, &yb, &mut out[t0 * rows..(t0 + t) * rows]);
+            decode_acts(d, &yb, &mut out[r0 * out_w..(r0 + r) * out_w]);
         }
         Ok(())
     }
@@ -698,22 +713,9 @@ impl NpuPass<'_> {
         };
         let kernel = self.rt.kernel(k).expect("found above").clone();
         let ready = self.norm_ready(w, k, &kernel)?;
-        let bos = ready.bos();
         let per = kernel.shape.m as usize;
-        let d = kernel.dtype;
-        let mut xb = vec![0u8; per * dim * elem_bytes(d)];
-        let mut yb = vec![0u8; per * dim * elem_bytes(d)];
-        let fail = |e| Miss::Failed(k, e);
         let rows = x.len() / dim;
-        for r0 in (0..rows).step_by(per) {
-            let r = per.min(rows - r0);
-            encode_acts(d, &x[r0 * dim..(r0 + r) * dim], &mut xb);
-            runtime::upload(&ready.io.x, &xb).map_err(fail)?;
-            self.rt.run(&ready.prepared, self.qos, &bos).map_err(fail)?;
-            runtime::download(&ready.io.y, &mut yb).map_err(fail)?;
-            decode_acts(d, &yb, &mut out[r0 * dim..(r0 + r) * dim]);
-        }
-        Ok(())
+        self.run_rows(k, &kernel, &ready, per, (x, dim), (&mut out[..rows * dim], dim))
     }
 
     /// The norm of weight `w`'s prepared run on kernel `k`, made on first use: the weight
