@@ -3,9 +3,10 @@
 //! Q8_0, Q4_K, Q6_K), one matrix at a time and as a whole step.
 //!
 //! `cargo run --release -p unicorn-kernels --example batch-kernels [-- --model smollm2|gemma3]
-//! [--threads N] [--tokens 1,2,4,8] [--reps N] [--step-only] [--shapes-only] [--check] [--big]`
+//! [--threads N] [--tokens 1,2,4,8] [--reps N] [--step-only] [--shapes-only] [--check] [--big] [--tiled]`
 //!
-//! `--big` times the model's output projection alone (with `--shapes-only`).
+//! `--big` times the model's output projection alone (with `--shapes-only`). `--tiled` gives
+//! the Q4_0, Q4_1 and Q8_0 matrices their copy tiled eight rows wide, as the engine does.
 //!
 //! Per matrix: microseconds per call (the fastest of many: the machines are shared) with the
 //! weights in cache ("hot": the same matrix again), and GFLOP/s. "step": one decode step's
@@ -103,6 +104,7 @@ fn main() {
     let shapes_only = args.iter().any(|a| a == "--shapes-only");
     let check = args.iter().any(|a| a == "--check");
     let big = args.iter().any(|a| a == "--big");
+    common::set_tiled(args.iter().any(|a| a == "--tiled"));
     let mut model = match model_name {
         "gemma3" => gemma3(),
         _ => smollm2(),

@@ -139,8 +139,9 @@ fn bench_model(model: &Model, pool: &ThreadPool, threads: usize, quick: bool, s:
         let copies = if quick { copies.min(64) } else { copies };
         // Copies of one matrix: contents do not change the speed, and quantizing 256 MiB
         // of weights would take longer than the benchmark.
-        let mats: Vec<Mat> =
-            (0..copies).map(|_| Mat { ty, rows, cols, data: one.data.clone() }).collect();
+        let mats: Vec<Mat> = (0..copies)
+            .map(|_| Mat { ty, rows, cols, data: one.data.clone(), tiles: None })
+            .collect();
         let x: Vec<f32> = (0..cols).map(|_| lcg(s)).collect();
         let mut out = vec![0.0; rows];
         let flops = 2.0 * rows as f64 * cols as f64;

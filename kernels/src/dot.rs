@@ -23,6 +23,9 @@
 //! 8, 4, 2 or 1 with the quants of two tokens interleaved by half block, and `d`, `s` and the
 //! quant sums per block in the tiles' lane order.
 //!
+//! A matrix tiled eight rows wide ([`crate::tiled`]) takes another AVX2 path, with the same
+//! per-block integer sums and float steps (so the same results, bit for bit) and no shuffles.
+//!
 //! The float kernels (and the k-quants, see [`crate::kdot`]) differ from the reference in the
 //! float accumulation only: eight lane-wise partial sums with fused multiply-adds, added at the
 //! end. Their results agree with the reference to within rounding of a sum of `n` terms,
@@ -252,9 +255,28 @@ pub(crate) struct PackedActs {
     pub(crate) q: Vec<Q32>,
     pub(crate) lanes: Vec<Lanes>,
     pub(crate) sums: Vec<i32>,
+    /// Every token's per-block quant sums, token-major (for the tiled Q4_0 products).
+    pub(crate) all_sums: Vec<i32>,
 }
 
 impl PackedActs {
+    /// Only what the tiled products read ([`crate::tiled`]): every token's per-block quant
+    /// sums; the tiles for the row layout are left empty.
+    pub(crate) fn pack_sums(&mut self, acts: &[ActRow<'_>]) {
+        self.nb = acts.first().map_or(0, |a| a.d.len());
+        self.tiles.clear();
+        self.q.clear();
+        self.lanes.clear();
+        self.sums.clear();
+        self.fill_sums(acts);
+    }
+
+    fn fill_sums(&mut self, acts: &[ActRow<'_>]) {
+        let qsum = |q: &[i8]| q.iter().map(|&x| i32::from(x)).sum::<i32>();
+        self.all_sums.clear();
+        self.all_sums.extend(acts.iter().flat_map(|a| a.qs.chunks_exact(QK).map(qsum)));
+    }
+
     /// Packs `acts` (Q8_0 format, all of one length), reusing this buffer's memory.
     pub(crate) fn pack(&mut self, acts: &[ActRow<'_>]) {
         let nb = acts.first().map_or(0, |a| a.d.len());
@@ -279,6 +301,7 @@ impl PackedActs {
         self.sums.clear();
         self.sums.resize(ns, 0);
         let qsum = |q: &[i8]| q.iter().map(|&x| i32::from(x)).sum::<i32>();
+        self.fill_sums(acts);
         for t in &self.tiles {
             let toks = &acts[t.t0..t.t0 + t.real];
             if t.width == 1 {

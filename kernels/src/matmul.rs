@@ -23,6 +23,7 @@ use crate::error::check_len;
 use crate::formats::dequantize_row;
 use crate::kdot::{is_k, k_rows_packed, KPacked};
 use crate::pool::ThreadPool;
+use crate::tiled::TiledWeights;
 use crate::{GgmlType, KernelError};
 
 /// Tokens whose activations a block of rows works through at once.
@@ -47,13 +48,15 @@ fn blocks(
     })
 }
 
-/// A weight matrix in GGUF layout, borrowed from the mapped file.
+/// A weight matrix in GGUF layout, borrowed from the mapped file, and optionally the same
+/// matrix tiled eight rows wide ([`TiledWeights`]), which the AVX2 products then read instead.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightView<'a> {
     ty: GgmlType,
     rows: usize,
     cols: usize,
     data: &'a [u8],
+    tiles: Option<&'a TiledWeights>,
 }
 
 impl<'a> WeightView<'a> {
@@ -71,7 +74,19 @@ impl<'a> WeightView<'a> {
         let total =
             (rb as usize).checked_mul(rows).ok_or(KernelError::NotBlockMultiple { ty, n: cols })?;
         check_len("weight data", total, data.len())?;
-        Ok(WeightView { ty, rows, cols, data })
+        Ok(WeightView { ty, rows, cols, data, tiles: None })
+    }
+
+    /// This view with `tiles` (this matrix tiled, [`TiledWeights::new`]) for the products to
+    /// read. Errors when the tiles are of another type or shape.
+    pub fn with_tiles(self, tiles: &'a TiledWeights) -> Result<Self, KernelError> {
+        tiles.check_matches(&self)?;
+        Ok(WeightView { tiles: Some(tiles), ..self })
+    }
+
+    /// The tiled copy products read, if any.
+    pub fn tiles(&self) -> Option<&'a TiledWeights> {
+        self.tiles
     }
 
     /// The element type.
@@ -294,12 +309,17 @@ fn run_group<'q>(
         acts(ActFormat::Q8_0).map_or(Vec::new(), |a| (0..n_tokens).map(|t| a.row(t)).collect());
     let rows_q8_k: Vec<ActRow<'_>> =
         acts(ActFormat::Q8K).map_or(Vec::new(), |a| (0..n_tokens).map(|t| a.row(t)).collect());
-    let pack_q = group.iter().any(|(w, _)| packs(isa, w.ty));
+    // Tiled matrices read the activation rows and their quant sums only; the row-layout
+    // tiles need the whole packing.
+    let pack_rows = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_none());
+    let pack_sums = group.iter().any(|(w, _)| packs(isa, w.ty));
     let pack_k = isa.avx2() && group.iter().any(|(w, _)| is_k(w.ty));
     with_scratch(&PACKED, |packed| {
         with_scratch(&KPACKED, |kpacked| {
-            if pack_q {
+            if pack_rows {
                 packed.pack(&rows_q8_0);
+            } else if pack_sums {
+                packed.pack_sums(&rows_q8_0);
             }
             if pack_k {
                 kpacked.pack(&rows_q8_k);
@@ -309,7 +329,7 @@ fn run_group<'q>(
                 _ if uses_quantized_acts(ty) == Some(false) => Tokens::Float(xs),
                 Some(ActFormat::Q8K) if pack_k => Tokens::KPacked(&rows_q8_k, kpacked),
                 Some(ActFormat::Q8K) => Tokens::Rows(&rows_q8_k),
-                _ if packs(isa, ty) => Tokens::Packed(&rows_q8_0, packed),
+                _ if pack_sums && packs(isa, ty) => Tokens::Packed(&rows_q8_0, packed),
                 _ => Tokens::Rows(&rows_q8_0),
             };
             parallel_group(pool, n_tokens, group, &|w, rows, sink| {
@@ -330,6 +350,14 @@ fn member_rows(
     let (ty, data, row_bytes) = (w.ty, w.data, w.row_bytes());
     let mut emit = |r, t, v| sink.write(r, t, v);
     match tokens {
+        #[cfg(target_arch = "x86_64")]
+        Tokens::Packed(acts, p) if w.tiles.is_some() => {
+            let tiles = w.tiles.unwrap_or_else(|| unreachable!("tested by the guard"));
+            // SAFETY: `Packed` tokens exist only where `packs(isa, ..)`, which requires an
+            // `isa` with AVX2, and such an `Isa` comes from detection: the CPU has
+            // AVX2+FMA+F16C.
+            unsafe { crate::tiled::avx2::tiled_rows(tiles, acts, &p.all_sums, rows, &mut emit) }
+        }
         Tokens::Packed(acts, p) => {
             q_rows_packed(isa, ty, data, row_bytes, acts, p, rows, &mut emit)
         }

@@ -90,6 +90,13 @@ pub(crate) fn load_i8x32(p: &[i8; 32]) -> __m256i {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+pub(crate) fn load_u8x32(p: &[u8; 32]) -> __m256i {
+    // SAFETY: `p` is 32 readable bytes; the load has no alignment requirement.
+    unsafe { _mm256_loadu_si256(p.as_ptr().cast()) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
 pub(crate) fn store_i8x32(p: &mut [i8; 32], v: __m256i) {
     // SAFETY: `p` is 32 writable bytes; the store has no alignment requirement.
     unsafe { _mm256_storeu_si256(p.as_mut_ptr().cast(), v) }

@@ -2,7 +2,10 @@
 // Each example uses part of this.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use unicorn_kernels::formats::quantize_row;
+use unicorn_kernels::tiled::TiledWeights;
 use unicorn_kernels::{GgmlType, WeightView};
 
 pub struct Mat {
@@ -10,6 +13,15 @@ pub struct Mat {
     pub rows: usize,
     pub cols: usize,
     pub data: Vec<u8>,
+    /// The matrix tiled eight rows wide, when [`set_tiled`] asked for it and the type allows.
+    pub tiles: Option<TiledWeights>,
+}
+
+static TILED: AtomicBool = AtomicBool::new(false);
+
+/// Whether matrices made from now on carry a tiled copy for the products to read.
+pub fn set_tiled(on: bool) {
+    TILED.store(on, Ordering::Relaxed);
 }
 
 /// The next value in [-1, 1) of a linear congruential stream.
@@ -38,11 +50,19 @@ pub fn make(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Mat {
             dst.copy_from_slice(&first[(i % distinct) * rb..][..rb]);
         }
     }
-    Mat { ty, rows, cols, data }
+    let mut m = Mat { ty, rows, cols, data, tiles: None };
+    if TILED.load(Ordering::Relaxed) {
+        m.tiles = TiledWeights::new(&view(&m));
+    }
+    m
 }
 
 pub fn view(m: &Mat) -> WeightView<'_> {
-    WeightView::new(m.ty, m.rows, m.cols, &m.data).unwrap()
+    let v = WeightView::new(m.ty, m.rows, m.cols, &m.data).unwrap();
+    match &m.tiles {
+        Some(t) => v.with_tiles(t).unwrap(),
+        None => v,
+    }
 }
 
 /// One product of a layer: weight type, rows (outputs), cols (inputs).

@@ -37,7 +37,7 @@ use std::fmt;
 use std::fs::File;
 use std::path::Path;
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use unicorn_kernels::GgmlType;
 
 pub use error::GgufError;
@@ -52,9 +52,31 @@ pub const MAX_TENSOR_NAME_LEN: usize = 64;
 /// Most levels of arrays in one metadata value (an array of arrays is two levels).
 pub const MAX_ARRAY_NESTING: usize = 8;
 
+/// Where a file's bytes live: a mapping (whose pages can be released) or any container.
+enum Source {
+    Map(Mmap),
+    Other(Box<dyn AsRef<[u8]> + Send + Sync>),
+}
+
+impl Source {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Source::Map(m) => m,
+            Source::Other(b) => (**b).as_ref(),
+        }
+    }
+}
+
+/// The system's page size.
+fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
 /// A parsed GGUF file, with its bytes (usually a read-only memory mapping) kept alive.
 pub struct GgufFile {
-    source: Box<dyn AsRef<[u8]> + Send + Sync>,
+    source: Source,
     version: u32,
     alignment: u64,
     data_offset: u64,
@@ -103,7 +125,7 @@ impl GgufFile {
 
     /// Parse an existing mapping.
     pub fn from_mmap(map: Mmap) -> Result<GgufFile, GgufError> {
-        GgufFile::from_source(map)
+        GgufFile::parse_source(Source::Map(map))
     }
 
     /// Parse bytes held in memory.
@@ -116,9 +138,13 @@ impl GgufFile {
     where
         S: AsRef<[u8]> + Send + Sync + 'static,
     {
-        let parsed = parse::parse(source.as_ref())?;
+        GgufFile::parse_source(Source::Other(Box::new(source)))
+    }
+
+    fn parse_source(source: Source) -> Result<GgufFile, GgufError> {
+        let parsed = parse::parse(source.bytes())?;
         Ok(GgufFile {
-            source: Box::new(source),
+            source,
             version: parsed.version,
             alignment: parsed.alignment,
             data_offset: parsed.data_offset,
@@ -155,7 +181,31 @@ impl GgufFile {
 
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
-        (*self.source).as_ref()
+        self.source.bytes()
+    }
+
+    /// Tells the kernel this process no longer needs the mapped pages inside `range` (file
+    /// offsets; only whole pages, so neighbouring data is untouched): a weight matrix now held
+    /// in another layout. The pages leave this process's resident set; reading the range again
+    /// faults them back in from the page cache with the same contents, so this changes memory
+    /// use, never what is read. Nothing happens for files held in memory rather than mapped.
+    pub fn release_pages(&self, range: std::ops::Range<usize>) {
+        let Source::Map(map) = &self.source else { return };
+        let page = page_size();
+        let start = range.start.next_multiple_of(page);
+        let end = range.end.min(map.len()) / page * page;
+        if start >= end {
+            return;
+        }
+        // SAFETY: the mapping is private and read-only (`Mmap::map`), so no page of it was ever
+        // written: MADV_DONTNEED only drops this process's page-table entries, and the next
+        // access re-reads the same bytes from the file (whose stability is `from_file`'s
+        // contract). References into the range stay valid; they read identical data.
+        let r =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
+        if let Err(e) = r {
+            log::debug!("madvise(DONTNEED) of {} model bytes: {e}", end - start);
+        }
     }
 
     /// All metadata.

@@ -24,6 +24,7 @@ use super::placement::{Exec, Gpu, OpClass};
 use super::transformer::Ffn;
 use super::weights::Matrix;
 use super::ModelError;
+use crate::gguf::GgufFile;
 
 /// An activation of a pass (see the module documentation).
 #[derive(Debug, Default)]
@@ -194,12 +195,13 @@ impl<'e> Flow<'e> {
         &mut self,
         class: Option<OpClass>,
         m: &Matrix,
-        bytes: &[u8],
+        file: &GgufFile,
         pool: &ThreadPool,
         x: &mut Act,
         n: usize,
         out: &mut Act,
     ) -> Result<(), ModelError> {
+        let bytes = file.bytes();
         if class.is_some_and(|c| self.on_npu[c as usize]) && self.npu.is_some() {
             // The NPU path falls back to the CPU per product by itself.
             let x = self.host(x)?;
@@ -217,7 +219,7 @@ impl<'e> Flow<'e> {
             }
         } else {
             let x = self.host(x)?;
-            matmul(pool, &m.view(bytes)?, x, n, self.overwrite(out))?;
+            matmul(pool, &m.cpu_view(file)?, x, n, self.overwrite(out))?;
         }
         Ok(())
     }

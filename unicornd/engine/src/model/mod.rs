@@ -147,7 +147,7 @@ impl Model {
         logits: &mut Vec<f32>,
         qos: QosPriority,
     ) -> Result<(), ModelError> {
-        let run = transformer::Run { bytes: self.gguf.bytes(), exec: &self.exec, pool, qos };
+        let run = transformer::Run { file: &self.gguf, exec: &self.exec, pool, qos };
         match self.net.forward(run, seqs, logits) {
             // A device error (e.g. a lost device): the pass left the sequences as they were, so
             // it runs again with every class on the CPU, as do all later ones.

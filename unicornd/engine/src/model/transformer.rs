@@ -26,7 +26,7 @@ use crate::gguf::GgufFile;
 /// each operation class runs, and the CPU's threads.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Run<'a> {
-    pub bytes: &'a [u8],
+    pub file: &'a GgufFile,
     pub exec: &'a Exec,
     pub pool: &'a ThreadPool,
     /// The NPU priority of the batch (the driver's QoS hint for its contexts).
@@ -247,6 +247,7 @@ pub struct Seq<'a> {
 /// there too, over each context's device cache, so a plain block's pass is one submission.
 pub(crate) struct Pass<'a> {
     bytes: &'a [u8],
+    file: &'a GgufFile,
     pool: &'a ThreadPool,
     hp: &'a HParams,
     flow: Flow<'a>,
@@ -342,7 +343,8 @@ impl<'a> Pass<'a> {
             }
         }
         Ok(Pass {
-            bytes: run.bytes,
+            bytes: run.file.bytes(),
+            file: run.file,
             pool: run.pool,
             hp,
             flow,
@@ -418,7 +420,7 @@ impl<'a> Pass<'a> {
         out: &mut Act,
     ) -> Result<(), ModelError> {
         out.resize(self.n * w.rows);
-        self.flow.matmul(class, w, self.bytes, self.pool, x, self.n, out)
+        self.flow.matmul(class, w, self.file, self.pool, x, self.n, out)
     }
 
     /// Several products of the same `x`, each `out` becoming `n x w.rows` (on the CPU one job:
@@ -439,7 +441,7 @@ impl<'a> Pass<'a> {
         let mut jobs = Vec::with_capacity(group.len());
         for (w, out) in group.iter_mut() {
             out.resize(self.n * w.rows);
-            jobs.push((w.view(self.bytes)?, &mut self.flow.overwrite(out)[..]));
+            jobs.push((w.cpu_view(self.file)?, &mut self.flow.overwrite(out)[..]));
         }
         Ok(matmul_group(self.pool, x, self.n, &mut jobs)?)
     }

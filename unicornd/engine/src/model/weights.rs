@@ -1,21 +1,25 @@
 //! Weights as the model file holds them, checked against the shapes the architecture expects.
 
 use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 use unicorn_kernels::formats::dequantize_row;
+use unicorn_kernels::tiled::TiledWeights;
 use unicorn_kernels::{GgmlType, KernelError, WeightView};
 
 use super::ModelError;
 use crate::gguf::GgufFile;
 
 /// A weight matrix: `rows` outputs of `cols` inputs, stored row-major in the file (ggml
-/// dims `[cols, rows]`).
+/// dims `[cols, rows]`), and, once the CPU has multiplied it, the same weights tiled eight
+/// rows wide for the AVX2 products ([`Matrix::cpu_view`]).
 #[derive(Clone, Debug)]
 pub(crate) struct Matrix {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
     range: Range<usize>,
+    tiles: Arc<OnceLock<Option<TiledWeights>>>,
 }
 
 fn bad(name: &str, message: String) -> ModelError {
@@ -57,6 +61,7 @@ impl Matrix {
                 rows,
                 cols,
                 range: start + i * each..start + (i + 1) * each,
+                tiles: Arc::default(),
             })
             .collect();
         // Checks the byte length and that the type has a matrix product.
@@ -67,8 +72,31 @@ impl Matrix {
         Ok(mats)
     }
 
+    /// The matrix in the file's layout (for dequantizing, uploading, or a product anywhere).
     pub fn view<'a>(&self, bytes: &'a [u8]) -> Result<WeightView<'a>, KernelError> {
         WeightView::new(self.ty, self.rows, self.cols, &bytes[self.range.clone()])
+    }
+
+    /// The matrix for a product on the CPU: with its tiled copy where the CPU has the AVX2
+    /// kernels for its type. The copy is made on the first such product (the model's contexts
+    /// share it, like the mapping) and the file's pages it replaces are released from this
+    /// process, so the weights stay resident once, not twice.
+    pub fn cpu_view<'a>(&'a self, file: &'a GgufFile) -> Result<WeightView<'a>, KernelError> {
+        let view = self.view(file.bytes())?;
+        if !TiledWeights::supports(self.ty, self.rows) {
+            return Ok(view);
+        }
+        let tiles = self.tiles.get_or_init(|| {
+            let tiles = TiledWeights::new(&view);
+            if tiles.is_some() {
+                file.release_pages(self.range.clone());
+            }
+            tiles
+        });
+        match tiles {
+            Some(t) => view.with_tiles(t),
+            None => Ok(view),
+        }
     }
 
     /// Where the tensor's data starts in the model file (a key naming the tensor).

@@ -1,0 +1,533 @@
+//! Weight matrices laid out again eight rows wide, for the AVX2 products of Q4_0, Q4_1 and
+//! Q8_0 weights.
+//!
+//! GGUF stores a matrix row by row. The AVX2 tiles of [`crate::dot`] read it that way and spend
+//! about as many instructions spreading each block's weights over the vector lanes (shuffles,
+//! then a reduction across lanes) as multiplying them. A [`TiledWeights`] holds the same bytes
+//! regrouped once, when a model's matrix is first multiplied on the CPU: for each group of eight
+//! rows and each block of 32 columns, the eight rows' scales side by side, then their quants
+//! interleaved four bytes at a time, so that one 32-byte load holds quarter `k` of a block (its
+//! elements `4k .. 4k + 4`) for all eight rows, one row per 32-bit lane. A token's quarter `k`
+//! broadcast to every lane multiplies eight rows at once (`maddubs`), and the eight quarters'
+//! products added lane by lane are the eight rows' exact block sums: no shuffle, no horizontal
+//! step, and a block's weights are decoded once for every token of the batch.
+//!
+//! Each lane then takes the scalar reference's float steps in block order, so a product equals
+//! [`crate::dot::scalar`] bit for bit, as the row-layout tiles do: the layout changes speed,
+//! never results. The bytes are the file's, moved: a tiled matrix is exactly as large as the
+//! file's.
+
+use crate::cpu::Isa;
+use crate::error::check_len;
+use crate::formats::QK;
+use crate::matmul::WeightView;
+use crate::{GgmlType, KernelError};
+
+/// Rows per group: one per 32-bit lane of an AVX2 vector.
+pub const GROUP: usize = 8;
+
+/// Bytes of one group's block: the eight rows' `d` (f16), for Q4_1 their `m`, then the quants.
+const fn group_block_bytes(ty: GgmlType) -> Option<usize> {
+    match ty {
+        GgmlType::Q4_0 => Some(16 + 128),
+        GgmlType::Q4_1 => Some(32 + 128),
+        GgmlType::Q8_0 => Some(16 + 256),
+        _ => None,
+    }
+}
+
+/// Where a row's quants start in its GGUF block, and their bytes.
+const fn quant_span(ty: GgmlType) -> (usize, usize) {
+    match ty {
+        GgmlType::Q4_1 => (4, 16),
+        GgmlType::Q8_0 => (2, 32),
+        _ => (2, 16),
+    }
+}
+
+/// A weight matrix of `rows` (a multiple of [`GROUP`]) by `cols`, eight rows wide (see the
+/// module's text). Group `g`'s block `b` is at `(g * nb + b) * bytes`: `d[8]` as little-endian
+/// f16, for Q4_1 `m[8]`, then 32-byte chunks whose lane `l` (bytes `4l .. 4l + 4`) is row
+/// `8g + l`'s quant bytes `4j .. 4j + 4` in chunk `j` (four chunks of nibble pairs for Q4_0 and
+/// Q4_1, eight chunks of signed quants for Q8_0).
+#[derive(Clone)]
+pub struct TiledWeights {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for TiledWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TiledWeights")
+            .field("ty", &self.ty)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TiledWeights {
+    /// Whether matrices of `ty` with `rows` rows are tiled on this CPU: only the AVX2 kernels
+    /// read tiles ([`Isa::current`], which `UNICORN_CPU` can lower).
+    pub fn supports(ty: GgmlType, rows: usize) -> bool {
+        Isa::current().avx2() && group_block_bytes(ty).is_some() && rows.is_multiple_of(GROUP)
+    }
+
+    /// `w` tiled, or `None` when [`TiledWeights::supports`] says no.
+    pub fn new(w: &WeightView<'_>) -> Option<TiledWeights> {
+        let ty = w.ty();
+        if !Self::supports(ty, w.rows()) {
+            return None;
+        }
+        let gb = group_block_bytes(ty)?;
+        let bs = ty.type_size();
+        let nb = w.cols() / QK;
+        let (q0, qn) = quant_span(ty);
+        let heads = if ty == GgmlType::Q4_1 { 32 } else { 16 };
+        let mut data = vec![0u8; w.rows() / GROUP * nb * gb];
+        for (g, out) in data.chunks_exact_mut(nb * gb).enumerate() {
+            for l in 0..GROUP {
+                let row = w.row(g * GROUP + l);
+                for (src, dst) in row.chunks_exact(bs).zip(out.chunks_exact_mut(gb)) {
+                    dst[2 * l..2 * l + 2].copy_from_slice(&src[..2]);
+                    if ty == GgmlType::Q4_1 {
+                        dst[16 + 2 * l..18 + 2 * l].copy_from_slice(&src[2..4]);
+                    }
+                    for (j, quad) in src[q0..q0 + qn].chunks_exact(4).enumerate() {
+                        let at = heads + 32 * j + 4 * l;
+                        dst[at..at + 4].copy_from_slice(quad);
+                    }
+                }
+            }
+        }
+        Some(TiledWeights { ty, rows: w.rows(), cols: w.cols(), data })
+    }
+
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held (the same as the GGUF matrix's).
+    pub fn len(&self) -> usize {
+        self.data.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_empty()
+    }
+
+    /// Row `r` in GGUF layout again (the inverse of the tiling, for checks).
+    pub fn gguf_row(&self, r: usize) -> Vec<u8> {
+        let (gb, bs) = (group_block_bytes(self.ty).unwrap_or(0), self.ty.type_size());
+        let nb = self.cols / QK;
+        let (q0, qn) = quant_span(self.ty);
+        let heads = if self.ty == GgmlType::Q4_1 { 32 } else { 16 };
+        let (g, l) = (r / GROUP, r % GROUP);
+        let mut row = vec![0u8; nb * bs];
+        for (b, dst) in row.chunks_exact_mut(bs).enumerate() {
+            let src = &self.data[(g * nb + b) * gb..][..gb];
+            dst[..2].copy_from_slice(&src[2 * l..2 * l + 2]);
+            if self.ty == GgmlType::Q4_1 {
+                dst[2..4].copy_from_slice(&src[16 + 2 * l..18 + 2 * l]);
+            }
+            for (j, quad) in dst[q0..q0 + qn].chunks_exact_mut(4).enumerate() {
+                let at = heads + 32 * j + 4 * l;
+                quad.copy_from_slice(&src[at..at + 4]);
+            }
+        }
+        row
+    }
+
+    /// Checks that this is `w` tiled: same type and shape.
+    pub(crate) fn check_matches(&self, w: &WeightView<'_>) -> Result<(), KernelError> {
+        if self.ty != w.ty() {
+            return Err(KernelError::Unsupported { ty: w.ty(), op: "tiles of another type" });
+        }
+        check_len("tiled rows", w.rows(), self.rows)?;
+        check_len("tiled columns", w.cols(), self.cols)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::*;
+    use crate::act::ActRow;
+    use crate::dot::avx2::prefetch_ahead;
+    use crate::simd::{load_u8x16, load_u8x32, store_f32x8};
+
+    const Q4_0: u8 = 0;
+    const Q4_1: u8 = 1;
+    const Q8_0: u8 = 2;
+
+    /// Tokens a group's blocks are worked through with at once (one accumulator each).
+    const TOKENS: usize = 4;
+
+    /// Quarter `k` of a token's block `qa` in every 32-bit lane.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn quarter(qa: &[i8; 32], k: usize) -> __m256i {
+        let q: &[i8; 4] = qa[4 * k..4 * k + 4].try_into().unwrap();
+        // SAFETY: `q` is 4 readable bytes; the load has no alignment requirement. (Loaded as
+        // a vector, the broadcast reads memory directly instead of going through a register.)
+        _mm256_broadcastd_epi32(unsafe { _mm_loadu_si32(q.as_ptr().cast()) })
+    }
+
+    /// A group's block ready for `maddubs`: the unsigned factors of quarters 0-7 and, for Q8_0,
+    /// the signed weights whose signs go onto the activations.
+    struct Block {
+        u: [__m256i; 8],
+        w: [__m256i; 8],
+        d: __m256,
+        m: __m256,
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn decode<const KIND: u8>(blk: &[u8]) -> Block {
+        let d = _mm256_cvtph_ps(load_u8x16(blk[..16].try_into().unwrap()));
+        let zero = _mm256_setzero_si256();
+        if KIND == Q8_0 {
+            let w: [__m256i; 8] = std::array::from_fn(|k| {
+                load_u8x32(blk[16 + 32 * k..48 + 32 * k].try_into().unwrap())
+            });
+            // |w| as unsigned bytes (|-128| reads as 128).
+            let u = w.map(|x| _mm256_sign_epi8(x, x));
+            return Block { u, w, d, m: _mm256_setzero_ps() };
+        }
+        let (m, q0) = if KIND == Q4_1 {
+            (_mm256_cvtph_ps(load_u8x16(blk[16..32].try_into().unwrap())), 32)
+        } else {
+            (_mm256_setzero_ps(), 16)
+        };
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut u = [zero; 8];
+        for j in 0..4 {
+            let c = load_u8x32(blk[q0 + 32 * j..q0 + 32 * j + 32].try_into().unwrap());
+            // Low nibbles are elements 4j .. 4j + 4 (quarter j), high ones 16 + 4j .. (j + 4).
+            u[j] = _mm256_and_si256(c, mask);
+            u[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask);
+        }
+        Block { u, w: [zero; 8], d, m }
+    }
+
+    /// The eight rows' exact integer block sums with one token's block quants `qa` (for Q4_0
+    /// before the offset). Unsigned nibbles times quants stay within i16 summed over all 32
+    /// (|sum| <= 32 * 15 * 128 / 2 per lane half); Q8_0 products are widened per quarter, as
+    /// a `maddubs` pair of them can reach 2 * 128 * 127.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn block_sums<const KIND: u8>(blk: &Block, qa: &[i8; 32]) -> __m256i {
+        let ones = _mm256_set1_epi16(1);
+        if KIND == Q8_0 {
+            let p = |k: usize| {
+                let s = _mm256_sign_epi8(quarter(qa, k), blk.w[k]);
+                _mm256_madd_epi16(_mm256_maddubs_epi16(blk.u[k], s), ones)
+            };
+            let a = _mm256_add_epi32(_mm256_add_epi32(p(0), p(1)), _mm256_add_epi32(p(2), p(3)));
+            let b = _mm256_add_epi32(_mm256_add_epi32(p(4), p(5)), _mm256_add_epi32(p(6), p(7)));
+            return _mm256_add_epi32(a, b);
+        }
+        let p = |k: usize| _mm256_maddubs_epi16(blk.u[k], quarter(qa, k));
+        let a = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
+        let b = _mm256_add_epi16(_mm256_add_epi16(p(4), p(5)), _mm256_add_epi16(p(6), p(7)));
+        _mm256_madd_epi16(_mm256_add_epi16(a, b), ones)
+    }
+
+    /// One group of eight rows (its `nb` blocks in `blocks`) against `T` tokens: per token the
+    /// eight rows' dot products, each lane the scalar reference's float steps in block order.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn group<const KIND: u8, const T: usize>(
+        blocks: &[u8],
+        nb: usize,
+        acts: &[ActRow<'_>],
+        sums: &[&[i32]],
+        prefetch: bool,
+    ) -> [[f32; 8]; T] {
+        let gb = blocks.len() / nb.max(1);
+        let acts: &[ActRow<'_>; T] = acts.try_into().unwrap();
+        let end = blocks.as_ptr_range().end;
+        let mut acc = [_mm256_setzero_ps(); T];
+        for (b, blk) in blocks.chunks_exact(gb).enumerate() {
+            if prefetch {
+                prefetch_ahead(end, b, gb);
+            }
+            let blk = decode::<KIND>(blk);
+            for t in 0..T {
+                let a = &acts[t];
+                let qa: &[i8; 32] = a.qs[32 * b..32 * b + 32].try_into().unwrap();
+                let mut sumi = block_sums::<KIND>(&blk, qa);
+                if KIND == Q4_0 {
+                    sumi = _mm256_sub_epi32(
+                        sumi,
+                        _mm256_slli_epi32::<3>(_mm256_set1_epi32(sums[t][b])),
+                    );
+                }
+                let f = _mm256_cvtepi32_ps(sumi);
+                let da = _mm256_set1_ps(a.d[b]);
+                let term = match KIND {
+                    Q4_0 => _mm256_mul_ps(_mm256_mul_ps(f, blk.d), da),
+                    Q4_1 => _mm256_add_ps(
+                        _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f),
+                        _mm256_mul_ps(blk.m, _mm256_set1_ps(a.s[b])),
+                    ),
+                    _ => _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f),
+                };
+                acc[t] = _mm256_add_ps(acc[t], term);
+            }
+        }
+        let mut out = [[0.0f32; 8]; T];
+        for (o, a) in out.iter_mut().zip(acc) {
+            store_f32x8(o, a);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn drive<const KIND: u8, E: FnMut(usize, usize, f32) + ?Sized>(
+        tw: &TiledWeights,
+        acts: &[ActRow<'_>],
+        sums: &[i32],
+        rows: Range<usize>,
+        emit: &mut E,
+    ) -> Result<(), KernelError> {
+        let nb = tw.cols / QK;
+        let gb = group_block_bytes(tw.ty).unwrap_or(0);
+        if !rows.start.is_multiple_of(GROUP)
+            || !rows.end.is_multiple_of(GROUP)
+            || rows.end > tw.rows
+        {
+            return Err(KernelError::Unsupported {
+                ty: tw.ty,
+                op: "tiled rows not in whole groups of eight",
+            });
+        }
+        for a in acts {
+            check_len("activation quants", tw.cols, a.qs.len())?;
+            check_len("activation scales", nb, a.d.len())?;
+            check_len("activation sums", nb, a.s.len())?;
+        }
+        if KIND == Q4_0 {
+            check_len("activation quant sums", acts.len() * nb, sums.len())?;
+        }
+        let token_sums = |t0: usize, n: usize| -> Vec<&[i32]> {
+            if KIND == Q4_0 {
+                (t0..t0 + n).map(|t| &sums[t * nb..(t + 1) * nb]).collect()
+            } else {
+                Vec::new()
+            }
+        };
+        for g in rows.start / GROUP..rows.end / GROUP {
+            let blocks = &tw.data[g * nb * gb..(g + 1) * nb * gb];
+            let mut t0 = 0;
+            while t0 < acts.len() {
+                let n = (acts.len() - t0).min(TOKENS);
+                let (a, s, first) = (&acts[t0..t0 + n], token_sums(t0, n), t0 == 0);
+                let mut out = [[0.0f32; 8]; TOKENS];
+                match n {
+                    4 => out = group::<KIND, 4>(blocks, nb, a, &s, first),
+                    3 => out[..3].copy_from_slice(&group::<KIND, 3>(blocks, nb, a, &s, first)),
+                    2 => out[..2].copy_from_slice(&group::<KIND, 2>(blocks, nb, a, &s, first)),
+                    _ => out[..1].copy_from_slice(&group::<KIND, 1>(blocks, nb, a, &s, first)),
+                }
+                for (t, o) in out[..n].iter().enumerate() {
+                    for (l, &v) in o.iter().enumerate() {
+                        emit(g * GROUP + l, t0 + t, v);
+                    }
+                }
+                t0 += n;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rows `rows` (whole groups) of `tw` against every token of `acts` (Q8_0 format), with
+    /// `sums` each token's per-block quant sums (needed for Q4_0 only).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn tiled_rows<E: FnMut(usize, usize, f32) + ?Sized>(
+        tw: &TiledWeights,
+        acts: &[ActRow<'_>],
+        sums: &[i32],
+        rows: Range<usize>,
+        emit: &mut E,
+    ) -> Result<(), KernelError> {
+        match tw.ty {
+            GgmlType::Q4_0 => drive::<Q4_0, E>(tw, acts, sums, rows, emit),
+            GgmlType::Q4_1 => drive::<Q4_1, E>(tw, acts, sums, rows, emit),
+            GgmlType::Q8_0 => drive::<Q8_0, E>(tw, acts, sums, rows, emit),
+            ty => Err(KernelError::Unsupported { ty, op: "tiled product" }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::act::{ActFormat, QuantizedActs};
+    use crate::dot::vec_dot_q;
+    use crate::formats::quantize_row;
+    use crate::matmul::matmul_on;
+    use crate::ThreadPool;
+
+    const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, vals: &[f32]) -> Vec<u8> {
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let mut data = vec![0u8; rows * rb];
+        for (r, dst) in data.chunks_mut(rb).enumerate() {
+            let src: Vec<f32> = (0..cols).map(|c| vals[(r * cols + c) % vals.len()]).collect();
+            quantize_row(ty, &src, dst).unwrap();
+        }
+        data
+    }
+
+    /// The tiled product of `data` with `x` (`n` tokens) against the scalar reference, bit for
+    /// bit, and the GGUF-layout AVX2 product.
+    fn check(ty: GgmlType, rows: usize, cols: usize, data: &[u8], x: &[f32], n: usize) {
+        let pool = ThreadPool::new(2);
+        let w = WeightView::new(ty, rows, cols, data).unwrap();
+        let Some(tiles) = TiledWeights::new(&w) else {
+            assert!(!Isa::current().avx2(), "{ty} {rows}x{cols} not tiled on an AVX2 machine");
+            return;
+        };
+        let tiled = w.with_tiles(&tiles).unwrap();
+        let mut acts = QuantizedActs::new();
+        acts.quantize_as(ActFormat::Q8_0, &pool, x, n, cols).unwrap();
+        let mut got = vec![f32::NAN; n * rows];
+        matmul_on(Isa::current(), &pool, &tiled, x, n, &mut got).unwrap();
+        let mut rows_layout = vec![f32::NAN; n * rows];
+        matmul_on(Isa::current(), &pool, &w, x, n, &mut rows_layout).unwrap();
+        for t in 0..n {
+            for r in 0..rows {
+                let want = vec_dot_q(Isa::scalar(), ty, w.row(r), acts.row(t)).unwrap();
+                let g = got[t * rows + r];
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "{ty} {rows}x{cols} n={n} row {r} token {t}"
+                );
+                assert_eq!(g.to_bits(), rows_layout[t * rows + r].to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn tiling_moves_every_byte_and_back() {
+        let vals: Vec<f32> = (0..997).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        for ty in TYPES {
+            let (rows, cols) = (24, 96);
+            let data = matrix(ty, rows, cols, &vals);
+            let w = WeightView::new(ty, rows, cols, &data).unwrap();
+            let Some(t) = TiledWeights::new(&w) else { continue };
+            assert_eq!(t.len(), data.len(), "{ty}: a tiled matrix is as large as the file's");
+            for r in 0..rows {
+                assert_eq!(t.gguf_row(r), w.row(r), "{ty} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn only_whole_groups_of_eight_rows_of_the_three_types_are_tiled() {
+        let data = matrix(GgmlType::Q4_1, 12, 32, &[1.0, -2.0, 0.5]);
+        let w = WeightView::new(GgmlType::Q4_1, 12, 32, &data).unwrap();
+        assert!(TiledWeights::new(&w).is_none());
+        let data = matrix(GgmlType::Q5_0, 8, 32, &[1.0, -2.0, 0.5]);
+        let w = WeightView::new(GgmlType::Q5_0, 8, 32, &data).unwrap();
+        assert!(TiledWeights::new(&w).is_none());
+    }
+
+    #[test]
+    fn tiles_of_another_shape_or_type_are_refused() {
+        let vals = [1.0, -2.0, 0.5, 3.0];
+        let a = matrix(GgmlType::Q8_0, 16, 64, &vals);
+        let wa = WeightView::new(GgmlType::Q8_0, 16, 64, &a).unwrap();
+        let Some(ta) = TiledWeights::new(&wa) else { return };
+        let b = matrix(GgmlType::Q8_0, 8, 128, &vals);
+        let wb = WeightView::new(GgmlType::Q8_0, 8, 128, &b).unwrap();
+        assert!(wb.with_tiles(&ta).is_err());
+        let c = matrix(GgmlType::Q4_0, 16, 64, &vals);
+        let wc = WeightView::new(GgmlType::Q4_0, 16, 64, &c).unwrap();
+        assert!(wc.with_tiles(&ta).is_err());
+        assert!(wa.with_tiles(&ta).is_ok());
+    }
+
+    /// The largest sums the integer steps meet: nibbles of 15 (and 0) and Q8_0 weights of
+    /// -128 with activations of +-127, where an i16 or `maddubs` overflow would show.
+    #[test]
+    fn extreme_weights_and_activations_are_exact() {
+        let (rows, cols) = (16, 64);
+        for ty in TYPES {
+            let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+            let mut data = matrix(ty, rows, cols, &[1.0]);
+            for (r, row) in data.chunks_mut(rb).enumerate() {
+                for blk in row.chunks_mut(ty.type_size()) {
+                    // d = 1.0 (f16), m = 0; then every quant at its extreme.
+                    blk[..2].copy_from_slice(&0x3c00u16.to_le_bytes());
+                    let q0 = match ty {
+                        GgmlType::Q4_1 => {
+                            blk[2..4].fill(0);
+                            4
+                        }
+                        _ => 2,
+                    };
+                    let fill = match (ty, r % 2) {
+                        (GgmlType::Q8_0, 0) => 0x80, // -128
+                        (GgmlType::Q8_0, _) => 0x7f,
+                        (_, 0) => 0xff, // nibbles of 15
+                        _ => 0x00,
+                    };
+                    blk[q0..].fill(fill);
+                }
+            }
+            for (sign, n) in [(1.0f32, 1), (-1.0, 4), (1.0, 5)] {
+                // Equal values quantize to +-127 in every block.
+                let x: Vec<f32> =
+                    (0..n * cols).map(|i| sign * if i % 3 == 0 { -1.0 } else { 1.0 }).collect();
+                check(ty, rows, cols, &data, &x, n);
+                let x = vec![sign * 3.0; n * cols];
+                check(ty, rows, cols, &data, &x, n);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        #[test]
+        fn tiled_products_equal_the_scalar_reference_bit_for_bit(
+            ty in prop::sample::select(TYPES.to_vec()),
+            groups in 1usize..5,
+            blocks in 1usize..9,
+            n in 1usize..11,
+            seed in any::<u64>(),
+        ) {
+            let (rows, cols) = (groups * GROUP, blocks * QK);
+            let mut s = seed | 1;
+            let mut next = || {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            };
+            let vals: Vec<f32> = (0..rows * cols).map(|_| next()).collect();
+            let data = matrix(ty, rows, cols, &vals);
+            let x: Vec<f32> = (0..n * cols).map(|_| next() * 4.0).collect();
+            check(ty, rows, cols, &data, &x, n);
+        }
+    }
+}
