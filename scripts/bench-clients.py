@@ -25,6 +25,10 @@ memory (and the daemon's), then lets them exit.
   whole --threads; --peer-flash-attn off or on) are each measured, and each row shows the peer's
   best.
 
+After the groups, for comparison, scripts/peer-batched.py runs llama.cpp decoding N sequences
+batched in one process and one context (one llama_decode of N tokens per step): what batching
+alone buys the peer on this machine, without processes or a daemon.
+
 Every figure is the median over --rounds rounds, except memory: the least over rounds, because
 the daemon's allocator keeps memory that earlier, larger groups freed. The order of the sides
 alternates round by round and row by row. Other work on the machine distorts everything (an
@@ -261,6 +265,9 @@ def main():
                     help="a group during which other processes took more than this share of the "
                          "CPUs is measured again (up to --retries times; the least disturbed counts)")
     ap.add_argument("--retries", type=int, default=2)
+    ap.add_argument("--no-peer-batched", action="store_true",
+                    help="skip llama.cpp decoding the N sequences batched in one process "
+                         "(scripts/peer-batched.py), measured after the groups for comparison")
     args = ap.parse_args()
 
     counts = [int(x) for x in args.clients.split(",") if x.strip()]
@@ -338,6 +345,22 @@ def main():
                     for name in names:
                         results.setdefault((name, n), []).append(g)
             loads.append(os.getloadavg()[0])
+    # What batching alone buys the peer here: its N sequences in one process and one context,
+    # one llama_decode per step (the clients' pattern, without processes or a daemon).
+    batched = {}
+    if not args.no_peer_batched:
+        if args.wait_idle > 0:
+            wait_idle(args.wait_idle)
+        log("llama.cpp batched in one process: " + ", ".join(f"{n} sequences" for n in counts))
+        cmd = [args.peer_python, os.path.join(here, "peer-batched.py"), "--model", args.model,
+               "--threads", str(args.threads), "--seqs", ",".join(map(str, counts)),
+               "--rounds", str(args.rounds)] + common
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        if out.returncode != 0:
+            log(f"peer-batched.py failed (exit {out.returncode}); its line is left out")
+        for line in out.stdout.splitlines():
+            r = json.loads(line)
+            batched[r["seqs"]] = r
     minutes = (time.time() - t_start) / 60
 
     def med(side, n, key):
@@ -413,6 +436,11 @@ def main():
             print(f"llama.cpp, {name}: " + ", ".join(
                 f"N={n}: {med(name, n, 'aggregate'):.1f} tok/s (p50 {med(name, n, 'p50'):.1f} ms)"
                 for n in counts))
+    if batched:
+        print(f"llama.cpp batched in one process ({args.threads} threads, N sequences, one "
+              f"llama_decode of N tokens per step; scripts/peer-batched.py, after the groups): "
+              + ", ".join(f"N={n}: {batched[n]['tokens_per_s']:.1f} tok/s (step p50 "
+                          f"{batched[n]['step_p50_ms']:.1f} ms)" for n in counts if n in batched))
     per_round = lambda side, n: ", ".join(f"{g['aggregate']:.0f}" for g in results.get((side, n), []))
     print("aggregate tok/s of each round: " + "; ".join(
         f"N={n}: unicorn {per_round('unicorn', n)}, llama.cpp {per_round(best[n], n)}" for n in counts))
@@ -443,6 +471,11 @@ def main():
         verdict = lambda ok: "met" if ok else "NOT met"
         print(f"target: 4 clients >= 2.5x the aggregate tok/s of 1 client: "
               f"{u4 / u1:.2f}x ({u4:.1f} / {u1:.1f}): {verdict(u4 >= 2.5 * u1)}")
+        if 1 in batched and 4 in batched:
+            b1, b4 = batched[1]["tokens_per_s"], batched[4]["tokens_per_s"]
+            print(f"         for comparison, llama.cpp's 4 vs 1 here: 4 processes "
+                  f"{p4 / med(best[1], 1, 'aggregate'):.2f}x, 4 sequences batched in one process "
+                  f"{b4 / b1:.2f}x ({b4:.1f} / {b1:.1f})")
         print(f"target: 4 clients >= 2x the aggregate tok/s of 4 llama.cpp processes ({best[4]}): "
               f"{u4 / p4:.2f}x ({u4:.1f} / {p4:.1f}): {verdict(u4 >= 2 * p4)}")
         print(f"target: memory (RSS, unicornd + clients) for 4 clients within 1.2x of 1 client: "
