@@ -384,6 +384,23 @@ mod avx2 {
         }
     }
 
+    /// `[sum(a[0]), .., sum(a[7])]`: eight dot products' lanes summed, one per lane.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn sum8(a: &[__m256; 8]) -> __m256 {
+        // hadd(x, y) = [x01, x23, y01, y23 | x45, x67, y45, y67].
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        // [a0 0-3, a1 0-3, a2 0-3, a3 0-3 | the same of lanes 4-7], then a4 .. a7.
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        let lo = _mm256_permute2f128_ps::<0x20>(u0, u1);
+        let hi = _mm256_permute2f128_ps::<0x31>(u0, u1);
+        _mm256_add_ps(lo, hi)
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn scores_pass<E: Elem + Load8>(
         q: &[f32],
@@ -394,7 +411,29 @@ mod avx2 {
     ) {
         let n = k.len() / hd;
         let hd8 = hd / 8 * 8;
-        for (j, kr) in k.chunks_exact(hd).enumerate() {
+        // Eight keys at a time per head: one accumulator per key, summed across lanes for all
+        // eight together (a horizontal sum per key costs as much as its dot product).
+        let n8 = if hd8 == hd { n / 8 * 8 } else { 0 };
+        let vs = _mm256_set1_ps(scale);
+        for j0 in (0..n8).step_by(8) {
+            let keys: [&[[E; 8]]; 8] =
+                std::array::from_fn(|r| k[(j0 + r) * hd..(j0 + r + 1) * hd].as_chunks::<8>().0);
+            for (h, qh) in q.chunks_exact(hd).enumerate() {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (c, qc) in qh.as_chunks::<8>().0.iter().enumerate() {
+                    let qv = load_f32x8(qc);
+                    for (a, kr) in acc.iter_mut().zip(&keys) {
+                        // SAFETY: this function runs only with AVX2+FMA+F16C enabled.
+                        let kv = unsafe { E::load8(&kr[c]) };
+                        *a = _mm256_fmadd_ps(qv, kv, *a);
+                    }
+                }
+                let out: &mut [f32; 8] =
+                    (&mut scores[h * n + j0..h * n + j0 + 8]).try_into().unwrap();
+                store_f32x8(out, _mm256_mul_ps(sum8(&acc), vs));
+            }
+        }
+        for (j, kr) in k.chunks_exact(hd).enumerate().skip(n8) {
             let (kc, kt) = kr.as_chunks::<8>();
             for (h, qh) in q.chunks_exact(hd).enumerate() {
                 let qc = qh.as_chunks::<8>().0;
