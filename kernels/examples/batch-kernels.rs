@@ -6,7 +6,7 @@
 //! [--threads N] [--tokens 1,2,4,8] [--reps N] [--step-only] [--shapes-only] [--check] [--big] [--tiled]`
 //!
 //! `--big` times the model's output projection alone (with `--shapes-only`). `--tiled` gives
-//! the Q4_0, Q4_1 and Q8_0 matrices their copy tiled eight rows wide, as the engine does.
+//! the Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices their copy tiled eight rows wide, as the engine does.
 //!
 //! Per matrix: microseconds per call (the fastest of many: the machines are shared) with the
 //! weights in cache ("hot": the same matrix again), and GFLOP/s. "step": one decode step's

@@ -18,8 +18,8 @@
 //!   weight type takes.
 //! - [`kdot`]: the same for Q2_K .. Q6_K weights with Q8_K activations (reached through
 //!   [`dot`]'s entry points and [`fn@matmul`]).
-//! - [`tiled`]: Q4_0, Q4_1 and Q8_0 matrices laid out eight rows wide ([`tiled::TiledWeights`])
-//!   for the AVX2 products, bit-exact with the same reference.
+//! - [`tiled`]: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 matrices laid out eight rows wide
+//!   ([`tiled::TiledWeights`]) for the AVX2 products, bit-exact with the same reference.
 //! - [`mod@matmul`]: weight matrix ([`WeightView`]) times a batch of activations, split across the
 //!   pool; also the embedding-row lookup.
 //! - [`ops`]: RMSNorm, RoPE (ggml's NORM and NEOX layouts), softmax, SiLU/SwiGLU,

@@ -1,5 +1,5 @@
-//! Weight matrices laid out again eight rows wide, for the AVX2 products of Q4_0, Q4_1 and
-//! Q8_0 weights.
+//! Weight matrices laid out again eight rows wide, for the AVX2 products of Q4_0, Q4_1, Q5_0,
+//! Q5_1 and Q8_0 weights.
 //!
 //! GGUF stores a matrix row by row. The AVX2 tiles of [`crate::dot`] read it that way and spend
 //! about as many instructions spreading each block's weights over the vector lanes (shuffles,
@@ -26,30 +26,70 @@ use crate::{GgmlType, KernelError};
 /// Rows per group: one per 32-bit lane of an AVX2 vector.
 pub const GROUP: usize = 8;
 
-/// Bytes of one group's block: the eight rows' `d` (f16), for Q4_1 their `m`, then the quants.
-const fn group_block_bytes(ty: GgmlType) -> Option<usize> {
-    match ty {
-        GgmlType::Q4_0 => Some(16 + 128),
-        GgmlType::Q4_1 => Some(32 + 128),
-        GgmlType::Q8_0 => Some(16 + 256),
-        _ => None,
-    }
+/// Where a type's fields sit, in a GGUF block of one row and in a tiled block of eight.
+#[derive(Clone, Copy)]
+struct Layout {
+    /// GGUF block: `m` (f16) at, the fifth bits `qh` (u32) at, the quants at and their bytes.
+    m: Option<usize>,
+    qh: Option<usize>,
+    qs: usize,
+    qs_len: usize,
+    /// Tiled block: `m[8]` at, the fifth bits (8 x u32, see [`fifth_bits`]) at, the quant
+    /// chunks at; and its bytes. `d[8]` is always first.
+    t_m: usize,
+    t_qh: usize,
+    t_qs: usize,
+    bytes: usize,
 }
 
-/// Where a row's quants start in its GGUF block, and their bytes.
-const fn quant_span(ty: GgmlType) -> (usize, usize) {
-    match ty {
-        GgmlType::Q4_1 => (4, 16),
-        GgmlType::Q8_0 => (2, 32),
-        _ => (2, 16),
+const fn layout(ty: GgmlType) -> Option<Layout> {
+    let (m, qh, qs, qs_len) = match ty {
+        GgmlType::Q4_0 => (None, None, 2, 16),
+        GgmlType::Q4_1 => (Some(2), None, 4, 16),
+        GgmlType::Q5_0 => (None, Some(2), 6, 16),
+        GgmlType::Q5_1 => (Some(2), Some(4), 8, 16),
+        GgmlType::Q8_0 => (None, None, 2, 32),
+        _ => return None,
+    };
+    let t_m = 16;
+    let t_qh = if m.is_some() { 32 } else { 16 };
+    let t_qs = if qh.is_some() { t_qh + 32 } else { t_qh };
+    Some(Layout { m, qh, qs, qs_len, t_m, t_qh, t_qs, bytes: t_qs + 8 * qs_len })
+}
+
+/// A Q5 row's fifth bits `qh` (bit `e` for element `e`) rearranged so that byte `j` holds, in
+/// its low nibble, the bits of quarter `j` (elements `4j .. 4j + 4`) and in its high nibble
+/// those of quarter `j + 4` (elements `16 + 4j ..`): the two quarters a chunk's nibbles give.
+const fn fifth_bits(qh: u32) -> u32 {
+    let mut out = 0;
+    let mut j = 0;
+    while j < 4 {
+        let lo = (qh >> (4 * j)) & 0xf;
+        let hi = (qh >> (16 + 4 * j)) & 0xf;
+        out |= (lo | hi << 4) << (8 * j);
+        j += 1;
     }
+    out
+}
+
+/// The inverse of [`fifth_bits`].
+const fn unfifth_bits(t: u32) -> u32 {
+    let mut qh = 0;
+    let mut j = 0;
+    while j < 4 {
+        let byte = (t >> (8 * j)) & 0xff;
+        qh |= (byte & 0xf) << (4 * j) | (byte >> 4) << (16 + 4 * j);
+        j += 1;
+    }
+    qh
 }
 
 /// A weight matrix of `rows` (a multiple of [`GROUP`]) by `cols`, eight rows wide (see the
 /// module's text). Group `g`'s block `b` is at `(g * nb + b) * bytes`: `d[8]` as little-endian
-/// f16, for Q4_1 `m[8]`, then 32-byte chunks whose lane `l` (bytes `4l .. 4l + 4`) is row
-/// `8g + l`'s quant bytes `4j .. 4j + 4` in chunk `j` (four chunks of nibble pairs for Q4_0 and
-/// Q4_1, eight chunks of signed quants for Q8_0).
+/// f16, for Q4_1 and Q5_1 `m[8]`, for Q5_0 and Q5_1 the rows' fifth bits (one u32 each,
+/// rearranged by quarter), then 32-byte chunks whose lane `l` (bytes `4l .. 4l + 4`) is row
+/// `8g + l`'s quant bytes `4j .. 4j + 4` in chunk `j` (four chunks of nibble pairs for Q4 and
+/// Q5, eight chunks of signed quants for Q8_0).
 #[derive(Clone)]
 pub struct TiledWeights {
     ty: GgmlType,
@@ -72,7 +112,7 @@ impl TiledWeights {
     /// Whether matrices of `ty` with `rows` rows are tiled on this CPU: only the AVX2 kernels
     /// read tiles ([`Isa::current`], which `UNICORN_CPU` can lower).
     pub fn supports(ty: GgmlType, rows: usize) -> bool {
-        Isa::current().avx2() && group_block_bytes(ty).is_some() && rows.is_multiple_of(GROUP)
+        Isa::current().avx2() && layout(ty).is_some() && rows.is_multiple_of(GROUP)
     }
 
     /// `w` tiled, or `None` when [`TiledWeights::supports`] says no.
@@ -81,23 +121,24 @@ impl TiledWeights {
         if !Self::supports(ty, w.rows()) {
             return None;
         }
-        let gb = group_block_bytes(ty)?;
-        let bs = ty.type_size();
-        let nb = w.cols() / QK;
-        let (q0, qn) = quant_span(ty);
-        let heads = if ty == GgmlType::Q4_1 { 32 } else { 16 };
+        let lay = layout(ty)?;
+        let (bs, gb, nb) = (ty.type_size(), lay.bytes, w.cols() / QK);
         let mut data = vec![0u8; w.rows() / GROUP * nb * gb];
         for (g, out) in data.chunks_exact_mut(nb * gb).enumerate() {
             for l in 0..GROUP {
                 let row = w.row(g * GROUP + l);
                 for (src, dst) in row.chunks_exact(bs).zip(out.chunks_exact_mut(gb)) {
                     dst[2 * l..2 * l + 2].copy_from_slice(&src[..2]);
-                    if ty == GgmlType::Q4_1 {
-                        dst[16 + 2 * l..18 + 2 * l].copy_from_slice(&src[2..4]);
+                    if let Some(m) = lay.m {
+                        dst[lay.t_m + 2 * l..][..2].copy_from_slice(&src[m..m + 2]);
                     }
-                    for (j, quad) in src[q0..q0 + qn].chunks_exact(4).enumerate() {
-                        let at = heads + 32 * j + 4 * l;
-                        dst[at..at + 4].copy_from_slice(quad);
+                    if let Some(qh) = lay.qh {
+                        let bits = u32::from_le_bytes(src[qh..qh + 4].try_into().unwrap());
+                        dst[lay.t_qh + 4 * l..][..4]
+                            .copy_from_slice(&fifth_bits(bits).to_le_bytes());
+                    }
+                    for (j, quad) in src[lay.qs..lay.qs + lay.qs_len].chunks_exact(4).enumerate() {
+                        dst[lay.t_qs + 32 * j + 4 * l..][..4].copy_from_slice(quad);
                     }
                 }
             }
@@ -128,21 +169,22 @@ impl TiledWeights {
 
     /// Row `r` in GGUF layout again (the inverse of the tiling, for checks).
     pub fn gguf_row(&self, r: usize) -> Vec<u8> {
-        let (gb, bs) = (group_block_bytes(self.ty).unwrap_or(0), self.ty.type_size());
-        let nb = self.cols / QK;
-        let (q0, qn) = quant_span(self.ty);
-        let heads = if self.ty == GgmlType::Q4_1 { 32 } else { 16 };
+        let Some(lay) = layout(self.ty) else { return Vec::new() };
+        let (bs, gb, nb) = (self.ty.type_size(), lay.bytes, self.cols / QK);
         let (g, l) = (r / GROUP, r % GROUP);
         let mut row = vec![0u8; nb * bs];
         for (b, dst) in row.chunks_exact_mut(bs).enumerate() {
             let src = &self.data[(g * nb + b) * gb..][..gb];
             dst[..2].copy_from_slice(&src[2 * l..2 * l + 2]);
-            if self.ty == GgmlType::Q4_1 {
-                dst[2..4].copy_from_slice(&src[16 + 2 * l..18 + 2 * l]);
+            if let Some(m) = lay.m {
+                dst[m..m + 2].copy_from_slice(&src[lay.t_m + 2 * l..][..2]);
             }
-            for (j, quad) in dst[q0..q0 + qn].chunks_exact_mut(4).enumerate() {
-                let at = heads + 32 * j + 4 * l;
-                quad.copy_from_slice(&src[at..at + 4]);
+            if let Some(qh) = lay.qh {
+                let t = u32::from_le_bytes(src[lay.t_qh + 4 * l..][..4].try_into().unwrap());
+                dst[qh..qh + 4].copy_from_slice(&unfifth_bits(t).to_le_bytes());
+            }
+            for (j, quad) in dst[lay.qs..lay.qs + lay.qs_len].chunks_exact_mut(4).enumerate() {
+                quad.copy_from_slice(&src[lay.t_qs + 32 * j + 4 * l..][..4]);
             }
         }
         row
@@ -170,7 +212,34 @@ pub(crate) mod avx2 {
 
     const Q4_0: u8 = 0;
     const Q4_1: u8 = 1;
-    const Q8_0: u8 = 2;
+    const Q5_0: u8 = 2;
+    const Q5_1: u8 = 3;
+    const Q8_0: u8 = 4;
+
+    /// The kind's GGUF type (the layout's key).
+    const fn ty(kind: u8) -> GgmlType {
+        match kind {
+            Q4_0 => GgmlType::Q4_0,
+            Q4_1 => GgmlType::Q4_1,
+            Q5_0 => GgmlType::Q5_0,
+            Q5_1 => GgmlType::Q5_1,
+            _ => GgmlType::Q8_0,
+        }
+    }
+
+    /// Whether the kind's blocks carry a minimum `m` (its float step adds `m * s`).
+    const fn has_min(kind: u8) -> bool {
+        matches!(kind, Q4_1 | Q5_1)
+    }
+
+    /// `log2` of the offset taken off the unsigned quants (8 for Q4_0, 16 for Q5_0), if any.
+    const fn offset_shift(kind: u8) -> Option<i32> {
+        match kind {
+            Q4_0 => Some(3),
+            Q5_0 => Some(4),
+            _ => None,
+        }
+    }
 
     /// Tokens a group's blocks are worked through with at once (one accumulator each).
     const TOKENS: usize = 4;
@@ -197,36 +266,59 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn decode<const KIND: u8>(blk: &[u8]) -> Block {
+        let lay = layout(ty(KIND)).unwrap_or_else(|| unreachable!("every kind has a layout"));
         let d = _mm256_cvtph_ps(load_u8x16(blk[..16].try_into().unwrap()));
         let zero = _mm256_setzero_si256();
+        let chunk = |j: usize| load_u8x32(blk[lay.t_qs + 32 * j..][..32].try_into().unwrap());
         if KIND == Q8_0 {
-            let w: [__m256i; 8] = std::array::from_fn(|k| {
-                load_u8x32(blk[16 + 32 * k..48 + 32 * k].try_into().unwrap())
-            });
+            let w: [__m256i; 8] = std::array::from_fn(chunk);
             // |w| as unsigned bytes (|-128| reads as 128).
             let u = w.map(|x| _mm256_sign_epi8(x, x));
             return Block { u, w, d, m: _mm256_setzero_ps() };
         }
-        let (m, q0) = if KIND == Q4_1 {
-            (_mm256_cvtph_ps(load_u8x16(blk[16..32].try_into().unwrap())), 32)
+        let m = if has_min(KIND) {
+            _mm256_cvtph_ps(load_u8x16(blk[lay.t_m..lay.t_m + 16].try_into().unwrap()))
         } else {
-            (_mm256_setzero_ps(), 16)
+            _mm256_setzero_ps()
         };
         let mask = _mm256_set1_epi8(0x0f);
         let mut u = [zero; 8];
         for j in 0..4 {
-            let c = load_u8x32(blk[q0 + 32 * j..q0 + 32 * j + 32].try_into().unwrap());
+            let c = chunk(j);
             // Low nibbles are elements 4j .. 4j + 4 (quarter j), high ones 16 + 4j .. (j + 4).
             u[j] = _mm256_and_si256(c, mask);
             u[j + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask);
+        }
+        if lay.t_qs > lay.t_qh {
+            // The fifth bits: byte j of each lane holds quarter j's in its low nibble and
+            // quarter j + 4's in its high one; spread to the lane's four bytes, each byte tests
+            // its own bit and becomes 0x10 or 0.
+            let bits = load_u8x32(blk[lay.t_qh..lay.t_qh + 32].try_into().unwrap());
+            let lo = _mm256_set1_epi32(0x0804_0201);
+            let hi = _mm256_set1_epi32(0x8040_2010u32 as i32);
+            let x10 = _mm256_set1_epi8(0x10);
+            let spread = _mm256_setr_epi8(
+                0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12, 0, 0, 0, 0, 4, 4, 4, 4, 8, 8,
+                8, 8, 12, 12, 12, 12,
+            );
+            for j in 0..4 {
+                let b =
+                    _mm256_shuffle_epi8(bits, _mm256_add_epi8(spread, _mm256_set1_epi8(j as i8)));
+                let set = |m: __m256i| {
+                    _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(b, m), m), x10)
+                };
+                u[j] = _mm256_or_si256(u[j], set(lo));
+                u[j + 4] = _mm256_or_si256(u[j + 4], set(hi));
+            }
         }
         Block { u, w: [zero; 8], d, m }
     }
 
     /// The eight rows' exact integer block sums with one token's block quants `qa` (for Q4_0
-    /// before the offset). Unsigned nibbles times quants stay within i16 summed over all 32
-    /// (|sum| <= 32 * 15 * 128 / 2 per lane half); Q8_0 products are widened per quarter, as
-    /// a `maddubs` pair of them can reach 2 * 128 * 127.
+    /// and Q5_0 before the offset). Nibbles times quants stay within i16 summed over all 32
+    /// (|sum| <= 16 * 15 * 128 per 16-bit half lane), Q5 quants over 16 (16 * 31 * 128 would
+    /// not fit, 8 * 31 * 128 does); Q8_0 products are widened per quarter, as a `maddubs`
+    /// pair of them can reach 2 * 128 * 127.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn block_sums<const KIND: u8>(blk: &Block, qa: &[i8; 32]) -> __m256i {
@@ -243,6 +335,10 @@ pub(crate) mod avx2 {
         let p = |k: usize| _mm256_maddubs_epi16(blk.u[k], quarter(qa, k));
         let a = _mm256_add_epi16(_mm256_add_epi16(p(0), p(1)), _mm256_add_epi16(p(2), p(3)));
         let b = _mm256_add_epi16(_mm256_add_epi16(p(4), p(5)), _mm256_add_epi16(p(6), p(7)));
+        if matches!(KIND, Q5_0 | Q5_1) {
+            // Quants below 32: four pairs' sums per lane half fit i16, eight would not.
+            return _mm256_add_epi32(_mm256_madd_epi16(a, ones), _mm256_madd_epi16(b, ones));
+        }
         _mm256_madd_epi16(_mm256_add_epi16(a, b), ones)
     }
 
@@ -270,21 +366,23 @@ pub(crate) mod avx2 {
                 let a = &acts[t];
                 let qa: &[i8; 32] = a.qs[32 * b..32 * b + 32].try_into().unwrap();
                 let mut sumi = block_sums::<KIND>(&blk, qa);
-                if KIND == Q4_0 {
-                    sumi = _mm256_sub_epi32(
-                        sumi,
-                        _mm256_slli_epi32::<3>(_mm256_set1_epi32(sums[t][b])),
-                    );
+                if let Some(shift) = offset_shift(KIND) {
+                    let off = _mm256_set1_epi32(sums[t][b] << shift);
+                    sumi = _mm256_sub_epi32(sumi, off);
                 }
                 let f = _mm256_cvtepi32_ps(sumi);
                 let da = _mm256_set1_ps(a.d[b]);
-                let term = match KIND {
-                    Q4_0 => _mm256_mul_ps(_mm256_mul_ps(f, blk.d), da),
-                    Q4_1 => _mm256_add_ps(
+                // The reference's order: Q4_0 `sumi * d * da`, the others `(d * da) * sumi`,
+                // plus `m * s` for those with a minimum.
+                let term = if KIND == Q4_0 {
+                    _mm256_mul_ps(_mm256_mul_ps(f, blk.d), da)
+                } else if has_min(KIND) {
+                    _mm256_add_ps(
                         _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f),
                         _mm256_mul_ps(blk.m, _mm256_set1_ps(a.s[b])),
-                    ),
-                    _ => _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f),
+                    )
+                } else {
+                    _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f)
                 };
                 acc[t] = _mm256_add_ps(acc[t], term);
             }
@@ -305,7 +403,7 @@ pub(crate) mod avx2 {
         emit: &mut E,
     ) -> Result<(), KernelError> {
         let nb = tw.cols / QK;
-        let gb = group_block_bytes(tw.ty).unwrap_or(0);
+        let gb = layout(tw.ty).map_or(0, |l| l.bytes);
         if !rows.start.is_multiple_of(GROUP)
             || !rows.end.is_multiple_of(GROUP)
             || rows.end > tw.rows
@@ -320,11 +418,11 @@ pub(crate) mod avx2 {
             check_len("activation scales", nb, a.d.len())?;
             check_len("activation sums", nb, a.s.len())?;
         }
-        if KIND == Q4_0 {
+        if offset_shift(KIND).is_some() {
             check_len("activation quant sums", acts.len() * nb, sums.len())?;
         }
         let token_sums = |t0: usize, n: usize| -> Vec<&[i32]> {
-            if KIND == Q4_0 {
+            if offset_shift(KIND).is_some() {
                 (t0..t0 + n).map(|t| &sums[t * nb..(t + 1) * nb]).collect()
             } else {
                 Vec::new()
@@ -355,7 +453,7 @@ pub(crate) mod avx2 {
     }
 
     /// Rows `rows` (whole groups) of `tw` against every token of `acts` (Q8_0 format), with
-    /// `sums` each token's per-block quant sums (needed for Q4_0 only).
+    /// `sums` each token's per-block quant sums (needed for Q4_0 and Q5_0 only).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) fn tiled_rows<E: FnMut(usize, usize, f32) + ?Sized>(
         tw: &TiledWeights,
@@ -367,6 +465,8 @@ pub(crate) mod avx2 {
         match tw.ty {
             GgmlType::Q4_0 => drive::<Q4_0, E>(tw, acts, sums, rows, emit),
             GgmlType::Q4_1 => drive::<Q4_1, E>(tw, acts, sums, rows, emit),
+            GgmlType::Q5_0 => drive::<Q5_0, E>(tw, acts, sums, rows, emit),
+            GgmlType::Q5_1 => drive::<Q5_1, E>(tw, acts, sums, rows, emit),
             GgmlType::Q8_0 => drive::<Q8_0, E>(tw, acts, sums, rows, emit),
             ty => Err(KernelError::Unsupported { ty, op: "tiled product" }),
         }
@@ -384,7 +484,8 @@ mod tests {
     use crate::matmul::matmul_on;
     use crate::ThreadPool;
 
-    const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+    const TYPES: [GgmlType; 5] =
+        [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
     fn matrix(ty: GgmlType, rows: usize, cols: usize, vals: &[f32]) -> Vec<u8> {
         let rb = ty.row_bytes(cols as u64).unwrap() as usize;
@@ -442,13 +543,23 @@ mod tests {
     }
 
     #[test]
-    fn only_whole_groups_of_eight_rows_of_the_three_types_are_tiled() {
+    fn only_whole_groups_of_eight_rows_of_the_legacy_types_are_tiled() {
         let data = matrix(GgmlType::Q4_1, 12, 32, &[1.0, -2.0, 0.5]);
         let w = WeightView::new(GgmlType::Q4_1, 12, 32, &data).unwrap();
         assert!(TiledWeights::new(&w).is_none());
-        let data = matrix(GgmlType::Q5_0, 8, 32, &[1.0, -2.0, 0.5]);
-        let w = WeightView::new(GgmlType::Q5_0, 8, 32, &data).unwrap();
+        let data = matrix(GgmlType::Q4K, 8, 256, &[1.0, -2.0, 0.5]);
+        let w = WeightView::new(GgmlType::Q4K, 8, 256, &data).unwrap();
         assert!(TiledWeights::new(&w).is_none());
+    }
+
+    #[test]
+    fn fifth_bits_round_trip() {
+        for qh in [0u32, 1, 0x8000_0000, 0xffff_ffff, 0x1234_5678, 0xdead_beef] {
+            assert_eq!(unfifth_bits(fifth_bits(qh)), qh);
+        }
+        // Quarter 1 (elements 4-7) in byte 1's low nibble, quarter 5 (20-23) in its high one.
+        assert_eq!(fifth_bits(0x00f0_0000), 0x0000_f000);
+        assert_eq!(fifth_bits(0x0000_00f0), 0x0000_0f00);
     }
 
     #[test]
@@ -466,8 +577,8 @@ mod tests {
         assert!(wa.with_tiles(&ta).is_ok());
     }
 
-    /// The largest sums the integer steps meet: nibbles of 15 (and 0) and Q8_0 weights of
-    /// -128 with activations of +-127, where an i16 or `maddubs` overflow would show.
+    /// The largest sums the integer steps meet: nibbles of 15, Q5 quants of 31 (and 0) and Q8_0
+    /// weights of -128 with activations of +-127, where an i16 or `maddubs` overflow would show.
     #[test]
     fn extreme_weights_and_activations_are_exact() {
         let (rows, cols) = (16, 64);
@@ -479,7 +590,7 @@ mod tests {
                     // d = 1.0 (f16), m = 0; then every quant at its extreme.
                     blk[..2].copy_from_slice(&0x3c00u16.to_le_bytes());
                     let q0 = match ty {
-                        GgmlType::Q4_1 => {
+                        GgmlType::Q4_1 | GgmlType::Q5_1 => {
                             blk[2..4].fill(0);
                             4
                         }
@@ -488,7 +599,7 @@ mod tests {
                     let fill = match (ty, r % 2) {
                         (GgmlType::Q8_0, 0) => 0x80, // -128
                         (GgmlType::Q8_0, _) => 0x7f,
-                        (_, 0) => 0xff, // nibbles of 15
+                        (_, 0) => 0xff, // nibbles of 15, and for Q5 every fifth bit: 31
                         _ => 0x00,
                     };
                     blk[q0..].fill(fill);
