@@ -22,7 +22,6 @@ with the medians over --rounds, the counts interleaved round by round.
 import argparse
 import importlib.util
 import json
-import math
 import os
 import statistics
 import sys
@@ -41,14 +40,6 @@ _spec.loader.exec_module(peer_bench)
 
 def log(msg):
     print(f"peer-batched: {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_xs, p):
-    """Nearest rank, as unicorn's stats.rs."""
-    if not sorted_xs:
-        return 0.0
-    rank = math.ceil(p / 100.0 * len(sorted_xs))
-    return sorted_xs[min(max(rank, 1), len(sorted_xs)) - 1]
 
 
 def fill(batch, items):
@@ -140,8 +131,8 @@ def main():
         print(json.dumps({
             "engine": "llama.cpp batched", "seqs": n, "threads": args.threads,
             "tokens_per_s": statistics.median(per),
-            "step_p50_ms": percentile(steps, 50) * 1e3,
-            "step_p99_ms": percentile(steps, 99) * 1e3,
+            "step_p50_ms": peer_bench.percentile(steps, 50) * 1e3,
+            "step_p99_ms": peer_bench.percentile(steps, 99) * 1e3,
             "rounds": per,
             "llama_cpp_python": llama_cpp.__version__,
         }), flush=True)

@@ -19,6 +19,7 @@ figure is the median over --repeat runs, after --warmup untimed runs of each mea
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -41,6 +42,14 @@ PROMPT_TEXT = (
 
 def log(msg):
     print(f"peer-bench: {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(sorted_xs, p):
+    """Nearest rank, as unicorn's stats.rs (shared by the peer scripts)."""
+    if not sorted_xs:
+        return 0.0
+    rank = math.ceil(p / 100.0 * len(sorted_xs))
+    return sorted_xs[min(max(rank, 1), len(sorted_xs)) - 1]
 
 
 def int_list(s):

@@ -24,7 +24,6 @@ every process's memory while all are alive.
 import argparse
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
@@ -45,14 +44,6 @@ HEAD_TOKENS = 16
 
 def log(msg):
     print(f"peer-worker[{os.getpid()}]: {msg}", file=sys.stderr, flush=True)
-
-
-def percentile(sorted_xs, p):
-    """Nearest rank, as unicorn's stats.rs."""
-    if not sorted_xs:
-        return 0.0
-    rank = math.ceil(p / 100.0 * len(sorted_xs))
-    return sorted_xs[min(max(rank, 1), len(sorted_xs)) - 1]
 
 
 def status_kib(field):
@@ -131,8 +122,8 @@ def main():
         "end_ns": end_ns,
         "seconds": elapsed,
         "tokens_per_s": args.tokens / elapsed,
-        "p50_ms": round(percentile(s, 50) * 1e3, 3),
-        "p99_ms": round(percentile(s, 99) * 1e3, 3),
+        "p50_ms": round(peer_bench.percentile(s, 50) * 1e3, 3),
+        "p99_ms": round(peer_bench.percentile(s, 99) * 1e3, 3),
         "mean_ms": round(sum(s) / len(s) * 1e3, 3) if s else 0.0,
         "max_ms": round(s[-1] * 1e3, 3) if s else 0.0,
         "rss_kib": rss,
