@@ -349,22 +349,21 @@ fn member_rows(
 ) -> Result<(), KernelError> {
     let (ty, data, row_bytes) = (w.ty, w.data, w.row_bytes());
     let mut emit = |r, t, v| sink.write(r, t, v);
-    match tokens {
+    match (tokens, w.tiles) {
         #[cfg(target_arch = "x86_64")]
-        Tokens::Packed(acts, p) if w.tiles.is_some() => {
-            let tiles = w.tiles.unwrap_or_else(|| unreachable!("tested by the guard"));
+        (Tokens::Packed(acts, p), Some(tiles)) => {
             // SAFETY: `Packed` tokens exist only where `packs(isa, ..)`, which requires an
             // `isa` with AVX2, and such an `Isa` comes from detection: the CPU has
             // AVX2+FMA+F16C.
             unsafe { crate::tiled::avx2::tiled_rows(tiles, acts, &p.all_sums, rows, &mut emit) }
         }
-        Tokens::Packed(acts, p) => {
+        (Tokens::Packed(acts, p), _) => {
             q_rows_packed(isa, ty, data, row_bytes, acts, p, rows, &mut emit)
         }
-        Tokens::KPacked(acts, p) => {
+        (Tokens::KPacked(acts, p), _) => {
             k_rows_packed(isa, ty, data, row_bytes, acts, p, rows, &mut emit)
         }
-        Tokens::Float(xs) => {
+        (Tokens::Float(xs), _) => {
             for (rs, ts) in blocks(rows, n_tokens) {
                 let tb = ts.start;
                 f_rows(isa, ty, data, row_bytes, &xs[ts], rs, &mut |r, t, v| {
@@ -373,7 +372,7 @@ fn member_rows(
             }
             Ok(())
         }
-        Tokens::Rows(acts) => {
+        (Tokens::Rows(acts), _) => {
             for (rs, ts) in blocks(rows, n_tokens) {
                 let tb = ts.start;
                 q_rows(isa, ty, data, row_bytes, &acts[ts], rs, &mut |r, t, v| {

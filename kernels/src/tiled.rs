@@ -350,7 +350,7 @@ pub(crate) mod avx2 {
         blocks: &[u8],
         nb: usize,
         acts: &[ActRow<'_>],
-        sums: &[&[i32]],
+        sums: &[i32],
         prefetch: bool,
     ) -> [[f32; 8]; T] {
         let gb = blocks.len() / nb.max(1);
@@ -367,7 +367,7 @@ pub(crate) mod avx2 {
                 let qa: &[i8; 32] = a.qs[32 * b..32 * b + 32].try_into().unwrap();
                 let mut sumi = block_sums::<KIND>(&blk, qa);
                 if let Some(shift) = offset_shift(KIND) {
-                    let off = _mm256_set1_epi32(sums[t][b] << shift);
+                    let off = _mm256_set1_epi32(sums[t * nb + b] << shift);
                     sumi = _mm256_sub_epi32(sumi, off);
                 }
                 let f = _mm256_cvtepi32_ps(sumi);
@@ -421,25 +421,21 @@ pub(crate) mod avx2 {
         if offset_shift(KIND).is_some() {
             check_len("activation quant sums", acts.len() * nb, sums.len())?;
         }
-        let token_sums = |t0: usize, n: usize| -> Vec<&[i32]> {
-            if offset_shift(KIND).is_some() {
-                (t0..t0 + n).map(|t| &sums[t * nb..(t + 1) * nb]).collect()
-            } else {
-                Vec::new()
-            }
-        };
         for g in rows.start / GROUP..rows.end / GROUP {
             let blocks = &tw.data[g * nb * gb..(g + 1) * nb * gb];
             let mut t0 = 0;
             while t0 < acts.len() {
                 let n = (acts.len() - t0).min(TOKENS);
-                let (a, s, first) = (&acts[t0..t0 + n], token_sums(t0, n), t0 == 0);
+                // The tile's tokens' quant sums, token-major (only the offset types read them).
+                let s =
+                    if offset_shift(KIND).is_some() { &sums[t0 * nb..(t0 + n) * nb] } else { &[] };
+                let (a, first) = (&acts[t0..t0 + n], t0 == 0);
                 let mut out = [[0.0f32; 8]; TOKENS];
                 match n {
-                    4 => out = group::<KIND, 4>(blocks, nb, a, &s, first),
-                    3 => out[..3].copy_from_slice(&group::<KIND, 3>(blocks, nb, a, &s, first)),
-                    2 => out[..2].copy_from_slice(&group::<KIND, 2>(blocks, nb, a, &s, first)),
-                    _ => out[..1].copy_from_slice(&group::<KIND, 1>(blocks, nb, a, &s, first)),
+                    4 => out = group::<KIND, 4>(blocks, nb, a, s, first),
+                    3 => out[..3].copy_from_slice(&group::<KIND, 3>(blocks, nb, a, s, first)),
+                    2 => out[..2].copy_from_slice(&group::<KIND, 2>(blocks, nb, a, s, first)),
+                    _ => out[..1].copy_from_slice(&group::<KIND, 1>(blocks, nb, a, s, first)),
                 }
                 for (t, o) in out[..n].iter().enumerate() {
                     for (l, &v) in o.iter().enumerate() {
