@@ -123,7 +123,9 @@ impl GgufFile {
         GgufFile::from_mmap(map)
     }
 
-    /// Parse an existing mapping.
+    /// Parse an existing mapping, which must map a file (a regular file or a memfd), not
+    /// anonymous memory: [`GgufFile::release_pages`] drops pages of it that are read again from
+    /// the file when touched.
     pub fn from_mmap(map: Mmap) -> Result<GgufFile, GgufError> {
         GgufFile::parse_source(Source::Map(map))
     }
@@ -197,10 +199,11 @@ impl GgufFile {
         if start >= end {
             return;
         }
-        // SAFETY: the mapping is private and read-only (`Mmap::map`), so no page of it was ever
-        // written: MADV_DONTNEED only drops this process's page-table entries, and the next
-        // access re-reads the same bytes from the file (whose stability is `from_file`'s
-        // contract). References into the range stay valid; they read identical data.
+        // SAFETY: the mapping is read-only (an `Mmap`) and maps a file (`from_mmap`'s
+        // contract), so this process never wrote to it: MADV_DONTNEED only drops this process's
+        // page-table entries, and the next access reads the same bytes from the file again
+        // (whose stability is `from_file`'s contract). References into the range stay valid;
+        // they read identical data.
         let r =
             unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, start, end - start) };
         if let Err(e) = r {
