@@ -219,7 +219,11 @@ pub fn load(
         ));
     }
     let digest = blake3::hash(&map).to_hex().to_string();
-    let gguf = GgufFile::from_mmap(map).map_err(|e| bad_model(&e))?;
+    // A memfd's pages stay in memory while it lives: the engine must not lay its weights out a
+    // second time beside them (a file's pages, it can give back).
+    let in_memfd = storage == Storage::Copied || memfd::seals(&file).is_ok();
+    let gguf = if in_memfd { GgufFile::from_memfd(map) } else { GgufFile::from_mmap(map) }
+        .map_err(|e| bad_model(&e))?;
     let model = Model::load(gguf).map_err(|e| bad_model(&e))?;
     let vocab = vocab_memfd(&model)?;
     Ok(LoadedModel { model, digest, identity: id, storage, vocab, size: id.size })

@@ -73,3 +73,27 @@ fn a_file_held_in_memory_keeps_its_bytes() {
     file.release_pages(0..bytes.len());
     assert_eq!(file.bytes(), &bytes[..]);
 }
+
+#[test]
+fn only_a_mapped_file_gives_its_pages_back() {
+    let bytes = model_bytes();
+    assert!(!GgufFile::from_bytes(bytes.clone()).unwrap().releases_pages());
+    let dir = std::env::temp_dir().join(format!("unicorn-page-copy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("model.gguf");
+    std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    assert!(GgufFile::from_file(&file).unwrap().releases_pages());
+    // SAFETY: the test's own file, which nothing changes while it is mapped.
+    let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+    let copy = GgufFile::from_memfd(map).unwrap();
+    assert!(!copy.releases_pages());
+    let t = copy.tensor("w").unwrap();
+    let start = t.data.as_ptr() as usize - copy.bytes().as_ptr() as usize;
+    let sum = checksum(t.data);
+    copy.release_pages(start..start + t.data.len());
+    assert!(resident_kib(&path) >= 4000, "a copy keeps its pages");
+    assert_eq!(checksum(t.data), sum);
+    assert_eq!(copy.bytes(), &bytes[..]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

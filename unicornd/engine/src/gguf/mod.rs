@@ -130,6 +130,14 @@ impl GgufFile {
         GgufFile::parse_source(Source::Map(map))
     }
 
+    /// Parse a mapping of a memfd (the daemon's copy of a model, or a client's sealed one): its
+    /// pages stay in the memfd whether this process maps them or not, so releasing them would
+    /// free nothing, and the engine keeps the weights in the file's layout instead of adding a
+    /// second one ([`GgufFile::releases_pages`] is false).
+    pub fn from_memfd(map: Mmap) -> Result<GgufFile, GgufError> {
+        GgufFile::from_source(map)
+    }
+
     /// Parse bytes held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
         GgufFile::from_source(bytes)
@@ -184,6 +192,13 @@ impl GgufFile {
     /// The whole file.
     pub fn bytes(&self) -> &[u8] {
         self.source.bytes()
+    }
+
+    /// Whether [`GgufFile::release_pages`] gives memory back: only for a mapped file on a
+    /// filesystem, whose pages the page cache can drop and read again. Weights laid out a second time replace the
+    /// file's pages only then; otherwise they would be held twice.
+    pub fn releases_pages(&self) -> bool {
+        matches!(self.source, Source::Map(_))
     }
 
     /// Tells the kernel this process no longer needs the mapped pages inside `range` (file

@@ -78,12 +78,13 @@ impl Matrix {
     }
 
     /// The matrix for a product on the CPU: with its tiled copy where the CPU has the AVX2
-    /// kernels for its type. The copy is made on the first such product (the model's contexts
-    /// share it, like the mapping) and the file's pages it replaces are released from this
-    /// process, so the weights stay resident once, not twice.
+    /// kernels for its type and the file is mapped. The copy is made on the first such product
+    /// (the model's contexts share it, like the mapping) and the file's pages it replaces are
+    /// released from this process, so the weights stay resident once, not twice. A model held
+    /// as a copy in memory keeps the file's layout (releasing would not free its pages).
     pub fn cpu_view<'a>(&'a self, file: &'a GgufFile) -> Result<WeightView<'a>, KernelError> {
         let view = self.view(file.bytes())?;
-        if !TiledWeights::supports(self.ty, self.rows) {
+        if !file.releases_pages() || !TiledWeights::supports(self.ty, self.rows) {
             return Ok(view);
         }
         let tiles = self.tiles.get_or_init(|| {
