@@ -27,7 +27,7 @@ use unicorn::protocol::vocab::{self, Vocab};
 use unicorn::protocol::ModelInfo;
 use unicorn::sys::memfd;
 use unicorn::{Error, Status};
-use unicorn_engine::gguf::GgufFile;
+use unicorn_engine::gguf::{held_in_memory, GgufFile};
 use unicorn_engine::model::Model;
 
 /// Who may change a file: what decides between mapping and copying.
@@ -219,10 +219,10 @@ pub fn load(
         ));
     }
     let digest = blake3::hash(&map).to_hex().to_string();
-    // A memfd's pages stay in memory while it lives: the engine must not lay its weights out a
-    // second time beside them (a file's pages, it can give back).
-    let in_memfd = storage == Storage::Copied || memfd::seals(&file).is_ok();
-    let gguf = if in_memfd { GgufFile::from_memfd(map) } else { GgufFile::from_mmap(map) }
+    // A memfd's pages (or a tmpfs file's) stay in memory while it lives: the engine must not
+    // lay its weights out a second time beside them (a disk file's pages, it can give back).
+    let in_memory = storage == Storage::Copied || held_in_memory(&file);
+    let gguf = if in_memory { GgufFile::from_memfd(map) } else { GgufFile::from_mmap(map) }
         .map_err(|e| bad_model(&e))?;
     let model = Model::load(gguf).map_err(|e| bad_model(&e))?;
     let vocab = vocab_memfd(&model)?;

@@ -43,7 +43,9 @@ fn checksum(b: &[u8]) -> u64 {
 #[test]
 fn released_pages_leave_the_resident_set_and_read_back_the_same() {
     let bytes = model_bytes();
-    let dir = std::env::temp_dir().join(format!("unicorn-page-release-{}", std::process::id()));
+    // Under the target directory: a disk filesystem (a tmpfs file's pages are never released).
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("unicorn-page-release-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.gguf");
     std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
@@ -78,7 +80,8 @@ fn a_file_held_in_memory_keeps_its_bytes() {
 fn only_a_mapped_file_gives_its_pages_back() {
     let bytes = model_bytes();
     assert!(!GgufFile::from_bytes(bytes.clone()).unwrap().releases_pages());
-    let dir = std::env::temp_dir().join(format!("unicorn-page-copy-{}", std::process::id()));
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("unicorn-page-copy-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("model.gguf");
     std::fs::File::create(&path).unwrap().write_all(&bytes).unwrap();
@@ -96,4 +99,21 @@ fn only_a_mapped_file_gives_its_pages_back() {
     assert_eq!(checksum(t.data), sum);
     assert_eq!(copy.bytes(), &bytes[..]);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_memfd_is_held_in_memory_and_a_disk_file_is_not() {
+    let name = std::ffi::CString::new("unicorn-test").unwrap();
+    // SAFETY: a valid C string and flags; the descriptor is checked and owned right after.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let memfd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    assert!(unicorn_engine::gguf::held_in_memory(&memfd));
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("unicorn-held-{}", std::process::id()));
+    let disk = std::fs::File::create(&path).unwrap();
+    let on_disk = !unicorn_engine::gguf::held_in_memory(&disk);
+    std::fs::remove_file(&path).unwrap();
+    assert!(on_disk, "{} is on a disk filesystem", path.display());
 }

@@ -67,6 +67,26 @@ impl Source {
     }
 }
 
+/// Whether `file`'s pages live in memory whether mapped or not: a memfd, or a file on tmpfs,
+/// ramfs or hugetlbfs. Releasing its mapped pages frees nothing, so a model in it should not be
+/// laid out a second time ([`GgufFile::from_memfd`]).
+pub fn held_in_memory(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    const TMPFS: i64 = 0x0102_1994;
+    const RAMFS: i64 = 0x8584_58f6;
+    const HUGETLBFS: i64 = 0x9584_58f6;
+    // SAFETY: an all-zero `statfs` is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the borrow of `file`, and `st` is a valid, writable
+    // `statfs` the call fills.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let ty = st.f_type as i64;
+    matches!(ty, TMPFS | RAMFS | HUGETLBFS)
+}
+
 /// The system's page size.
 fn page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
@@ -120,7 +140,11 @@ impl GgufFile {
         // which is the documented contract of this function (callers hand in files they own or
         // sealed memfds). Every access is bounds-checked against the mapping length.
         let map = unsafe { Mmap::map(file) }.map_err(GgufError::Map)?;
-        GgufFile::from_mmap(map)
+        if held_in_memory(file) {
+            GgufFile::from_memfd(map)
+        } else {
+            GgufFile::from_mmap(map)
+        }
     }
 
     /// Parse an existing mapping, which must map a file (a regular file or a memfd), not
