@@ -23,7 +23,7 @@ use crate::error::check_len;
 use crate::formats::dequantize_row;
 use crate::kdot::{is_k, k_rows_packed, KPacked};
 use crate::pool::ThreadPool;
-use crate::tiled::TiledWeights;
+use crate::tiled::TiledView;
 use crate::{GgmlType, KernelError};
 
 /// Tokens whose activations a block of rows works through at once.
@@ -49,14 +49,16 @@ fn blocks(
 }
 
 /// A weight matrix in GGUF layout, borrowed from the mapped file, and optionally the same
-/// matrix tiled eight rows wide ([`TiledWeights`]), which the AVX2 products then read instead.
+/// matrix tiled eight rows wide ([`TiledView`]), which the AVX2 products then read instead; or
+/// the tiles alone ([`WeightView::tiled_only`], a model stored tiled), which the other paths
+/// read back into GGUF layout or refuse.
 #[derive(Clone, Copy, Debug)]
 pub struct WeightView<'a> {
     ty: GgmlType,
     rows: usize,
     cols: usize,
     data: &'a [u8],
-    tiles: Option<&'a TiledWeights>,
+    tiles: Option<TiledView<'a>>,
 }
 
 impl<'a> WeightView<'a> {
@@ -77,16 +79,30 @@ impl<'a> WeightView<'a> {
         Ok(WeightView { ty, rows, cols, data, tiles: None })
     }
 
-    /// This view with `tiles` (this matrix tiled, [`TiledWeights::new`]) for the products to
-    /// read. Errors when the tiles are of another type or shape.
-    pub fn with_tiles(self, tiles: &'a TiledWeights) -> Result<Self, KernelError> {
+    /// This view with `tiles` (this matrix tiled, [`crate::tiled::TiledWeights::new`]) for
+    /// the products to read. Errors when the tiles are of another type or shape.
+    pub fn with_tiles(self, tiles: TiledView<'a>) -> Result<Self, KernelError> {
         tiles.check_matches(&self)?;
         Ok(WeightView { tiles: Some(tiles), ..self })
     }
 
+    /// A matrix held only in the tiled layout: the AVX2 products read it, row lookups
+    /// ([`WeightView::dequantize_row`]) read its rows back into GGUF layout, and the paths that
+    /// need the GGUF bytes ([`WeightView::data`], [`WeightView::row`], products without AVX2)
+    /// get nothing and refuse.
+    pub fn tiled_only(tiles: TiledView<'a>) -> Self {
+        let (ty, rows, cols) = (tiles.ty(), tiles.rows(), tiles.cols());
+        WeightView { ty, rows, cols, data: &[], tiles: Some(tiles) }
+    }
+
     /// The tiled copy products read, if any.
-    pub fn tiles(&self) -> Option<&'a TiledWeights> {
+    pub fn tiles(&self) -> Option<TiledView<'a>> {
         self.tiles
+    }
+
+    /// Whether the GGUF bytes are absent ([`WeightView::tiled_only`]).
+    pub(crate) fn is_tiled_only(&self) -> bool {
+        self.data.is_empty() && self.rows > 0 && self.cols > 0
     }
 
     /// The element type.
@@ -134,7 +150,10 @@ impl<'a> WeightView<'a> {
     /// When `r >= rows`.
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) -> Result<(), KernelError> {
         check_len("output row", self.cols, out.len())?;
-        dequantize_row(self.ty, self.row(r), out)
+        match self.tiles {
+            Some(t) if self.is_tiled_only() => dequantize_row(self.ty, &t.gguf_row(r), out),
+            _ => dequantize_row(self.ty, self.row(r), out),
+        }
     }
 }
 
@@ -349,6 +368,9 @@ fn member_rows(
 ) -> Result<(), KernelError> {
     let (ty, data, row_bytes) = (w.ty, w.data, w.row_bytes());
     let mut emit = |r, t, v| sink.write(r, t, v);
+    if w.is_tiled_only() && !matches!((tokens, w.tiles), (Tokens::Packed(..), Some(_))) {
+        return Err(KernelError::Unsupported { ty, op: "a matrix held tiled, without AVX2" });
+    }
     match (tokens, w.tiles) {
         #[cfg(target_arch = "x86_64")]
         (Tokens::Packed(acts, p), Some(tiles)) => {

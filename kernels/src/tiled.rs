@@ -118,7 +118,7 @@ impl TiledWeights {
     /// `w` tiled, or `None` when [`TiledWeights::supports`] says no.
     pub fn new(w: &WeightView<'_>) -> Option<TiledWeights> {
         let ty = w.ty();
-        if !Self::supports(ty, w.rows()) {
+        if !Self::supports(ty, w.rows()) || w.is_tiled_only() {
             return None;
         }
         let lay = layout(ty)?;
@@ -146,6 +146,61 @@ impl TiledWeights {
         Some(TiledWeights { ty, rows: w.rows(), cols: w.cols(), data })
     }
 
+    /// The tiled bytes (to store them, e.g. in a model's copy: [`TiledView::new`] reads them).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.data
+    }
+
+    /// A view of these tiles for [`WeightView::with_tiles`].
+    pub fn view(&self) -> TiledView<'_> {
+        TiledView { ty: self.ty, rows: self.rows, cols: self.cols, data: &self.data }
+    }
+}
+
+/// Tiled weights borrowed from wherever they are held: a [`TiledWeights`], or a model copy
+/// stored in the tiled layout.
+#[derive(Clone, Copy)]
+pub struct TiledView<'a> {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    data: &'a [u8],
+}
+
+impl std::fmt::Debug for TiledView<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TiledView")
+            .field("ty", &self.ty)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'a> TiledView<'a> {
+    /// `data` as a `rows x cols` matrix of `ty` in the tiled layout. Errors when this CPU does
+    /// not tile such a matrix ([`TiledWeights::supports`]) or the length is not the matrix's.
+    pub fn new(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &'a [u8],
+    ) -> Result<Self, KernelError> {
+        let lay = layout(ty).filter(|_| TiledWeights::supports(ty, rows));
+        let Some(lay) = lay else {
+            return Err(KernelError::Unsupported { ty, op: "tiles of this type or row count" });
+        };
+        if !cols.is_multiple_of(QK) {
+            return Err(KernelError::NotBlockMultiple { ty, n: cols });
+        }
+        let want = (rows / GROUP)
+            .checked_mul(cols / QK)
+            .and_then(|n| n.checked_mul(lay.bytes))
+            .ok_or(KernelError::NotBlockMultiple { ty, n: cols })?;
+        check_len("tiled weights", want, data.len())?;
+        Ok(TiledView { ty, rows, cols, data })
+    }
+
     pub fn ty(&self) -> GgmlType {
         self.ty
     }
@@ -158,17 +213,13 @@ impl TiledWeights {
         self.cols
     }
 
-    /// Bytes held (the same as the GGUF matrix's).
-    pub fn len(&self) -> usize {
-        self.data.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.data.is_empty()
-    }
-
-    /// Row `r` in GGUF layout again (the inverse of the tiling, for checks).
+    /// Row `r` in GGUF layout again (the inverse of the tiling).
+    ///
+    /// # Panics
+    ///
+    /// When `r >= rows`.
     pub fn gguf_row(&self, r: usize) -> Vec<u8> {
+        assert!(r < self.rows, "row {r} of {}", self.rows);
         let Some(lay) = layout(self.ty) else { return Vec::new() };
         let (bs, gb, nb) = (self.ty.type_size(), lay.bytes, self.cols / QK);
         let (g, l) = (r / GROUP, r % GROUP);
@@ -188,6 +239,11 @@ impl TiledWeights {
             }
         }
         row
+    }
+
+    /// The whole matrix in GGUF layout again (for uploading it elsewhere).
+    pub fn gguf_bytes(&self) -> Vec<u8> {
+        (0..self.rows).flat_map(|r| self.gguf_row(r)).collect()
     }
 
     /// Checks that this is `w` tiled: same type and shape.
@@ -396,7 +452,7 @@ pub(crate) mod avx2 {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     fn drive<const KIND: u8, E: FnMut(usize, usize, f32) + ?Sized>(
-        tw: &TiledWeights,
+        tw: TiledView<'_>,
         acts: &[ActRow<'_>],
         sums: &[i32],
         rows: Range<usize>,
@@ -452,7 +508,7 @@ pub(crate) mod avx2 {
     /// `sums` each token's per-block quant sums (needed for Q4_0 and Q5_0 only).
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) fn tiled_rows<E: FnMut(usize, usize, f32) + ?Sized>(
-        tw: &TiledWeights,
+        tw: TiledView<'_>,
         acts: &[ActRow<'_>],
         sums: &[i32],
         rows: Range<usize>,
@@ -502,13 +558,25 @@ mod tests {
             assert!(!Isa::current().avx2(), "{ty} {rows}x{cols} not tiled on an AVX2 machine");
             return;
         };
-        let tiled = w.with_tiles(&tiles).unwrap();
+        let tiled = w.with_tiles(tiles.view()).unwrap();
         let mut acts = QuantizedActs::new();
         acts.quantize_as(ActFormat::Q8_0, &pool, x, n, cols).unwrap();
         let mut got = vec![f32::NAN; n * rows];
         matmul_on(Isa::current(), &pool, &tiled, x, n, &mut got).unwrap();
         let mut rows_layout = vec![f32::NAN; n * rows];
         matmul_on(Isa::current(), &pool, &w, x, n, &mut rows_layout).unwrap();
+        // The tiles alone, as a model stored tiled holds them.
+        let only =
+            WeightView::tiled_only(TiledView::new(ty, rows, cols, tiles.as_bytes()).unwrap());
+        let mut alone = vec![f32::NAN; n * rows];
+        matmul_on(Isa::current(), &pool, &only, x, n, &mut alone).unwrap();
+        assert!(matmul_on(Isa::scalar(), &pool, &only, x, n, &mut alone.clone()).is_err());
+        let (mut a, mut b) = (vec![0.0; cols], vec![0.0; cols]);
+        for r in [0, rows - 1] {
+            w.dequantize_row(r, &mut a).unwrap();
+            only.dequantize_row(r, &mut b).unwrap();
+            assert_eq!(a, b, "{ty} row {r} read back from the tiles");
+        }
         for t in 0..n {
             for r in 0..rows {
                 let want = vec_dot_q(Isa::scalar(), ty, w.row(r), acts.row(t)).unwrap();
@@ -519,6 +587,7 @@ mod tests {
                     "{ty} {rows}x{cols} n={n} row {r} token {t}"
                 );
                 assert_eq!(g.to_bits(), rows_layout[t * rows + r].to_bits());
+                assert_eq!(g.to_bits(), alone[t * rows + r].to_bits());
             }
         }
     }
@@ -531,9 +600,13 @@ mod tests {
             let data = matrix(ty, rows, cols, &vals);
             let w = WeightView::new(ty, rows, cols, &data).unwrap();
             let Some(t) = TiledWeights::new(&w) else { continue };
-            assert_eq!(t.len(), data.len(), "{ty}: a tiled matrix is as large as the file's");
+            assert_eq!(
+                t.as_bytes().len(),
+                data.len(),
+                "{ty}: a tiled matrix is as large as the file's"
+            );
             for r in 0..rows {
-                assert_eq!(t.gguf_row(r), w.row(r), "{ty} row {r}");
+                assert_eq!(t.view().gguf_row(r), w.row(r), "{ty} row {r}");
             }
         }
     }
@@ -559,6 +632,19 @@ mod tests {
     }
 
     #[test]
+    fn tiled_bytes_of_the_wrong_length_are_refused() {
+        let data = matrix(GgmlType::Q4_1, 8, 64, &[1.0, -2.0, 0.5]);
+        let w = WeightView::new(GgmlType::Q4_1, 8, 64, &data).unwrap();
+        let Some(t) = TiledWeights::new(&w) else { return };
+        let b = t.as_bytes();
+        assert!(TiledView::new(GgmlType::Q4_1, 8, 64, b).is_ok());
+        assert!(TiledView::new(GgmlType::Q4_1, 8, 64, &b[1..]).is_err());
+        assert!(TiledView::new(GgmlType::Q4_1, 16, 64, b).is_err());
+        assert!(TiledView::new(GgmlType::Q4_1, 12, 64, b).is_err());
+        assert!(TiledView::new(GgmlType::Q4K, 8, 256, b).is_err());
+    }
+
+    #[test]
     fn tiles_of_another_shape_or_type_are_refused() {
         let vals = [1.0, -2.0, 0.5, 3.0];
         let a = matrix(GgmlType::Q8_0, 16, 64, &vals);
@@ -566,11 +652,11 @@ mod tests {
         let Some(ta) = TiledWeights::new(&wa) else { return };
         let b = matrix(GgmlType::Q8_0, 8, 128, &vals);
         let wb = WeightView::new(GgmlType::Q8_0, 8, 128, &b).unwrap();
-        assert!(wb.with_tiles(&ta).is_err());
+        assert!(wb.with_tiles(ta.view()).is_err());
         let c = matrix(GgmlType::Q4_0, 16, 64, &vals);
         let wc = WeightView::new(GgmlType::Q4_0, 16, 64, &c).unwrap();
-        assert!(wc.with_tiles(&ta).is_err());
-        assert!(wa.with_tiles(&ta).is_ok());
+        assert!(wc.with_tiles(ta.view()).is_err());
+        assert!(wa.with_tiles(ta.view()).is_ok());
     }
 
     /// The largest sums the integer steps meet: nibbles of 15, Q5 quants of 31 (and 0) and Q8_0

@@ -8,7 +8,10 @@
 //!   writable by nobody else: mapped;
 //! - anything else could shrink under the mapping (SIGBUS) or change after validation, so it is
 //!   copied once, with positioned reads, into a memfd the daemon owns and seals; the copy is
-//!   what gets validated and used.
+//!   what gets validated and used. The copy holds the matrices the CPU multiplies in the tiled
+//!   layout its products read (`unicorn_kernels::tiled`), so the model is in memory once, in
+//!   that layout (a mapped file is tiled by the engine instead, which gives the file's pages
+//!   back).
 //!
 //! Either way the bytes are hashed (BLAKE3) and the model is registered under its file identity
 //! and its digest: a session loading a file already loaded (same identity), or other bytes that
@@ -27,8 +30,10 @@ use unicorn::protocol::vocab::{self, Vocab};
 use unicorn::protocol::ModelInfo;
 use unicorn::sys::memfd;
 use unicorn::{Error, Status};
-use unicorn_engine::gguf::{held_in_memory, GgufFile};
+use unicorn_engine::gguf::{held_in_memory, GgufFile, MatrixAt};
 use unicorn_engine::model::Model;
+use unicorn_kernels::tiled::TiledWeights;
+use unicorn_kernels::WeightView;
 
 /// Who may change a file: what decides between mapping and copying.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -204,29 +209,40 @@ pub fn load(
     daemon_uid: u32,
 ) -> Result<LoadedModel, Error> {
     let file = File::from(fd);
-    let (map, storage) = if immutable(&file, client_uid, daemon_uid) {
+    let (gguf, storage, digest) = if immutable(&file, client_uid, daemon_uid) {
         // SAFETY: `immutable` established that nobody but root or this daemon can change or
         // shrink the file while it is mapped.
         let map = unsafe { map_read_only(&file) }?;
-        (map, Storage::Mapped)
+        check_size(&map, id.size)?;
+        let digest = blake3::hash(&map).to_hex().to_string();
+        // A memfd's pages (or a tmpfs file's) stay in memory while it lives: the engine must
+        // not lay its weights out a second time beside them (a disk file's pages, it can give
+        // back).
+        let gguf = if held_in_memory(&file) {
+            GgufFile::from_memfd(map)
+        } else {
+            GgufFile::from_mmap(map)
+        };
+        (gguf.map_err(|e| bad_model(&e))?, Storage::Mapped, digest)
     } else {
-        (copy_to_sealed_memfd(&file, id.size)?, Storage::Copied)
+        let (map, tiled, digest) = copy_to_sealed_memfd(&file, id.size)?;
+        check_size(&map, id.size)?;
+        let gguf = GgufFile::from_memfd_tiled(map, tiled).map_err(|e| bad_model(&e))?;
+        (gguf, Storage::Copied, digest)
     };
-    if map.len() as u64 != id.size {
+    let model = Model::load(gguf).map_err(|e| bad_model(&e))?;
+    let vocab = vocab_memfd(&model)?;
+    Ok(LoadedModel { model, digest, identity: id, storage, vocab, size: id.size })
+}
+
+fn check_size(map: &Mmap, size: u64) -> Result<(), Error> {
+    if map.len() as u64 != size {
         return Err(Error::new(
             Status::InvalidArgument,
             "the model file changed size while loading",
         ));
     }
-    let digest = blake3::hash(&map).to_hex().to_string();
-    // A memfd's pages (or a tmpfs file's) stay in memory while it lives: the engine must not
-    // lay its weights out a second time beside them (a disk file's pages, it can give back).
-    let in_memory = storage == Storage::Copied || held_in_memory(&file);
-    let gguf = if in_memory { GgufFile::from_memfd(map) } else { GgufFile::from_mmap(map) }
-        .map_err(|e| bad_model(&e))?;
-    let model = Model::load(gguf).map_err(|e| bad_model(&e))?;
-    let vocab = vocab_memfd(&model)?;
-    Ok(LoadedModel { model, digest, identity: id, storage, vocab, size: id.size })
+    Ok(())
 }
 
 fn bad_model(e: &dyn std::fmt::Display) -> Error {
@@ -235,11 +251,20 @@ fn bad_model(e: &dyn std::fmt::Display) -> Error {
 
 /// Copies `size` bytes of `file` with positioned reads (the client shares the file offset) into a
 /// new memfd, seals it, and maps the copy read-only.
-fn copy_to_sealed_memfd(file: &File, size: u64) -> Result<Mmap, Error> {
+/// Copies the model into a memfd the daemon owns, with the matrices the CPU products read
+/// tiled written in the tiled layout instead of GGUF's, seals it and maps it: the model is then
+/// held once, in the layout the products read (a memfd's pages stay in memory, so tiles made
+/// later would double it). Returns the mapping, the tiled byte ranges and the BLAKE3 digest of
+/// the file's own bytes.
+fn copy_to_sealed_memfd(
+    file: &File,
+    size: u64,
+) -> Result<(Mmap, Vec<std::ops::Range<usize>>, String), Error> {
     let len =
         usize::try_from(size).map_err(|_| Error::new(Status::LimitExceeded, "model too large"))?;
     let copy = memfd::create_memfd("model", len)?;
     let out = File::from(copy);
+    let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     while off < size {
@@ -252,12 +277,45 @@ fn copy_to_sealed_memfd(file: &File, size: u64) -> Result<Mmap, Error> {
                 "the model file shrank while it was copied",
             ));
         }
+        hasher.update(&buf[..n]);
         out.write_all_at(&buf[..n], off).map_err(|e| Error::os("copying the model", e))?;
         off += n as u64;
     }
+    let digest = hasher.finalize().to_hex().to_string();
+    let tiled = tile_copy(&out)?;
     memfd::add_seals(&out, memfd::REQUIRED_SEALS | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL)?;
     // SAFETY: the memfd is this daemon's own and sealed against writing, shrinking and growing.
-    unsafe { map_read_only(&out) }
+    Ok((unsafe { map_read_only(&out) }?, tiled, digest))
+}
+
+/// Rewrites, in the daemon's unsealed copy `out`, every matrix this CPU tiles (each matrix of a
+/// 2-D tensor `[cols, rows]` or of a 3-D stack `[cols, rows, n]`, as the engine loads them) in
+/// the tiled layout, one matrix at a time, and returns their byte ranges. A file that does not
+/// parse is left as it is: loading it reports why.
+fn tile_copy(out: &File) -> Result<Vec<std::ops::Range<usize>>, Error> {
+    // The matrices, read from a mapping dropped before anything is written.
+    let plan = {
+        // SAFETY: the memfd is this daemon's own and nothing writes to it while this mapping
+        // lives (it is dropped at the end of this block).
+        let map = unsafe { map_read_only(out) }?;
+        match GgufFile::from_memfd(map) {
+            Ok(gguf) => gguf.matrices_to_tile(),
+            Err(_) => return Ok(Vec::new()),
+        }
+    };
+    let mut tiled = Vec::with_capacity(plan.len());
+    let mut buf = Vec::new();
+    for MatrixAt { range, ty, rows, cols } in plan {
+        buf.resize(range.len(), 0);
+        out.read_exact_at(&mut buf, range.start as u64)
+            .map_err(|e| Error::os("reading the model copy", e))?;
+        let Ok(view) = WeightView::new(ty, rows, cols, &buf) else { continue };
+        let Some(tiles) = TiledWeights::new(&view) else { continue };
+        out.write_all_at(tiles.as_bytes(), range.start as u64)
+            .map_err(|e| Error::os("tiling the model copy", e))?;
+        tiled.push(range);
+    }
+    Ok(tiled)
 }
 
 /// A private read-only mapping. A write-sealed memfd refuses shared mappings of a descriptor
@@ -297,4 +355,76 @@ fn vocab_memfd(model: &Model) -> Result<OwnedFd, Error> {
         memfd::REQUIRED_SEALS | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL,
     )?;
     Ok(OwnedFd::from(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use unicorn_engine::gguf::writer::GgufWriter;
+    use unicorn_kernels::formats::quantize_row;
+    use unicorn_kernels::tiled::TiledView;
+    use unicorn_kernels::GgmlType;
+
+    fn quantized(ty: GgmlType, rows: usize, cols: usize, seed: f32) -> Vec<u8> {
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let mut data = vec![0u8; rows * rb];
+        for (r, dst) in data.chunks_mut(rb).enumerate() {
+            let src: Vec<f32> = (0..cols).map(|c| ((r * 31 + c * 7) as f32 * seed).sin()).collect();
+            quantize_row(ty, &src, dst).unwrap();
+        }
+        data
+    }
+
+    /// The copy holds every tileable matrix tiled (a 2-D one, each of a 3-D stack), exactly as
+    /// `TiledWeights` lays it out, and everything else as the file has it.
+    #[test]
+    fn the_copy_holds_the_tileable_matrices_tiled_and_the_rest_as_is() {
+        let q8 = quantized(GgmlType::Q8_0, 16, 64, 0.1);
+        let stack = quantized(GgmlType::Q4_1, 8 * 3, 32, 0.2);
+        let odd = quantized(GgmlType::Q4_0, 12, 32, 0.3);
+        let norm: Vec<u8> = (0..64u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        let mut w = GgufWriter::new();
+        w.tensor("a", GgmlType::Q8_0, &[64, 16], q8.clone())
+            .tensor("b", GgmlType::Q4_1, &[32, 8, 3], stack.clone())
+            .tensor("c", GgmlType::Q4_0, &[32, 12], odd.clone())
+            .tensor("d", GgmlType::F32, &[64], norm.clone());
+        let bytes = w.to_bytes();
+        let src = File::from(memfd::create_memfd("src", bytes.len()).unwrap());
+        src.write_all_at(&bytes, 0).unwrap();
+        let (map, tiled, digest) = copy_to_sealed_memfd(&src, bytes.len() as u64).unwrap();
+        assert_eq!(digest, blake3::hash(&bytes).to_hex().to_string(), "the file's own digest");
+        let gguf = GgufFile::from_memfd_tiled(map, tiled.clone()).unwrap();
+        let data = |name: &str| {
+            let t = gguf.tensor(name).unwrap();
+            let at = t.data.as_ptr() as usize - gguf.bytes().as_ptr() as usize;
+            (at..at + t.data.len(), t.data)
+        };
+        if !TiledWeights::supports(GgmlType::Q8_0, 16) {
+            assert!(tiled.is_empty(), "no tiles where the CPU has no AVX2");
+            return;
+        }
+        let (ra, a) = data("a");
+        let (rb, b) = data("b");
+        let each = rb.len() / 3;
+        let want: Vec<_> = std::iter::once(ra.clone())
+            .chain((0..3).map(|i| rb.start + i * each..rb.start + (i + 1) * each))
+            .collect();
+        assert_eq!(tiled, want, "a, then b's three matrices; c has 12 rows, d is a vector");
+        let expect = |ty, rows, cols, file: &[u8]| {
+            let v = WeightView::new(ty, rows, cols, file).unwrap();
+            TiledWeights::new(&v).unwrap().as_bytes().to_vec()
+        };
+        assert_eq!(a, &expect(GgmlType::Q8_0, 16, 64, &q8)[..]);
+        for (i, m) in b.chunks(each).enumerate() {
+            let file = &stack[i * each..(i + 1) * each];
+            assert_eq!(m, &expect(GgmlType::Q4_1, 8, 32, file)[..], "matrix {i} of b");
+            let v = TiledView::new(GgmlType::Q4_1, 8, 32, m).unwrap();
+            assert_eq!(v.gguf_bytes(), file, "matrix {i} of b reads back");
+        }
+        assert_eq!(data("c").1, &odd[..]);
+        assert_eq!(data("d").1, &norm[..]);
+        assert_eq!(gguf.tiled(&ra), Some(true));
+        assert_eq!(gguf.tiled(&(ra.start..ra.start + 8)), Some(false));
+        assert_eq!(gguf.tiled(&data("c").0), None);
+    }
 }

@@ -60,7 +60,7 @@ pub fn make(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Mat {
 pub fn view(m: &Mat) -> WeightView<'_> {
     let v = WeightView::new(m.ty, m.rows, m.cols, &m.data).unwrap();
     match &m.tiles {
-        Some(t) => v.with_tiles(t).unwrap(),
+        Some(t) => v.with_tiles(t.view()).unwrap(),
         None => v,
     }
 }

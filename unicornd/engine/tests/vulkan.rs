@@ -222,3 +222,59 @@ fn smollm2_two_contexts_batched_on_vulkan_match_each_alone() {
     }
     assert_eq!(vk.device_kv_caches(), 0, "the contexts and their device caches are gone");
 }
+
+/// `file` copied into a memfd with its tileable matrices written tiled, as the daemon holds a
+/// model its client could change.
+fn tiled_copy(file: &str) -> GgufFile {
+    let path = common::model_path(file);
+    let src = GgufFile::open(&path).unwrap();
+    let mut bytes = src.bytes().to_vec();
+    let plan = src.matrices_to_tile();
+    for m in &plan {
+        let view = unicorn_kernels::WeightView::new(m.ty, m.rows, m.cols, &bytes[m.range.clone()])
+            .unwrap();
+        let tiles = unicorn_kernels::tiled::TiledWeights::new(&view).unwrap();
+        bytes[m.range.clone()].copy_from_slice(tiles.as_bytes());
+    }
+    let name = std::ffi::CString::new("tiled-copy").unwrap();
+    // SAFETY: a valid C string and flags; the descriptor is checked and owned right after.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let memfd = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std::io::Write::write_all(&mut &memfd, &bytes).unwrap();
+    // SAFETY: the test's own memfd, which nothing changes while it is mapped.
+    let map = unsafe { memmap2::Mmap::map(&memfd) }.unwrap();
+    GgufFile::from_memfd_tiled(map, plan.into_iter().map(|m| m.range).collect()).unwrap()
+}
+
+/// A model held tiled (the daemon's copy) gives the file's logits bit for bit on the CPU (its
+/// products read the same tiles, its embedding rows come back from them), and on Vulkan, which
+/// uploads its matrices read back into GGUF layout, the CPU's within the tolerance.
+#[test]
+fn smollm2_held_tiled_matches_the_file_on_the_cpu_and_on_vulkan() {
+    let file = "SmolLM2-135M-Instruct.Q4_1.gguf";
+    let plain = load(file, Backends::cpu());
+    let tiled = Model::load_with(tiled_copy(file), Backends::cpu()).unwrap();
+    let pool = ThreadPool::new(2);
+    let prompt = plain.tokenizer().tokenize("The capital of France is", true, false);
+    let logits = |m: &Model| {
+        let mut kv = m.new_state(64, KvType::F16).unwrap();
+        let mut out = Vec::new();
+        m.forward(
+            &pool,
+            &mut [Seq { kv: &mut kv, tokens: &prompt, logits: Logits::All }],
+            &mut out,
+        )
+        .unwrap();
+        out
+    };
+    let want = logits(&plain);
+    let got = logits(&tiled);
+    assert_eq!(got.len(), want.len());
+    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+    assert!(same, "a model held tiled gives other logits on the CPU");
+    let Some(b) = common::vulkan_backends(Placement::vulkan_all()) else { return };
+    let vk = Model::load_with(tiled_copy(file), b).unwrap();
+    compare("held tiled, on vulkan", &want, &logits(&vk));
+}

@@ -38,6 +38,7 @@ use std::fs::File;
 use std::path::Path;
 
 use memmap2::{Mmap, UncheckedAdvice};
+use unicorn_kernels::tiled::TiledWeights;
 use unicorn_kernels::GgmlType;
 
 pub use error::GgufError;
@@ -51,6 +52,15 @@ pub const MAX_DIMS: usize = 4;
 pub const MAX_TENSOR_NAME_LEN: usize = 64;
 /// Most levels of arrays in one metadata value (an array of arrays is two levels).
 pub const MAX_ARRAY_NESTING: usize = 8;
+
+/// One matrix of a file: its bytes and shape ([`GgufFile::matrices_to_tile`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MatrixAt {
+    pub range: std::ops::Range<usize>,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+}
 
 /// Where a file's bytes live: a mapping (whose pages can be released) or any container.
 enum Source {
@@ -97,6 +107,9 @@ fn page_size() -> usize {
 /// A parsed GGUF file, with its bytes (usually a read-only memory mapping) kept alive.
 pub struct GgufFile {
     source: Source,
+    /// Byte ranges of matrices these bytes hold in the tiled layout instead of GGUF's (a model
+    /// copy the daemon wrote so: [`GgufFile::from_memfd_tiled`]), sorted by start.
+    tiled: Vec<std::ops::Range<usize>>,
     version: u32,
     alignment: u64,
     data_offset: u64,
@@ -162,6 +175,60 @@ impl GgufFile {
         GgufFile::from_source(map)
     }
 
+    /// As [`GgufFile::from_memfd`], for a copy whose matrices at `tiled` (byte ranges, each one
+    /// matrix of a 2-D tensor or of a 3-D stack, as the engine loads them) were written in the
+    /// tiled layout ([`unicorn_kernels::tiled`]) instead of GGUF's: the model then holds its
+    /// weights once, tiled. The engine reads those matrices only through their tiles.
+    pub fn from_memfd_tiled(
+        map: Mmap,
+        mut tiled: Vec<std::ops::Range<usize>>,
+    ) -> Result<GgufFile, GgufError> {
+        let mut f = GgufFile::from_source(map)?;
+        tiled.sort_by_key(|r| r.start);
+        f.tiled = tiled;
+        Ok(f)
+    }
+
+    /// The matrices this CPU's products would read tiled, as the engine loads them: each 2-D
+    /// tensor `[cols, rows]` and each matrix of a 3-D stack `[cols, rows, n]` of a type and row
+    /// count [`TiledWeights::supports`]. For writing a copy of the model in the tiled layout
+    /// ([`GgufFile::from_memfd_tiled`]).
+    pub fn matrices_to_tile(&self) -> Vec<MatrixAt> {
+        let base = self.bytes().as_ptr() as usize;
+        let mut out = Vec::new();
+        for t in self.tensors() {
+            let (cols, rows, n) = match t.dims[..] {
+                [c, r] => (c, r, 1),
+                [c, r, n] => (c, r, n),
+                _ => continue,
+            };
+            let (Ok(cols), Ok(rows), Ok(n)) =
+                (usize::try_from(cols), usize::try_from(rows), usize::try_from(n))
+            else {
+                continue;
+            };
+            if n == 0 || !TiledWeights::supports(t.ty, rows) {
+                continue;
+            }
+            let start = t.data.as_ptr() as usize - base;
+            let each = t.data.len() / n;
+            for i in 0..n {
+                let range = start + i * each..start + (i + 1) * each;
+                out.push(MatrixAt { range, ty: t.ty, rows, cols });
+            }
+        }
+        out
+    }
+
+    /// How these bytes hold `range`: `Some(true)` when it is exactly one of the tiled
+    /// matrices, `Some(false)` when it overlaps one without being it (a split the engine does
+    /// not read), `None` when it is in GGUF layout.
+    pub fn tiled(&self, range: &std::ops::Range<usize>) -> Option<bool> {
+        let i = self.tiled.partition_point(|r| r.end <= range.start);
+        let r = self.tiled.get(i).filter(|r| r.start < range.end)?;
+        Some(r == range)
+    }
+
     /// Parse bytes held in memory.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile, GgufError> {
         GgufFile::from_source(bytes)
@@ -179,6 +246,7 @@ impl GgufFile {
         let parsed = parse::parse(source.bytes())?;
         Ok(GgufFile {
             source,
+            tiled: Vec::new(),
             version: parsed.version,
             alignment: parsed.alignment,
             data_offset: parsed.data_offset,

@@ -535,7 +535,7 @@ impl Gpu {
         if let Some(p) = self.mats.get(&m.offset()) {
             return Ok(Arc::clone(p));
         }
-        let data = m.bytes(bytes);
+        let data = m.gguf_bytes(bytes)?;
         let row_bytes = data.len() / m.rows.max(1);
         let info = self.step.context().info();
         let limit = usize::try_from(info.max_storage_buffer_range).unwrap_or(usize::MAX);

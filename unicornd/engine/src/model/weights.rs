@@ -3,8 +3,10 @@
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
+use std::borrow::Cow;
 use unicorn_kernels::formats::dequantize_row;
-use unicorn_kernels::tiled::TiledWeights;
+
+use unicorn_kernels::tiled::{TiledView, TiledWeights};
 use unicorn_kernels::{GgmlType, KernelError, WeightView};
 
 use super::ModelError;
@@ -20,6 +22,8 @@ pub(crate) struct Matrix {
     pub cols: usize,
     range: Range<usize>,
     tiles: Arc<OnceLock<Option<TiledWeights>>>,
+    /// The file holds this matrix tiled ([`GgufFile::from_memfd_tiled`]), not in GGUF layout.
+    stored_tiled: bool,
 }
 
 fn bad(name: &str, message: String) -> ModelError {
@@ -55,15 +59,28 @@ impl Matrix {
         let base = gguf.bytes().as_ptr() as usize;
         let start = t.data.as_ptr() as usize - base;
         let each = t.data.len() / n.unwrap_or(1).max(1);
-        let mats: Vec<Matrix> = (0..n.unwrap_or(1))
+        let mut mats: Vec<Matrix> = (0..n.unwrap_or(1))
             .map(|i| Matrix {
                 ty: t.ty,
                 rows,
                 cols,
                 range: start + i * each..start + (i + 1) * each,
                 tiles: Arc::default(),
+                stored_tiled: false,
             })
             .collect();
+        for m in mats.iter_mut() {
+            match gguf.tiled(&m.range) {
+                None => {}
+                Some(true) => m.stored_tiled = true,
+                Some(false) => {
+                    return Err(bad(
+                        name,
+                        "stored tiled in a split this engine does not read".into(),
+                    ))
+                }
+            }
+        }
         // Checks the byte length and that the type has a matrix product.
         mats[0].view(gguf.bytes()).map_err(|e| bad(name, e.to_string()))?;
         if unicorn_kernels::dot::uses_quantized_acts(t.ty).is_none() {
@@ -72,9 +89,16 @@ impl Matrix {
         Ok(mats)
     }
 
-    /// The matrix in the file's layout (for dequantizing, uploading, or a product anywhere).
+    /// The matrix over the file's bytes (for dequantizing rows or a product anywhere): in GGUF
+    /// layout, or, for a matrix the file holds tiled, the tiles alone
+    /// ([`WeightView::tiled_only`]).
     pub fn view<'a>(&self, bytes: &'a [u8]) -> Result<WeightView<'a>, KernelError> {
-        WeightView::new(self.ty, self.rows, self.cols, &bytes[self.range.clone()])
+        let data = &bytes[self.range.clone()];
+        if self.stored_tiled {
+            let tiles = TiledView::new(self.ty, self.rows, self.cols, data)?;
+            return Ok(WeightView::tiled_only(tiles));
+        }
+        WeightView::new(self.ty, self.rows, self.cols, data)
     }
 
     /// The matrix for a product on the CPU: with its tiled copy where the CPU has the AVX2
@@ -84,7 +108,10 @@ impl Matrix {
     /// as a copy in memory keeps the file's layout (releasing would not free its pages).
     pub fn cpu_view<'a>(&'a self, file: &'a GgufFile) -> Result<WeightView<'a>, KernelError> {
         let view = self.view(file.bytes())?;
-        if !file.releases_pages() || !TiledWeights::supports(self.ty, self.rows) {
+        if self.stored_tiled
+            || !file.releases_pages()
+            || !TiledWeights::supports(self.ty, self.rows)
+        {
             return Ok(view);
         }
         let tiles = self.tiles.get_or_init(|| {
@@ -95,7 +122,7 @@ impl Matrix {
             tiles
         });
         match tiles {
-            Some(t) => view.with_tiles(t),
+            Some(t) => view.with_tiles(t.view()),
             None => Ok(view),
         }
     }
@@ -105,9 +132,13 @@ impl Matrix {
         self.range.start
     }
 
-    /// The tensor's data in the model file's `bytes`.
-    pub fn bytes<'a>(&self, bytes: &'a [u8]) -> &'a [u8] {
-        &bytes[self.range.clone()]
+    /// The matrix in GGUF layout (to upload it): the file's bytes, or for a matrix the file
+    /// holds tiled, its rows read back from the tiles.
+    pub fn gguf_bytes<'a>(&self, bytes: &'a [u8]) -> Result<Cow<'a, [u8]>, KernelError> {
+        match self.view(bytes)?.tiles() {
+            Some(t) if self.stored_tiled => Ok(Cow::Owned(t.gguf_bytes())),
+            _ => Ok(Cow::Borrowed(&bytes[self.range.clone()])),
+        }
     }
 
     /// Dequantizes row `r` (an embedding lookup).
