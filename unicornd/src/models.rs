@@ -303,16 +303,25 @@ fn tile_copy(out: &File) -> Result<Vec<std::ops::Range<usize>>, Error> {
             Err(_) => return Ok(Vec::new()),
         }
     };
+    // A group of eight rows tiles into exactly those rows' bytes, so each matrix is tiled in
+    // place a slice of rows at a time: the buffers stay small (a matrix-sized one would stay in
+    // the allocator's heap after the load, tens of MB).
+    const ROWS: usize = 512;
     let mut tiled = Vec::with_capacity(plan.len());
     let mut buf = Vec::new();
     for MatrixAt { range, ty, rows, cols } in plan {
-        buf.resize(range.len(), 0);
-        out.read_exact_at(&mut buf, range.start as u64)
-            .map_err(|e| Error::os("reading the model copy", e))?;
-        let Ok(view) = WeightView::new(ty, rows, cols, &buf) else { continue };
-        let Some(tiles) = TiledWeights::new(&view) else { continue };
-        out.write_all_at(tiles.as_bytes(), range.start as u64)
-            .map_err(|e| Error::os("tiling the model copy", e))?;
+        let row_bytes = range.len() / rows;
+        for r0 in (0..rows).step_by(ROWS) {
+            let n = ROWS.min(rows - r0);
+            let at = (range.start + r0 * row_bytes) as u64;
+            buf.resize(n * row_bytes, 0);
+            out.read_exact_at(&mut buf, at).map_err(|e| Error::os("reading the model copy", e))?;
+            let view = WeightView::new(ty, n, cols, &buf).map_err(|e| bad_model(&e))?;
+            let tiles = TiledWeights::new(&view)
+                .ok_or_else(|| Error::new(Status::Internal, "a matrix to tile was refused"))?;
+            out.write_all_at(tiles.as_bytes(), at)
+                .map_err(|e| Error::os("tiling the model copy", e))?;
+        }
         tiled.push(range);
     }
     Ok(tiled)
@@ -379,12 +388,13 @@ mod tests {
     /// `TiledWeights` lays it out, and everything else as the file has it.
     #[test]
     fn the_copy_holds_the_tileable_matrices_tiled_and_the_rest_as_is() {
-        let q8 = quantized(GgmlType::Q8_0, 16, 64, 0.1);
+        // More rows than one slice of the in-place tiling.
+        let q8 = quantized(GgmlType::Q8_0, 1040, 32, 0.1);
         let stack = quantized(GgmlType::Q4_1, 8 * 3, 32, 0.2);
         let odd = quantized(GgmlType::Q4_0, 12, 32, 0.3);
         let norm: Vec<u8> = (0..64u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
         let mut w = GgufWriter::new();
-        w.tensor("a", GgmlType::Q8_0, &[64, 16], q8.clone())
+        w.tensor("a", GgmlType::Q8_0, &[32, 1040], q8.clone())
             .tensor("b", GgmlType::Q4_1, &[32, 8, 3], stack.clone())
             .tensor("c", GgmlType::Q4_0, &[32, 12], odd.clone())
             .tensor("d", GgmlType::F32, &[64], norm.clone());
@@ -399,7 +409,7 @@ mod tests {
             let at = t.data.as_ptr() as usize - gguf.bytes().as_ptr() as usize;
             (at..at + t.data.len(), t.data)
         };
-        if !TiledWeights::supports(GgmlType::Q8_0, 16) {
+        if !TiledWeights::supports(GgmlType::Q8_0, 1040) {
             assert!(tiled.is_empty(), "no tiles where the CPU has no AVX2");
             return;
         }
@@ -414,7 +424,7 @@ mod tests {
             let v = WeightView::new(ty, rows, cols, file).unwrap();
             TiledWeights::new(&v).unwrap().as_bytes().to_vec()
         };
-        assert_eq!(a, &expect(GgmlType::Q8_0, 16, 64, &q8)[..]);
+        assert_eq!(a, &expect(GgmlType::Q8_0, 1040, 32, &q8)[..]);
         for (i, m) in b.chunks(each).enumerate() {
             let file = &stack[i * each..(i + 1) * each];
             assert_eq!(m, &expect(GgmlType::Q4_1, 8, 32, file)[..], "matrix {i} of b");
