@@ -30,7 +30,7 @@ use unicorn::protocol::vocab::{self, Vocab};
 use unicorn::protocol::ModelInfo;
 use unicorn::sys::memfd;
 use unicorn::{Error, Status};
-use unicorn_engine::gguf::{held_in_memory, GgufFile, MatrixAt};
+use unicorn_engine::gguf::{GgufFile, MatrixAt};
 use unicorn_engine::model::Model;
 use unicorn_kernels::tiled::TiledWeights;
 use unicorn_kernels::WeightView;
@@ -215,14 +215,8 @@ pub fn load(
         let map = unsafe { map_read_only(&file) }?;
         check_size(&map, id.size)?;
         let digest = blake3::hash(&map).to_hex().to_string();
-        // A memfd's pages (or a tmpfs file's) stay in memory while it lives: the engine must
-        // not lay its weights out a second time beside them (a disk file's pages, it can give
-        // back).
-        let gguf = if held_in_memory(&file) {
-            GgufFile::from_memfd(map)
-        } else {
-            GgufFile::from_mmap(map)
-        };
+        // A memfd's (or a tmpfs file's) pages stay in memory: no second layout beside them.
+        let gguf = GgufFile::from_mapped_file(&file, map);
         (gguf.map_err(|e| bad_model(&e))?, Storage::Mapped, digest)
     } else {
         let (map, tiled, digest) = copy_to_sealed_memfd(&file, id.size)?;

@@ -153,6 +153,13 @@ impl GgufFile {
         // which is the documented contract of this function (callers hand in files they own or
         // sealed memfds). Every access is bounds-checked against the mapping length.
         let map = unsafe { Mmap::map(file) }.map_err(GgufError::Map)?;
+        GgufFile::from_mapped_file(file, map)
+    }
+
+    /// Parse `map`, a read-only mapping of `file`: as [`GgufFile::from_memfd`] when `file` is
+    /// held in memory anyway ([`held_in_memory`]: its pages cannot be given back), else as
+    /// [`GgufFile::from_mmap`].
+    pub fn from_mapped_file(file: &File, map: Mmap) -> Result<GgufFile, GgufError> {
         if held_in_memory(file) {
             GgufFile::from_memfd(map)
         } else {
