@@ -100,11 +100,7 @@ pub struct TiledWeights {
 
 impl std::fmt::Debug for TiledWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TiledWeights")
-            .field("ty", &self.ty)
-            .field("rows", &self.rows)
-            .field("cols", &self.cols)
-            .finish_non_exhaustive()
+        self.view().fmt(f)
     }
 }
 
