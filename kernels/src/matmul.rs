@@ -13,6 +13,7 @@
 
 use std::cell::RefCell;
 use std::marker::PhantomData;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::act::{ActFormat, ActRow, QuantizedActs};
 use crate::cpu::Isa;
@@ -437,6 +438,25 @@ type RowsWork<'a> = dyn Fn(&WeightView<'_>, std::ops::Range<usize>, &Sink<'_>) -
     + Sync
     + 'a;
 
+/// Splits chunks of `rows[i]` rows, in order, into `n` runs of neighbouring chunks holding
+/// about equal rows (a run ends with the chunk that reaches its share; some may be empty).
+fn runs(rows: &[usize], n: usize) -> Vec<std::ops::Range<usize>> {
+    let n = n.max(1);
+    let total: usize = rows.iter().sum();
+    let mut out = Vec::with_capacity(n);
+    let (mut start, mut acc) = (0, 0usize);
+    for (i, r) in rows.iter().enumerate() {
+        acc += r;
+        while out.len() + 1 < n && acc.saturating_mul(n) >= total.saturating_mul(out.len() + 1) {
+            out.push(start..i + 1);
+            start = i + 1;
+        }
+    }
+    out.push(start..rows.len());
+    out.resize(n, rows.len()..rows.len());
+    out
+}
+
 /// Runs `work(w, rows, sink)` over chunks of every matrix's rows in the pool, all matrices in
 /// one job; returns the first error.
 fn parallel_group(
@@ -452,7 +472,11 @@ fn parallel_group(
     let total: usize = group.iter().map(|(w, _)| w.rows).sum();
     // Several chunks per thread for balance, in multiples of 8 rows for the row tiles, but
     // with at least ~32 row-tokens each: below a microsecond of work a chunk costs more in
-    // hand-out than it gains in balance.
+    // hand-out than it gains in balance. Each thread first works through its own run of
+    // neighbouring chunks, one sequential stream of weights that the prefetchers follow
+    // (chunks dealt out in turn made every thread's stream restart at each chunk, and the
+    // prefetch past a chunk's end fetched rows another core then read: 12% slower steps on a
+    // 2-core Zen 3), then takes what is left of the others' runs.
     let min_rows = 32usize.div_ceil(n_tokens).next_multiple_of(8);
     let chunk = if threads == 1 {
         total.max(1)
@@ -468,14 +492,25 @@ fn parallel_group(
             (0..w.rows).step_by(chunk).map(move |r0| (m, r0..(r0 + chunk).min(w.rows)))
         })
         .collect();
+    let rows: Vec<usize> = chunks.iter().map(|(_, r)| r.len()).collect();
+    let runs = runs(&rows, threads);
+    let next: Vec<AtomicUsize> = runs.iter().map(|r| AtomicUsize::new(r.start)).collect();
     let err = std::sync::Mutex::new(None);
-    pool.run(chunks.len(), |i| {
-        let (m, r) = (chunks[i].0, chunks[i].1.clone());
-        let (w, base, len) = &outs[m];
-        let sink =
-            Sink { ptr: base.0, rows: w.rows, len: *len, owned: r.clone(), _out: PhantomData };
-        if let Err(e) = work(w, r, &sink) {
-            err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+    pool.run(runs.len(), |i| {
+        for j in (0..runs.len()).map(|k| (i + k) % runs.len()) {
+            loop {
+                let c = next[j].fetch_add(1, Ordering::Relaxed);
+                if c >= runs[j].end {
+                    break;
+                }
+                let (m, r) = (chunks[c].0, chunks[c].1.clone());
+                let (w, base, len) = &outs[m];
+                let owned = r.clone();
+                let sink = Sink { ptr: base.0, rows: w.rows, len: *len, owned, _out: PhantomData };
+                if let Err(e) = work(w, r, &sink) {
+                    err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                }
+            }
         }
     });
     match err.into_inner().unwrap_or_else(|p| p.into_inner()) {
@@ -693,6 +728,37 @@ mod tests {
             let exact: f32 = wf[r * cols..][..cols].iter().zip(&x).map(|(a, b)| a * b).sum();
             assert!((out[r] - exact).abs() < 0.05, "{} vs {exact}", out[r]);
         }
+    }
+
+    #[test]
+    fn runs_cover_the_chunks_in_order_with_about_equal_rows() {
+        let cases: [(&[usize], usize); 7] = [
+            (&[40; 16], 2),
+            (&[8, 8, 8], 4),
+            (&[], 3),
+            (&[96, 8, 96, 8, 40], 2),
+            (&[24; 37], 3),
+            (&[5], 1),
+            (&[16, 16, 8], 0),
+        ];
+        for (rows, n) in cases {
+            let rs = runs(rows, n);
+            assert_eq!(rs.len(), n.max(1), "{rows:?} in {n}");
+            let mut at = 0;
+            for r in &rs {
+                assert_eq!(r.start, at, "{rs:?}");
+                at = r.end;
+            }
+            assert_eq!(at, rows.len(), "{rs:?}");
+            // No run holds more than its share and one chunk.
+            let share = rows.iter().sum::<usize>().div_ceil(n.max(1));
+            let biggest = rows.iter().copied().max().unwrap_or(0);
+            for r in &rs {
+                assert!(rows[r.clone()].iter().sum::<usize>() <= share + biggest, "{rs:?}");
+            }
+        }
+        assert_eq!(runs(&[40; 16], 2), vec![0..8, 8..16]);
+        assert_eq!(runs(&[24; 37], 3), vec![0..13, 13..25, 25..37]);
     }
 
     #[test]
