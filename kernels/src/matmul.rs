@@ -474,9 +474,8 @@ fn parallel_group(
     // with at least ~32 row-tokens each: below a microsecond of work a chunk costs more in
     // hand-out than it gains in balance. Each thread first works through its own run of
     // neighbouring chunks, one sequential stream of weights that the prefetchers follow
-    // (chunks dealt out in turn made every thread's stream restart at each chunk, and the
-    // prefetch past a chunk's end fetched rows another core then read: 12% slower steps on a
-    // 2-core Zen 3), then takes what is left of the others' runs.
+    // (with chunks dealt out in turn, every thread's stream restarted at each chunk: decode
+    // steps took 7-8% longer on a 2-core Zen 3), then takes what is left of the others' runs.
     let min_rows = 32usize.div_ceil(n_tokens).next_multiple_of(8);
     let chunk = if threads == 1 {
         total.max(1)
