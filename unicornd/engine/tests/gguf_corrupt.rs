@@ -139,6 +139,29 @@ fn valid_file_round_trips() {
 }
 
 #[test]
+fn forgotten_entries_are_gone_and_the_others_keep_their_values_and_order() {
+    let mut f = parse(&built().0).unwrap();
+    let entries = |f: &GgufFile| -> Vec<(String, Value)> {
+        f.metadata().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect()
+    };
+    let gone = ["t.u16", "t.strs", "t.nested"];
+    let want: Vec<_> =
+        entries(&f).into_iter().filter(|(k, _)| !gone.contains(&k.as_str())).collect();
+    f.forget_metadata(&["t.u16", "t.strs", "not.there", "t.nested"]);
+    assert_eq!(entries(&f), want);
+    for (k, v) in &want {
+        assert_eq!(f.metadata().get(k), Some(v), "{k}");
+    }
+    for k in gone {
+        assert!(!f.metadata().contains_key(k), "{k}");
+    }
+    assert!(
+        matches!(f.metadata().get_str_array("t.strs"), Err(GgufError::MissingKey(k)) if k == "t.strs")
+    );
+    assert_eq!(f.tensors().len(), 3, "the tensors stay");
+}
+
+#[test]
 fn every_truncation_is_an_error() {
     let (bytes, _) = built();
     for len in 0..bytes.len() {

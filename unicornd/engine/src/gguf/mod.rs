@@ -330,6 +330,14 @@ impl GgufFile {
         &self.metadata
     }
 
+    /// Drops the metadata entries `keys` (those absent are skipped): for what a loaded model
+    /// has copied elsewhere and no longer reads here.
+    pub fn forget_metadata(&mut self, keys: &[&str]) {
+        for k in keys {
+            self.metadata.remove(k);
+        }
+    }
+
     /// The tensor directory, in file order.
     pub fn tensor_infos(&self) -> &[TensorInfo] {
         &self.tensors
@@ -525,6 +533,18 @@ impl Metadata {
         self.index.insert(key.clone(), self.entries.len());
         self.entries.push((key, value));
         true
+    }
+
+    /// Takes `key`'s entry out, keeping the others in file order.
+    pub fn remove(&mut self, key: &str) -> Option<Value> {
+        let i = self.index.remove(key)?;
+        let (_, value) = self.entries.remove(i);
+        for j in self.index.values_mut() {
+            if *j > i {
+                *j -= 1;
+            }
+        }
+        Some(value)
     }
 
     /// Number of entries.

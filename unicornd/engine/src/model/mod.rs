@@ -59,7 +59,7 @@ impl Model {
     }
 
     /// [`Model::load`] running on `backends`.
-    pub fn load_with(gguf: GgufFile, backends: Backends) -> Result<Model, ModelError> {
+    pub fn load_with(mut gguf: GgufFile, backends: Backends) -> Result<Model, ModelError> {
         let arch = gguf.architecture()?.to_owned();
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let load = match arch.as_str() {
@@ -81,6 +81,9 @@ impl Model {
         let file_type = file_type_name(md.opt_uint("general.file_type")?);
         let n_params = gguf.tensor_infos().iter().map(|t| t.n_elements()).sum();
         let exec = placement::Exec::new(backends);
+        // The vocabulary now lives in the tokenizer; a second copy in the metadata would stay
+        // for the model's life (5 MB for SmolLM2's 49k tokens and merges).
+        gguf.forget_metadata(crate::tokenizer::COPIED_ARRAYS);
         Ok(Model { gguf, hp, tokenizer, net, exec, name, file_type, n_params, chat_template })
     }
 

@@ -606,6 +606,15 @@ impl Tokenizer {
     }
 }
 
+/// The metadata arrays a [`Tokenizer`] copies into its own tables: a model that keeps its file
+/// can drop them once its tokenizer is built.
+pub const COPIED_ARRAYS: &[&str] = &[
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.merges",
+];
+
 fn read_vocab(md: &Metadata) -> Result<Vocab, TokenizerError> {
     let texts = md.get_str_array("tokenizer.ggml.tokens")?;
     let n = texts.len();
