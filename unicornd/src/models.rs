@@ -143,6 +143,7 @@ impl Registry {
     /// Unloads models unused for `keep_alive`; returns how long until the next one expires.
     pub fn sweep(&mut self, now: Instant, keep_alive: Duration) -> Option<Duration> {
         let mut next: Option<Duration> = None;
+        let before = self.held.len();
         self.held.retain_mut(|(m, idle_since)| {
             if Arc::strong_count(m) > 1 {
                 *idle_since = None;
@@ -157,6 +158,9 @@ impl Registry {
             next = Some(next.map_or(left, |n| n.min(left)));
             true
         });
+        if self.held.len() < before {
+            return_free_heap();
+        }
         next
     }
 
@@ -227,6 +231,20 @@ pub fn load(
     let model = Model::load(gguf).map_err(|e| bad_model(&e))?;
     let vocab = vocab_memfd(&model)?;
     Ok(LoadedModel { model, digest, identity: id, storage, vocab, size: id.size })
+}
+
+/// Hands the heap's free pages back to the system. glibc keeps freed memory for the next
+/// allocations, and a model's load and unload free megabytes that the daemon would then hold
+/// for nothing: the parse and its vocabulary arrays (dropped once the tokenizer holds them),
+/// the copy's tiling buffers, at unload the tokenizer's tables. (With SmolLM2 and one client,
+/// the daemon holds 114 MB instead of 124.)
+pub fn return_free_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: `malloc_trim` only gives back memory the allocator holds free; it takes no
+    // pointer and may run beside other threads' allocations.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 fn check_size(map: &Mmap, size: u64) -> Result<(), Error> {

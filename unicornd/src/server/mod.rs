@@ -611,6 +611,7 @@ impl Server {
         let daemon_uid = self.daemon_uid;
         let spawned = std::thread::Builder::new().name("unicorn-loader".into()).spawn(move || {
             let result = models::load(fd, identity, uid, daemon_uid).map(Box::new);
+            models::return_free_heap();
             events.push(Event::Loaded { identity, result });
         });
         if let Err(e) = spawned {
