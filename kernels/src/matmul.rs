@@ -438,22 +438,25 @@ type RowsWork<'a> = dyn Fn(&WeightView<'_>, std::ops::Range<usize>, &Sink<'_>) -
     + Sync
     + 'a;
 
-/// Splits chunks of `rows[i]` rows, in order, into `n` runs of neighbouring chunks holding
+/// Splits chunks of `rows` rows each, in order, into `n` runs of neighbouring chunks holding
 /// about equal rows (a run ends with the chunk that reaches its share; some may be empty).
-fn runs(rows: &[usize], n: usize) -> Vec<std::ops::Range<usize>> {
+fn runs(
+    rows: impl ExactSizeIterator<Item = usize> + Clone,
+    n: usize,
+) -> Vec<std::ops::Range<usize>> {
     let n = n.max(1);
-    let total: usize = rows.iter().sum();
+    let (len, total) = (rows.len(), rows.clone().sum::<usize>());
     let mut out = Vec::with_capacity(n);
     let (mut start, mut acc) = (0, 0usize);
-    for (i, r) in rows.iter().enumerate() {
+    for (i, r) in rows.enumerate() {
         acc += r;
         while out.len() + 1 < n && acc.saturating_mul(n) >= total.saturating_mul(out.len() + 1) {
             out.push(start..i + 1);
             start = i + 1;
         }
     }
-    out.push(start..rows.len());
-    out.resize(n, rows.len()..rows.len());
+    out.push(start..len);
+    out.resize(n, len..len);
     out
 }
 
@@ -491,8 +494,7 @@ fn parallel_group(
             (0..w.rows).step_by(chunk).map(move |r0| (m, r0..(r0 + chunk).min(w.rows)))
         })
         .collect();
-    let rows: Vec<usize> = chunks.iter().map(|(_, r)| r.len()).collect();
-    let runs = runs(&rows, threads);
+    let runs = runs(chunks.iter().map(|(_, r)| r.len()), threads);
     let next: Vec<AtomicUsize> = runs.iter().map(|r| AtomicUsize::new(r.start)).collect();
     let err = std::sync::Mutex::new(None);
     pool.run(runs.len(), |i| {
@@ -741,7 +743,7 @@ mod tests {
             (&[16, 16, 8], 0),
         ];
         for (rows, n) in cases {
-            let rs = runs(rows, n);
+            let rs = runs(rows.iter().copied(), n);
             assert_eq!(rs.len(), n.max(1), "{rows:?} in {n}");
             let mut at = 0;
             for r in &rs {
@@ -756,8 +758,8 @@ mod tests {
                 assert!(rows[r.clone()].iter().sum::<usize>() <= share + biggest, "{rs:?}");
             }
         }
-        assert_eq!(runs(&[40; 16], 2), vec![0..8, 8..16]);
-        assert_eq!(runs(&[24; 37], 3), vec![0..13, 13..25, 25..37]);
+        assert_eq!(runs([40; 16].into_iter(), 2), vec![0..8, 8..16]);
+        assert_eq!(runs([24; 37].into_iter(), 3), vec![0..13, 13..25, 25..37]);
     }
 
     #[test]
