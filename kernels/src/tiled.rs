@@ -279,7 +279,7 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// Whether the kind's blocks carry a minimum `m` (its float step adds `m * s`).
+    /// Whether the kind's blocks carry a minimum `m` (its float steps add `m * s`).
     const fn has_min(kind: u8) -> bool {
         matches!(kind, Q4_1 | Q5_1)
     }
@@ -424,19 +424,16 @@ pub(crate) mod avx2 {
                 }
                 let f = _mm256_cvtepi32_ps(sumi);
                 let da = _mm256_set1_ps(a.d[b]);
-                // The reference's order: Q4_0 `sumi * d * da`, the others `(d * da) * sumi`,
-                // plus `m * s` for those with a minimum.
-                let term = if KIND == Q4_0 {
-                    _mm256_mul_ps(_mm256_mul_ps(f, blk.d), da)
+                // The reference's steps: Q4_0 `sumf += sumi * d * da`, Q5_0 and Q8_0 `sumf +=
+                // (d * da) * sumi`, the types with a minimum `fma(m, s, fma(d * da, sumi, sumf))`.
+                acc[t] = if KIND == Q4_0 {
+                    _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_mul_ps(f, blk.d), da))
                 } else if has_min(KIND) {
-                    _mm256_add_ps(
-                        _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f),
-                        _mm256_mul_ps(blk.m, _mm256_set1_ps(a.s[b])),
-                    )
+                    let acc = _mm256_fmadd_ps(_mm256_mul_ps(blk.d, da), f, acc[t]);
+                    _mm256_fmadd_ps(blk.m, _mm256_set1_ps(a.s[b]), acc)
                 } else {
-                    _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f)
+                    _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f))
                 };
-                acc[t] = _mm256_add_ps(acc[t], term);
             }
         }
         let mut out = [[0.0f32; 8]; T];
