@@ -366,9 +366,9 @@ pub(crate) fn quantize_blocks_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s:
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use crate::formats::{round_f16, QK};
+    use crate::formats::QK;
     use crate::kquants::QK_K;
-    use crate::simd::{hsum_epi32, load_f32x8, store_i8x32};
+    use crate::simd::{hsum_epi32, load_f32x8, round_f16_1, store_i8x32};
 
     /// Q8_K blocks, bit-identical to `quantize_k_blocks_scalar` for finite input: `nearest_int`
     /// is round-half-even, which `_mm256_round_ps` does exactly for these magnitudes (`|x| <=
@@ -486,8 +486,8 @@ mod avx2 {
             let p = _mm256_packs_epi16(p01, p23);
             let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             store_i8x32(qb, p);
-            *db = round_f16(dd);
-            *sb = round_f16(isum as f32 * dd);
+            *db = round_f16_1(dd);
+            *sb = round_f16_1(isum as f32 * dd);
         }
     }
 }

@@ -117,6 +117,15 @@ pub(crate) fn f16_1(b: [u8; 2]) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(u16::from_le_bytes(b)))))
 }
 
+/// `x` rounded to the nearest f16 (ties to even) and back: [`crate::formats::round_f16`] in two
+/// instructions, without a call and a feature check per value.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+pub(crate) fn round_f16_1(x: f32) -> f32 {
+    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(x));
+    _mm_cvtss_f32(_mm_cvtph_ps(h))
+}
+
 /// Sum of the eight lanes: (0+4, 1+5, 2+6, 3+7), then pairs, then the last two.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
