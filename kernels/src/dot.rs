@@ -266,14 +266,19 @@ pub(crate) struct PackedActs {
 
 impl PackedActs {
     /// Only what the tiled products read ([`crate::tiled`]): every token's per-block quant
-    /// sums; the tiles for the row layout are left empty.
-    pub(crate) fn pack_sums(&mut self, acts: &[ActRow<'_>]) {
+    /// sums when `sums` (only Q4_0 and Q5_0 read them); the tiles for the row layout are left
+    /// empty.
+    pub(crate) fn pack_sums(&mut self, acts: &[ActRow<'_>], sums: bool) {
         self.nb = acts.first().map_or(0, |a| a.d.len());
         self.tiles.clear();
         self.q.clear();
         self.lanes.clear();
         self.sums.clear();
-        self.fill_sums(acts);
+        if sums {
+            self.fill_sums(acts);
+        } else {
+            self.all_sums.clear();
+        }
     }
 
     fn fill_sums(&mut self, acts: &[ActRow<'_>]) {

@@ -333,13 +333,15 @@ fn run_group<'q>(
     // tiles need the whole packing.
     let pack_rows = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_none());
     let pack_sums = group.iter().any(|(w, _)| packs(isa, w.ty));
+    let tiled_sums =
+        group.iter().any(|(w, _)| w.tiles.is_some_and(|t| crate::tiled::reads_quant_sums(t.ty())));
     let pack_k = isa.avx2() && group.iter().any(|(w, _)| is_k(w.ty));
     with_scratch(&PACKED, |packed| {
         with_scratch(&KPACKED, |kpacked| {
             if pack_rows {
                 packed.pack(&rows_q8_0);
             } else if pack_sums {
-                packed.pack_sums(&rows_q8_0);
+                packed.pack_sums(&rows_q8_0, tiled_sums);
             }
             if pack_k {
                 kpacked.pack(&rows_q8_k);

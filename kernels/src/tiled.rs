@@ -84,6 +84,12 @@ const fn unfifth_bits(t: u32) -> u32 {
     qh
 }
 
+/// Whether products of tiled `ty` read the tokens' per-block quant sums (to take off the
+/// offset of Q4_0's and Q5_0's unsigned quants).
+pub(crate) const fn reads_quant_sums(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0)
+}
+
 /// A weight matrix of `rows` (a multiple of [`GROUP`]) by `cols`, eight rows wide (see the
 /// module's text). Group `g`'s block `b` is at `(g * nb + b) * bytes`: `d[8]` as little-endian
 /// f16, for Q4_1 and Q5_1 `m[8]`, for Q5_0 and Q5_1 the rows' fifth bits (one u32 each,
@@ -292,6 +298,15 @@ pub(crate) mod avx2 {
             _ => None,
         }
     }
+
+    // The kinds with an offset are those whose products get the quant sums packed.
+    const _: () = {
+        let mut kind = 0;
+        while kind <= Q8_0 {
+            assert!(offset_shift(kind).is_some() == reads_quant_sums(ty(kind)));
+            kind += 1;
+        }
+    };
 
     /// Tokens a group's blocks are worked through with at once (one accumulator each).
     const TOKENS: usize = 4;
