@@ -367,10 +367,11 @@ fn vocab_memfd(model: &Model) -> Result<OwnedFd, Error> {
         }
         pieces.push((special, flags));
     }
-    let bytes = Vocab::new(pieces).encode();
+    let vocab = Vocab::new(pieces);
+    let bytes = vocab.as_bytes();
     let fd = memfd::create_memfd("vocab", bytes.len())?;
     let file = File::from(fd);
-    file.write_all_at(&bytes, 0).map_err(|e| Error::os("writing the vocabulary", e))?;
+    file.write_all_at(bytes, 0).map_err(|e| Error::os("writing the vocabulary", e))?;
     memfd::add_seals(
         &file,
         memfd::REQUIRED_SEALS | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL,

@@ -147,13 +147,7 @@ impl Client {
             return Err(Error::protocol(format!("expected a loaded model, got {reply:?}")));
         };
         let vocab_fd = fds.into_iter().next().ok_or_else(|| Error::protocol("no vocabulary"))?;
-        let size = memfd::file_size(&vocab_fd)?;
-        let len = usize::try_from(size).map_err(|_| Error::protocol("vocabulary too large"))?;
-        memfd::require_size_seals(&vocab_fd)?;
-        let mut bytes = vec![0u8; len];
-        std::os::unix::fs::FileExt::read_exact_at(&File::from(vocab_fd), &mut bytes, 0)
-            .map_err(|e| Error::os("reading the vocabulary", e))?;
-        let vocab = Vocab::decode(&bytes)?;
+        let vocab = Vocab::from_memfd(&vocab_fd)?;
         if vocab.len() != info.n_vocab as usize {
             return Err(Error::protocol("vocabulary size differs from the model's"));
         }

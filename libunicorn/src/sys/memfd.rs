@@ -2,7 +2,9 @@
 //! (the next access would be SIGBUS), so every shared memfd carries `F_SEAL_SHRINK` and
 //! `F_SEAL_GROW`, and the receiving side checks the seals with `F_GET_SEALS` before mapping.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use memmap2::{Mmap, MmapOptions};
 
 use nix::fcntl::{fcntl, FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -65,6 +67,31 @@ pub fn require_size_seals(fd: &impl AsFd) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+/// A read-only mapping of the whole memfd `fd`, which must be sealed against writing as well as
+/// shrinking and growing: its bytes then cannot change or go away while mapped, and can be read
+/// as plain memory. Mapped private, so the write seal's refusal of shared writable mappings
+/// does not apply; the pages are still the memfd's own, shared with every process that maps it.
+pub fn map_sealed(fd: &impl AsFd) -> Result<Mmap, Error> {
+    let need = REQUIRED_SEALS | SealFlag::F_SEAL_WRITE;
+    let have = seals(fd)?;
+    if !have.contains(need) {
+        return Err(Error::new(
+            Status::InvalidArgument,
+            format!("memfd must be sealed with {need:?} to be read in place (has {have:?})"),
+        ));
+    }
+    let size = file_size(fd)?;
+    let len = usize::try_from(size)
+        .ok()
+        .filter(|&l| l > 0)
+        .ok_or_else(|| Error::protocol(format!("cannot map a memfd of {size} bytes")))?;
+    // SAFETY: the seals checked above forbid every write to the file and every change of its
+    // size, for as long as it exists, so the mapped bytes never change and never go beyond the
+    // end of the file.
+    unsafe { MmapOptions::new().len(len).map_copy_read_only(fd.as_fd().as_raw_fd()) }
+        .map_err(|e| Error::os("mmap", e))
 }
 
 /// The size of the file behind `fd`.
