@@ -139,6 +139,12 @@ impl Rope {
     /// When `head_dim` does not divide `x.len()`, `n_dims > head_dim`, or the cache length is
     /// not `n_dims`.
     pub fn apply(&self, cache: &[f32], x: &mut [f32], head_dim: usize) {
+        self.apply_on(Isa::current(), cache, x, head_dim)
+    }
+
+    /// [`Rope::apply`] on a given instruction set (the same bits on each: the AVX2 path takes
+    /// the same two products and one sum per value as the scalar one).
+    pub fn apply_on(&self, isa: Isa, cache: &[f32], x: &mut [f32], head_dim: usize) {
         same_len(cache.len(), self.n_dims, "rope cache");
         assert!(
             self.n_dims <= head_dim && head_dim > 0 && x.len().is_multiple_of(head_dim),
@@ -147,7 +153,21 @@ impl Rope {
         );
         let half = self.n_dims / 2;
         for head in x.chunks_exact_mut(head_dim) {
-            for (i, cs) in cache.chunks_exact(2).enumerate() {
+            // Pairs from `done` on are left to the scalar loop.
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if isa.avx2() {
+                // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has
+                // AVX2+FMA+F16C.
+                done = unsafe {
+                    match self.mode {
+                        RopeMode::Norm => avx2::rope_norm(cache, &mut head[..self.n_dims]),
+                        RopeMode::Neox => avx2::rope_neox(cache, &mut head[..self.n_dims]),
+                    }
+                };
+            }
+            let _ = isa;
+            for (i, cs) in cache.chunks_exact(2).enumerate().skip(done) {
                 let (c, s) = (cs[0], cs[1]);
                 let (a, b) = match self.mode {
                     RopeMode::Norm => (2 * i, 2 * i + 1),
@@ -396,6 +416,52 @@ mod avx2 {
         }
     }
 
+    /// RoPE of adjacent pairs over whole groups of four pairs of `x` (`cache` its `(cos, sin)`
+    /// pairs, as long as `x`); returns the pairs done. The cache's pairs line up with the
+    /// values': `x0 * c - x1 * s` in even lanes and `x1 * c + x0 * s` in odd ones.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn rope_norm(cache: &[f32], x: &mut [f32]) -> usize {
+        let (xc, _) = x.as_chunks_mut::<8>();
+        let (cc, _) = cache.as_chunks::<8>();
+        for (v, cs) in xc.iter_mut().zip(cc) {
+            let (xv, csv) = (load_f32x8(v), load_f32x8(cs));
+            let c = _mm256_moveldup_ps(csv);
+            let s = _mm256_movehdup_ps(csv);
+            let swapped = _mm256_permute_ps::<0b1011_0001>(xv);
+            store_f32x8(v, _mm256_addsub_ps(_mm256_mul_ps(xv, c), _mm256_mul_ps(swapped, s)));
+        }
+        xc.len().min(cc.len()) * 4
+    }
+
+    /// RoPE of the pairs `(x[i], x[i + half])` for whole groups of eight `i`, `half` being
+    /// `x.len() / 2` (`cache` the `(cos, sin)` pairs); returns the pairs done.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn rope_neox(cache: &[f32], x: &mut [f32]) -> usize {
+        let half = x.len() / 2;
+        let (lo, hi) = x.split_at_mut(half);
+        let (lc, _) = lo.as_chunks_mut::<8>();
+        let (hc, _) = hi.as_chunks_mut::<8>();
+        let (cc, _) = cache.as_chunks::<16>();
+        let mut done = 0;
+        for ((l, h), cs) in lc.iter_mut().zip(hc).zip(cc) {
+            let a = load_f32x8(cs[..8].try_into().unwrap());
+            let b = load_f32x8(cs[8..].try_into().unwrap());
+            // Even elements are the cosines, odd ones the sines; shuffle_ps picks per 128-bit
+            // lane, the permute puts the 64-bit halves back in order.
+            let c = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b1101_1000>(_mm256_castps_pd(
+                _mm256_shuffle_ps::<0b1000_1000>(a, b),
+            )));
+            let s = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b1101_1000>(_mm256_castps_pd(
+                _mm256_shuffle_ps::<0b1101_1101>(a, b),
+            )));
+            let (x0, x1) = (load_f32x8(l), load_f32x8(h));
+            store_f32x8(l, _mm256_sub_ps(_mm256_mul_ps(x0, c), _mm256_mul_ps(x1, s)));
+            store_f32x8(h, _mm256_add_ps(_mm256_mul_ps(x0, s), _mm256_mul_ps(x1, c)));
+            done += 8;
+        }
+        done
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn exp_sub_sum(x: &mut [f32], max: f32) -> f64 {
         let m = _mm256_set1_ps(max);
@@ -513,6 +579,37 @@ mod tests {
             let mut y = orig;
             rope.rotate(&mut y, 6, 0);
             assert_eq!(y, orig);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn rope_is_the_same_bits_on_every_isa(
+            neox in any::<bool>(),
+            pairs in 1usize..40,
+            extra in 0usize..5,
+            heads in 1usize..4,
+            pos in 0usize..5000,
+            seed in 0u32..1000,
+        ) {
+            let mode = if neox { RopeMode::Neox } else { RopeMode::Norm };
+            let rope = Rope { mode, n_dims: 2 * pairs, freq_base: 10000.0, freq_scale: 1.0 };
+            let head_dim = 2 * pairs + extra;
+            let mut cache = vec![0.0; rope.n_dims];
+            rope.cache(pos, &mut cache);
+            let x: Vec<f32> = (0..heads * head_dim)
+                .map(|i| ((i as u32 ^ seed).wrapping_mul(2654435761) % 2001) as f32 / 100.0 - 10.0)
+                .collect();
+            let mut want = x.clone();
+            rope.apply_on(Isa::scalar(), &cache, &mut want, head_dim);
+            prop_assert_ne!(&want, &x);
+            for isa in Isa::all_supported() {
+                let mut got = x.clone();
+                rope.apply_on(isa, &cache, &mut got, head_dim);
+                let (g, w): (Vec<u32>, Vec<u32>) =
+                    got.iter().zip(&want).map(|(a, b)| (a.to_bits(), b.to_bits())).unzip();
+                prop_assert_eq!(g, w, "{:?} {:?}", isa, mode);
+            }
         }
     }
 
