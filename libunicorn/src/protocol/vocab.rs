@@ -105,7 +105,11 @@ impl Vocab {
         }
         let (n, blob_len) = (word(2)?, word(3)?);
         let size = || Error::protocol("vocabulary size");
-        let flags_at = n.checked_add(1).and_then(|m| m.checked_mul(4)).ok_or_else(size)? + 16;
+        let flags_at = n
+            .checked_add(1)
+            .and_then(|m| m.checked_mul(4))
+            .and_then(|m| m.checked_add(16))
+            .ok_or_else(size)?;
         let blob_at = flags_at.checked_add(n.next_multiple_of(4)).ok_or_else(size)?;
         if b.len() != blob_at.checked_add(blob_len).ok_or_else(size)? {
             return Err(Error::protocol("vocabulary length does not match its header"));
