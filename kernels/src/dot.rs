@@ -593,8 +593,6 @@ pub(crate) mod avx2 {
         /// weights below 16, sums of 16 products stay within i16 (|sum| <= 16 * 15 * 128); below
         /// 32, sums of 8.
         const LEVELS: u32;
-        /// The float steps of one block, as the scalar reference writes them.
-        const FORM: Form;
         /// The block's first four bytes, little-endian: `d` in the low half and, for blocks with
         /// a minimum, `m` in the high half (else whatever bytes follow `d`).
         fn head(&self) -> i32;
@@ -665,6 +663,40 @@ pub(crate) mod avx2 {
         DdSumi,
         /// `sumf = fma(m, s, fma(d * da, sumi, sumf))` (Q4_1, Q5_1).
         DdSumiMin,
+    }
+
+    impl Form {
+        /// The form of `ty`'s blocks (the legacy quantized types).
+        pub(crate) const fn of(ty: GgmlType) -> Form {
+            match ty {
+                GgmlType::Q4_0 => Form::SumiD,
+                GgmlType::Q4_1 | GgmlType::Q5_1 => Form::DdSumiMin,
+                _ => Form::DdSumi,
+            }
+        }
+
+        /// One block's float steps in eight lanes: `acc` the sums so far, `f` the block's
+        /// integer sums as floats, `d` and `m` the weights' scale and minimum, `da` and `s` the
+        /// activations' scale and sum (`m` and `s` read by [`Form::DdSumiMin`] only).
+        #[target_feature(enable = "avx2,fma,f16c")]
+        #[inline]
+        pub(crate) fn step(
+            self,
+            acc: __m256,
+            f: __m256,
+            d: __m256,
+            da: __m256,
+            m: __m256,
+            s: __m256,
+        ) -> __m256 {
+            match self {
+                Form::SumiD => _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(f, d), da)),
+                Form::DdSumi => _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(d, da), f)),
+                Form::DdSumiMin => {
+                    _mm256_fmadd_ps(m, s, _mm256_fmadd_ps(_mm256_mul_ps(d, da), f, acc))
+                }
+            }
+        }
     }
 
     /// Sixteen nibbles of `q` (low ones in `lo`, high ones in `hi`).
@@ -742,7 +774,6 @@ pub(crate) mod avx2 {
         const SIGNED: bool = false;
         const OFFSET_SHIFT: Option<i32> = Some(3);
         const LEVELS: u32 = 2;
-        const FORM: Form = Form::SumiD;
         #[inline]
         fn head(&self) -> i32 {
             i32::from_le_bytes([self.d[0], self.d[1], self.qs[0], self.qs[1]])
@@ -763,7 +794,6 @@ pub(crate) mod avx2 {
         const SIGNED: bool = false;
         const OFFSET_SHIFT: Option<i32> = None;
         const LEVELS: u32 = 2;
-        const FORM: Form = Form::DdSumiMin;
         #[inline]
         fn head(&self) -> i32 {
             i32::from_le_bytes([self.d[0], self.d[1], self.m[0], self.m[1]])
@@ -784,7 +814,6 @@ pub(crate) mod avx2 {
         const SIGNED: bool = false;
         const OFFSET_SHIFT: Option<i32> = Some(4);
         const LEVELS: u32 = 1;
-        const FORM: Form = Form::DdSumi;
         #[inline]
         fn head(&self) -> i32 {
             i32::from_le_bytes([self.d[0], self.d[1], self.qh[0], self.qh[1]])
@@ -805,7 +834,6 @@ pub(crate) mod avx2 {
         const SIGNED: bool = false;
         const OFFSET_SHIFT: Option<i32> = None;
         const LEVELS: u32 = 1;
-        const FORM: Form = Form::DdSumiMin;
         #[inline]
         fn head(&self) -> i32 {
             i32::from_le_bytes([self.d[0], self.d[1], self.m[0], self.m[1]])
@@ -826,7 +854,6 @@ pub(crate) mod avx2 {
         const SIGNED: bool = true;
         const OFFSET_SHIFT: Option<i32> = None;
         const LEVELS: u32 = 0;
-        const FORM: Form = Form::DdSumi;
         #[inline]
         fn head(&self) -> i32 {
             i32::from_le_bytes([self.d[0], self.d[1], self.qs[0] as u8, self.qs[1] as u8])
@@ -1149,13 +1176,7 @@ pub(crate) mod avx2 {
             }
             let f = _mm256_cvtepi32_ps(sumi);
             let (dw, mw) = row_scales::<K>(&h);
-            acc = match B::FORM {
-                Form::SumiD => _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(f, dw), da)),
-                Form::DdSumi => _mm256_add_ps(acc, _mm256_mul_ps(_mm256_mul_ps(dw, da), f)),
-                Form::DdSumiMin => {
-                    _mm256_fmadd_ps(mw, sa, _mm256_fmadd_ps(_mm256_mul_ps(dw, da), f, acc))
-                }
-            };
+            acc = Form::of(B::TYPE).step(acc, f, dw, da, mw, sa);
         }
         let mut out = [0.0f32; 8];
         store_f32x8(&mut out, acc);

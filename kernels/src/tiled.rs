@@ -265,7 +265,7 @@ pub(crate) mod avx2 {
 
     use super::*;
     use crate::act::ActRow;
-    use crate::dot::avx2::prefetch_ahead;
+    use crate::dot::avx2::{prefetch_ahead, Form};
     use crate::simd::{load_u8x16, load_u8x32, store_f32x8};
 
     const Q4_0: u8 = 0;
@@ -439,16 +439,8 @@ pub(crate) mod avx2 {
                 }
                 let f = _mm256_cvtepi32_ps(sumi);
                 let da = _mm256_set1_ps(a.d[b]);
-                // The reference's steps: Q4_0 `sumf += sumi * d * da`, Q5_0 and Q8_0 `sumf +=
-                // (d * da) * sumi`, the types with a minimum `fma(m, s, fma(d * da, sumi, sumf))`.
-                acc[t] = if KIND == Q4_0 {
-                    _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_mul_ps(f, blk.d), da))
-                } else if has_min(KIND) {
-                    let acc = _mm256_fmadd_ps(_mm256_mul_ps(blk.d, da), f, acc[t]);
-                    _mm256_fmadd_ps(blk.m, _mm256_set1_ps(a.s[b]), acc)
-                } else {
-                    _mm256_add_ps(acc[t], _mm256_mul_ps(_mm256_mul_ps(blk.d, da), f))
-                };
+                let s = if has_min(KIND) { _mm256_set1_ps(a.s[b]) } else { _mm256_setzero_ps() };
+                acc[t] = Form::of(ty(KIND)).step(acc[t], f, blk.d, da, blk.m, s);
             }
         }
         let mut out = [[0.0f32; 8]; T];
