@@ -266,8 +266,8 @@ pub(crate) struct PackedActs {
 
 impl PackedActs {
     /// Only what the tiled products read ([`crate::tiled`]): every token's per-block quant
-    /// sums when `sums` (only Q4_0 and Q5_0 read them); the tiles for the row layout are left
-    /// empty.
+    /// sums when `sums` (see [`crate::tiled::reads_quant_sums`]); the tiles for the row layout
+    /// are left empty.
     pub(crate) fn pack_sums(&mut self, acts: &[ActRow<'_>], sums: bool) {
         self.nb = acts.first().map_or(0, |a| a.d.len());
         self.tiles.clear();
