@@ -260,33 +260,11 @@ pub(crate) struct PackedActs {
     pub(crate) q: Vec<Q32>,
     pub(crate) lanes: Vec<Lanes>,
     pub(crate) sums: Vec<i32>,
-    /// Every token's per-block quant sums, token-major (for the tiled Q4_0 products).
-    pub(crate) all_sums: Vec<i32>,
+    /// The same tokens for the matrices tiled eight rows wide ([`crate::tiled`]).
+    pub(crate) tiled: crate::tiled::TiledActs,
 }
 
 impl PackedActs {
-    /// Only what the tiled products read ([`crate::tiled`]): every token's per-block quant
-    /// sums when `sums` (see [`crate::tiled::reads_quant_sums`]); the tiles for the row layout
-    /// are left empty.
-    pub(crate) fn pack_sums(&mut self, acts: &[ActRow<'_>], sums: bool) {
-        self.nb = acts.first().map_or(0, |a| a.d.len());
-        self.tiles.clear();
-        self.q.clear();
-        self.lanes.clear();
-        self.sums.clear();
-        if sums {
-            self.fill_sums(acts);
-        } else {
-            self.all_sums.clear();
-        }
-    }
-
-    fn fill_sums(&mut self, acts: &[ActRow<'_>]) {
-        let qsum = |q: &[i8]| q.iter().map(|&x| i32::from(x)).sum::<i32>();
-        self.all_sums.clear();
-        self.all_sums.extend(acts.iter().flat_map(|a| a.qs.chunks_exact(QK).map(qsum)));
-    }
-
     /// Packs `acts` (Q8_0 format, all of one length), reusing this buffer's memory.
     pub(crate) fn pack(&mut self, acts: &[ActRow<'_>]) {
         let nb = acts.first().map_or(0, |a| a.d.len());
@@ -311,7 +289,6 @@ impl PackedActs {
         self.sums.clear();
         self.sums.resize(ns, 0);
         let qsum = |q: &[i8]| q.iter().map(|&x| i32::from(x)).sum::<i32>();
-        self.fill_sums(acts);
         for t in &self.tiles {
             let toks = &acts[t.t0..t.t0 + t.real];
             if t.width == 1 {

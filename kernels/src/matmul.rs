@@ -332,7 +332,8 @@ fn run_group<'q>(
     // Tiled matrices read the activation rows and their quant sums only; the row-layout
     // tiles need the whole packing.
     let pack_rows = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_none());
-    let pack_sums = group.iter().any(|(w, _)| packs(isa, w.ty));
+    let pack_any = group.iter().any(|(w, _)| packs(isa, w.ty));
+    let pack_tiled = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_some());
     let tiled_sums =
         group.iter().any(|(w, _)| w.tiles.is_some_and(|t| crate::tiled::reads_quant_sums(t.ty())));
     let pack_k = isa.avx2() && group.iter().any(|(w, _)| is_k(w.ty));
@@ -340,8 +341,9 @@ fn run_group<'q>(
         with_scratch(&KPACKED, |kpacked| {
             if pack_rows {
                 packed.pack(&rows_q8_0);
-            } else if pack_sums {
-                packed.pack_sums(&rows_q8_0, tiled_sums);
+            }
+            if pack_tiled {
+                packed.tiled.pack(&rows_q8_0, tiled_sums)?;
             }
             if pack_k {
                 kpacked.pack(&rows_q8_k);
@@ -351,7 +353,7 @@ fn run_group<'q>(
                 _ if uses_quantized_acts(ty) == Some(false) => Tokens::Float(xs),
                 Some(ActFormat::Q8K) if pack_k => Tokens::KPacked(&rows_q8_k, kpacked),
                 Some(ActFormat::Q8K) => Tokens::Rows(&rows_q8_k),
-                _ if pack_sums && packs(isa, ty) => Tokens::Packed(&rows_q8_0, packed),
+                _ if pack_any && packs(isa, ty) => Tokens::Packed(&rows_q8_0, packed),
                 _ => Tokens::Rows(&rows_q8_0),
             };
             parallel_group(pool, n_tokens, group, &|w, rows, sink| {
@@ -376,11 +378,11 @@ fn member_rows(
     }
     match (tokens, w.tiles) {
         #[cfg(target_arch = "x86_64")]
-        (Tokens::Packed(acts, p), Some(tiles)) => {
+        (Tokens::Packed(_, p), Some(tiles)) => {
             // SAFETY: `Packed` tokens exist only where `packs(isa, ..)`, which requires an
             // `isa` with AVX2, and such an `Isa` comes from detection: the CPU has
             // AVX2+FMA+F16C.
-            unsafe { crate::tiled::avx2::tiled_rows(tiles, acts, &p.all_sums, rows, &mut emit) }
+            unsafe { crate::tiled::avx2::tiled_rows(tiles, &p.tiled, rows, &mut emit) }
         }
         (Tokens::Packed(acts, p), _) => {
             q_rows_packed(isa, ty, data, row_bytes, acts, p, rows, &mut emit)

@@ -17,6 +17,7 @@
 //! never results. The bytes are the file's, moved: a tiled matrix is exactly as large as the
 //! file's.
 
+use crate::act::ActRow;
 use crate::cpu::Isa;
 use crate::error::check_len;
 use crate::formats::QK;
@@ -88,6 +89,63 @@ const fn unfifth_bits(t: u32) -> u32 {
 /// offset of Q4_0's and Q5_0's unsigned quants).
 pub(crate) const fn reads_quant_sums(ty: GgmlType) -> bool {
     matches!(ty, GgmlType::Q4_0 | GgmlType::Q5_0)
+}
+
+/// Tokens a group's blocks are worked through with at once (one accumulator each).
+pub(crate) const TOKENS: usize = 4;
+
+/// One block (32 columns) of up to [`TOKENS`] tokens' Q8_0-format activations side by side:
+/// what a tiled product reads per block, at fixed offsets from one pointer. (Read from the
+/// activation rows instead, each token's quants, `d` and `s` are three slices whose pointers
+/// and bounds a block step loads and checks again: a quarter of the loop's instructions.)
+#[repr(C, align(32))]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct TokenBlocks {
+    qs: [[i8; 32]; TOKENS],
+    d: [f32; TOKENS],
+    s: [f32; TOKENS],
+    /// The sum of the 32 quants (filled for the types that [`reads_quant_sums`], else 0).
+    sum: [i32; TOKENS],
+}
+
+/// A batch of activations laid out for the tiled products: token tile `i` (tokens `4i ..
+/// 4i + 4`, the last one padded with zeros) has its `nb` blocks at `i * nb ..`.
+#[derive(Debug, Default)]
+pub(crate) struct TiledActs {
+    n_tokens: usize,
+    nb: usize,
+    blocks: Vec<TokenBlocks>,
+}
+
+impl TiledActs {
+    /// Lays out `acts` (Q8_0 format, all of one length), reusing this buffer's memory; the
+    /// quant sums only when `sums`.
+    pub(crate) fn pack(&mut self, acts: &[ActRow<'_>], sums: bool) -> Result<(), KernelError> {
+        let nb = acts.first().map_or(0, |a| a.d.len());
+        for a in acts {
+            check_len("activation quants", nb * QK, a.qs.len())?;
+            check_len("activation scales", nb, a.d.len())?;
+            check_len("activation sums", nb, a.s.len())?;
+        }
+        self.n_tokens = acts.len();
+        self.nb = nb;
+        self.blocks.clear();
+        self.blocks.resize(acts.len().div_ceil(TOKENS) * nb, TokenBlocks::default());
+        for (tile, out) in acts.chunks(TOKENS).zip(self.blocks.chunks_exact_mut(nb.max(1))) {
+            for (i, a) in tile.iter().enumerate() {
+                let qs = a.qs.as_chunks::<QK>().0;
+                for (b, o) in out.iter_mut().enumerate() {
+                    o.qs[i] = qs[b];
+                    o.d[i] = a.d[b];
+                    o.s[i] = a.s[b];
+                    if sums {
+                        o.sum[i] = qs[b].iter().map(|&q| i32::from(q)).sum();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A weight matrix of `rows` (a multiple of [`GROUP`]) by `cols`, eight rows wide (see the
@@ -264,7 +322,6 @@ pub(crate) mod avx2 {
     use std::ops::Range;
 
     use super::*;
-    use crate::act::ActRow;
     use crate::dot::avx2::{prefetch_ahead, Form};
     use crate::simd::{load_u8x16, load_u8x32, store_f32x8};
 
@@ -307,9 +364,6 @@ pub(crate) mod avx2 {
             kind += 1;
         }
     };
-
-    /// Tokens a group's blocks are worked through with at once (one accumulator each).
-    const TOKENS: usize = 4;
 
     /// Quarter `k` of a token's block `qa` in every 32-bit lane.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -409,38 +463,33 @@ pub(crate) mod avx2 {
         _mm256_madd_epi16(_mm256_add_epi16(a, b), ones)
     }
 
-    /// One group of eight rows (its `nb` blocks in `blocks`) against `T` tokens: per token the
-    /// eight rows' dot products, each lane the scalar reference's float steps in block order.
+    /// One group of eight rows (its blocks in `blocks`) against the first `T` tokens of a tile
+    /// (its blocks in `acts`): per token the eight rows' dot products, each lane the scalar
+    /// reference's float steps in block order.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn group<const KIND: u8, const T: usize>(
         blocks: &[u8],
-        nb: usize,
-        acts: &[ActRow<'_>],
-        sums: &[i32],
+        acts: &[TokenBlocks],
         prefetch: bool,
     ) -> [[f32; 8]; T] {
-        let gb = blocks.len() / nb.max(1);
-        let acts: &[ActRow<'_>; T] = acts.try_into().unwrap();
+        let gb = blocks.len() / acts.len().max(1);
         let end = blocks.as_ptr_range().end;
         let mut acc = [_mm256_setzero_ps(); T];
-        for (b, blk) in blocks.chunks_exact(gb).enumerate() {
+        for (b, (blk, a)) in blocks.chunks_exact(gb).zip(acts).enumerate() {
             if prefetch {
                 prefetch_ahead(end, b, gb);
             }
             let blk = decode::<KIND>(blk);
-            for t in 0..T {
-                let a = &acts[t];
-                let qa: &[i8; 32] = a.qs[32 * b..32 * b + 32].try_into().unwrap();
-                let mut sumi = block_sums::<KIND>(&blk, qa);
+            for (t, acc) in acc.iter_mut().enumerate() {
+                let mut sumi = block_sums::<KIND>(&blk, &a.qs[t]);
                 if let Some(shift) = offset_shift(KIND) {
-                    let off = _mm256_set1_epi32(sums[t * nb + b] << shift);
-                    sumi = _mm256_sub_epi32(sumi, off);
+                    sumi = _mm256_sub_epi32(sumi, _mm256_set1_epi32(a.sum[t] << shift));
                 }
                 let f = _mm256_cvtepi32_ps(sumi);
-                let da = _mm256_set1_ps(a.d[b]);
-                let s = if has_min(KIND) { _mm256_set1_ps(a.s[b]) } else { _mm256_setzero_ps() };
-                acc[t] = Form::of(ty(KIND)).step(acc[t], f, blk.d, da, blk.m, s);
+                let da = _mm256_set1_ps(a.d[t]);
+                let s = if has_min(KIND) { _mm256_set1_ps(a.s[t]) } else { _mm256_setzero_ps() };
+                *acc = Form::of(ty(KIND)).step(*acc, f, blk.d, da, blk.m, s);
             }
         }
         let mut out = [[0.0f32; 8]; T];
@@ -453,8 +502,7 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     fn drive<const KIND: u8, E: FnMut(usize, usize, f32) + ?Sized>(
         tw: TiledView<'_>,
-        acts: &[ActRow<'_>],
-        sums: &[i32],
+        acts: &TiledActs,
         rows: Range<usize>,
         emit: &mut E,
     ) -> Result<(), KernelError> {
@@ -469,57 +517,45 @@ pub(crate) mod avx2 {
                 op: "tiled rows not in whole groups of eight",
             });
         }
-        for a in acts {
-            check_len("activation quants", tw.cols, a.qs.len())?;
-            check_len("activation scales", nb, a.d.len())?;
-            check_len("activation sums", nb, a.s.len())?;
-        }
-        if offset_shift(KIND).is_some() {
-            check_len("activation quant sums", acts.len() * nb, sums.len())?;
+        if acts.n_tokens > 0 {
+            check_len("activation blocks", nb, acts.nb)?;
         }
         for g in rows.start / GROUP..rows.end / GROUP {
             let blocks = &tw.data[g * nb * gb..(g + 1) * nb * gb];
-            let mut t0 = 0;
-            while t0 < acts.len() {
-                let n = (acts.len() - t0).min(TOKENS);
-                // The tile's tokens' quant sums, token-major (only the offset types read them).
-                let s =
-                    if offset_shift(KIND).is_some() { &sums[t0 * nb..(t0 + n) * nb] } else { &[] };
-                let (a, first) = (&acts[t0..t0 + n], t0 == 0);
+            for (i, tile) in acts.blocks.chunks_exact(nb.max(1)).enumerate() {
+                let (t0, first) = (i * TOKENS, i == 0);
+                let n = (acts.n_tokens - t0).min(TOKENS);
                 let mut out = [[0.0f32; 8]; TOKENS];
                 match n {
-                    4 => out = group::<KIND, 4>(blocks, nb, a, s, first),
-                    3 => out[..3].copy_from_slice(&group::<KIND, 3>(blocks, nb, a, s, first)),
-                    2 => out[..2].copy_from_slice(&group::<KIND, 2>(blocks, nb, a, s, first)),
-                    _ => out[..1].copy_from_slice(&group::<KIND, 1>(blocks, nb, a, s, first)),
+                    4 => out = group::<KIND, 4>(blocks, tile, first),
+                    3 => out[..3].copy_from_slice(&group::<KIND, 3>(blocks, tile, first)),
+                    2 => out[..2].copy_from_slice(&group::<KIND, 2>(blocks, tile, first)),
+                    _ => out[..1].copy_from_slice(&group::<KIND, 1>(blocks, tile, first)),
                 }
                 for (t, o) in out[..n].iter().enumerate() {
                     for (l, &v) in o.iter().enumerate() {
                         emit(g * GROUP + l, t0 + t, v);
                     }
                 }
-                t0 += n;
             }
         }
         Ok(())
     }
 
-    /// Rows `rows` (whole groups) of `tw` against every token of `acts` (Q8_0 format), with
-    /// `sums` each token's per-block quant sums (needed for Q4_0 and Q5_0 only).
+    /// Rows `rows` (whole groups) of `tw` against every token of `acts`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) fn tiled_rows<E: FnMut(usize, usize, f32) + ?Sized>(
         tw: TiledView<'_>,
-        acts: &[ActRow<'_>],
-        sums: &[i32],
+        acts: &TiledActs,
         rows: Range<usize>,
         emit: &mut E,
     ) -> Result<(), KernelError> {
         match tw.ty {
-            GgmlType::Q4_0 => drive::<Q4_0, E>(tw, acts, sums, rows, emit),
-            GgmlType::Q4_1 => drive::<Q4_1, E>(tw, acts, sums, rows, emit),
-            GgmlType::Q5_0 => drive::<Q5_0, E>(tw, acts, sums, rows, emit),
-            GgmlType::Q5_1 => drive::<Q5_1, E>(tw, acts, sums, rows, emit),
-            GgmlType::Q8_0 => drive::<Q8_0, E>(tw, acts, sums, rows, emit),
+            GgmlType::Q4_0 => drive::<Q4_0, E>(tw, acts, rows, emit),
+            GgmlType::Q4_1 => drive::<Q4_1, E>(tw, acts, rows, emit),
+            GgmlType::Q5_0 => drive::<Q5_0, E>(tw, acts, rows, emit),
+            GgmlType::Q5_1 => drive::<Q5_1, E>(tw, acts, rows, emit),
+            GgmlType::Q8_0 => drive::<Q8_0, E>(tw, acts, rows, emit),
             ty => Err(KernelError::Unsupported { ty, op: "tiled product" }),
         }
     }
@@ -657,6 +693,29 @@ mod tests {
         let wc = WeightView::new(GgmlType::Q4_0, 16, 64, &c).unwrap();
         assert!(wc.with_tiles(ta.view()).is_err());
         assert!(wa.with_tiles(ta.view()).is_ok());
+    }
+
+    #[test]
+    fn activations_of_another_width_are_refused() {
+        let pool = ThreadPool::new(1);
+        let (mut a, mut b) = (QuantizedActs::new(), QuantizedActs::new());
+        a.quantize_as(ActFormat::Q8_0, &pool, &[0.5; 64], 1, 64).unwrap();
+        b.quantize_as(ActFormat::Q8_0, &pool, &[0.5; 96], 1, 96).unwrap();
+        let mut t = TiledActs::default();
+        assert!(t.pack(&[a.row(0), b.row(0)], true).is_err());
+        t.pack(&[b.row(0)], true).unwrap();
+        assert_eq!((t.n_tokens, t.nb, t.blocks.len()), (1, 3, 3));
+        assert_eq!(t.blocks[2].sum, [32 * 127, 0, 0, 0], "equal values quantize to 127");
+        #[cfg(target_arch = "x86_64")]
+        if Isa::current().avx2() {
+            let data = matrix(GgmlType::Q4_0, 8, 64, &[1.0]);
+            let w = WeightView::new(GgmlType::Q4_0, 8, 64, &data).unwrap();
+            let tiles = TiledWeights::new(&w).unwrap();
+            let mut emit = |_: usize, _: usize, _: f32| {};
+            // SAFETY: the CPU has AVX2 (checked above, by detection).
+            let r = unsafe { avx2::tiled_rows(tiles.view(), &t, 0..8, &mut emit) };
+            assert!(r.is_err(), "3 blocks of activations against 2 of weights");
+        }
     }
 
     /// The largest sums the integer steps meet: nibbles of 15, Q5 quants of 31 (and 0) and Q8_0
