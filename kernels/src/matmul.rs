@@ -329,8 +329,8 @@ fn run_group<'q>(
         acts(ActFormat::Q8_0).map_or(Vec::new(), |a| (0..n_tokens).map(|t| a.row(t)).collect());
     let rows_q8_k: Vec<ActRow<'_>> =
         acts(ActFormat::Q8K).map_or(Vec::new(), |a| (0..n_tokens).map(|t| a.row(t)).collect());
-    // Tiled matrices read the activation rows and their quant sums only; the row-layout
-    // tiles need the whole packing.
+    // Tiled matrices read their own layout of the tokens ([`crate::tiled::TiledActs`]); the
+    // row-layout tiles need the whole packing.
     let pack_rows = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_none());
     let pack_any = group.iter().any(|(w, _)| packs(isa, w.ty));
     let pack_tiled = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_some());

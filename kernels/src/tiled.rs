@@ -184,7 +184,8 @@ impl TiledWeights {
         let lay = layout(ty)?;
         let (bs, gb, nb) = (ty.type_size(), lay.bytes, w.cols() / QK);
         let mut data = vec![0u8; w.rows() / GROUP * nb * gb];
-        for (g, out) in data.chunks_exact_mut(nb * gb).enumerate() {
+        // (A matrix without columns has no blocks to move.)
+        for (g, out) in data.chunks_exact_mut((nb * gb).max(1)).enumerate() {
             for l in 0..GROUP {
                 let row = w.row(g * GROUP + l);
                 for (src, dst) in row.chunks_exact(bs).zip(out.chunks_exact_mut(gb)) {
@@ -473,7 +474,8 @@ pub(crate) mod avx2 {
         acts: &[TokenBlocks],
         prefetch: bool,
     ) -> [[f32; 8]; T] {
-        let gb = blocks.len() / acts.len().max(1);
+        // (No blocks at all when the matrix has no columns.)
+        let gb = (blocks.len() / acts.len().max(1)).max(1);
         let end = blocks.as_ptr_range().end;
         let mut acc = [_mm256_setzero_ps(); T];
         for (b, (blk, a)) in blocks.chunks_exact(gb).zip(acts).enumerate() {
@@ -522,7 +524,9 @@ pub(crate) mod avx2 {
         }
         for g in rows.start / GROUP..rows.end / GROUP {
             let blocks = &tw.data[g * nb * gb..(g + 1) * nb * gb];
-            for (i, tile) in acts.blocks.chunks_exact(nb.max(1)).enumerate() {
+            for i in 0..acts.n_tokens.div_ceil(TOKENS) {
+                // (`pack` made the blocks `nb` per tile; none when the matrix has no columns.)
+                let tile = acts.blocks.get(i * nb..(i + 1) * nb).unwrap_or_default();
                 let (t0, first) = (i * TOKENS, i == 0);
                 let n = (acts.n_tokens - t0).min(TOKENS);
                 let mut out = [[0.0f32; 8]; TOKENS];
@@ -693,6 +697,19 @@ mod tests {
         let wc = WeightView::new(GgmlType::Q4_0, 16, 64, &c).unwrap();
         assert!(wc.with_tiles(ta.view()).is_err());
         assert!(wa.with_tiles(ta.view()).is_ok());
+    }
+
+    #[test]
+    fn a_matrix_without_columns_gives_zeros() {
+        let pool = ThreadPool::new(2);
+        let w = WeightView::new(GgmlType::Q4_1, 8, 0, &[]).unwrap();
+        let Some(tiles) = TiledWeights::new(&w) else { return };
+        let tiled = w.with_tiles(tiles.view()).unwrap();
+        for n in [1, 5] {
+            let mut out = vec![f32::NAN; 8 * n];
+            matmul_on(Isa::current(), &pool, &tiled, &[], n, &mut out).unwrap();
+            assert!(out.iter().all(|&v| v == 0.0), "n={n}: {out:?}");
+        }
     }
 
     #[test]
