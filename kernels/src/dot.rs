@@ -24,7 +24,7 @@
 //! block is decoded once for the tile's tokens), `maddubs` multiplies, and a short tree of
 //! unpacks and adds (in i16 as far as the weights' range allows) gives the eight pairs' exact
 //! block sums in the eight lanes of one vector; the float steps then run once per block for
-//! all eight. The activations come packed per product ([`PackedActs`]): tokens in tiles of
+//! all eight. The activations come packed per product (`PackedActs`): tokens in tiles of
 //! 8, 4, 2 or 1 with the quants of two tokens interleaved by half block, and `d`, `s` and the
 //! quant sums per block in the tiles' lane order.
 //!
