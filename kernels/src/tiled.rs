@@ -97,7 +97,7 @@ pub(crate) const TOKENS: usize = 4;
 /// One block (32 columns) of up to [`TOKENS`] tokens' Q8_0-format activations side by side:
 /// what a tiled product reads per block, at fixed offsets from one pointer. (Read from the
 /// activation rows instead, each token's quants, `d` and `s` are three slices whose pointers
-/// and bounds a block step loads and checks again: a quarter of the loop's instructions.)
+/// and bounds a block step loads and checks again: about a fifth of the loop's instructions.)
 #[repr(C, align(32))]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct TokenBlocks {
