@@ -69,6 +69,13 @@ pub struct QuantizedActs {
     bsums: Vec<i16>,
 }
 
+/// The sum of a block's quants: what the products of weights stored with an offset (Q4_0,
+/// Q5_0) take off, `offset * sum(qs)`.
+#[inline]
+pub(crate) fn quant_sum(qs: &[i8]) -> i32 {
+    qs.iter().map(|&q| i32::from(q)).sum()
+}
+
 /// One quantized token row: `cols` quants and, per block, `d` and (Q8_0 format) `s` or (Q8_K
 /// format) sixteen `bsums`.
 #[derive(Clone, Copy, Debug)]

@@ -37,7 +37,7 @@
 //! `|simd - ref| <= 2 (n + 8) eps sum|terms|` with `n` the number of elements (blocks for the
 //! k-quants) and `eps = 2^-23`; tests check that bound.
 
-use crate::act::{ActFormat, ActRow, QuantizedActs};
+use crate::act::{quant_sum, ActFormat, ActRow, QuantizedActs};
 use crate::cpu::Isa;
 use crate::error::check_len;
 use crate::formats::{
@@ -288,14 +288,13 @@ impl PackedActs {
         self.lanes.resize(nl, Lanes::default());
         self.sums.clear();
         self.sums.resize(ns, 0);
-        let qsum = |q: &[i8]| q.iter().map(|&x| i32::from(x)).sum::<i32>();
         for t in &self.tiles {
             let toks = &acts[t.t0..t.t0 + t.real];
             if t.width == 1 {
                 for (s, q) in
                     self.sums[t.l_at..t.l_at + nb].iter_mut().zip(toks[0].qs.chunks_exact(QK))
                 {
-                    *s = qsum(q);
+                    *s = quant_sum(q);
                 }
                 continue;
             }
@@ -306,7 +305,7 @@ impl PackedActs {
                 let qb = &mut self.q[t.q_at + b * per..][..per];
                 for (i, a) in toks.iter().enumerate() {
                     let src: &[i8; 32] = a.qs[32 * b..32 * b + 32].try_into().unwrap();
-                    sums[i] = qsum(src);
+                    sums[i] = quant_sum(src);
                     if t.width == 2 {
                         for (h, c) in qb.iter_mut().enumerate() {
                             c.0[16 * i..16 * i + 16].copy_from_slice(&src[16 * h..16 * h + 16]);
@@ -1181,7 +1180,7 @@ pub(crate) mod avx2 {
             let v = products::<B>(&s, alo, ahi);
             let mut sumi = reduce::<B>([v; 4]);
             if let Some(shift) = B::OFFSET_SHIFT {
-                let qsum: i32 = a.qs[32 * b..32 * b + 32].iter().map(|&x| i32::from(x)).sum();
+                let qsum = quant_sum(&a.qs[32 * b..32 * b + 32]);
                 let off = _mm256_sll_epi32(_mm256_set1_epi32(qsum), _mm_cvtsi32_si128(shift));
                 sumi = _mm256_sub_epi32(sumi, off);
             }

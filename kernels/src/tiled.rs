@@ -17,7 +17,7 @@
 //! never results. The bytes are the file's, moved: a tiled matrix is exactly as large as the
 //! file's.
 
-use crate::act::ActRow;
+use crate::act::{quant_sum, ActRow};
 use crate::cpu::Isa;
 use crate::error::check_len;
 use crate::formats::QK;
@@ -139,7 +139,7 @@ impl TiledActs {
                     o.d[i] = a.d[b];
                     o.s[i] = a.s[b];
                     if sums {
-                        o.sum[i] = qs[b].iter().map(|&q| i32::from(q)).sum();
+                        o.sum[i] = quant_sum(&qs[b]);
                     }
                 }
             }
