@@ -332,7 +332,6 @@ fn run_group<'q>(
     // Tiled matrices read their own layout of the tokens ([`crate::tiled::TiledActs`]); the
     // row-layout tiles need the whole packing.
     let pack_rows = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_none());
-    let pack_any = group.iter().any(|(w, _)| packs(isa, w.ty));
     let pack_tiled = group.iter().any(|(w, _)| packs(isa, w.ty) && w.tiles.is_some());
     let tiled_sums =
         group.iter().any(|(w, _)| w.tiles.is_some_and(|t| crate::tiled::reads_quant_sums(t.ty())));
@@ -353,7 +352,7 @@ fn run_group<'q>(
                 _ if uses_quantized_acts(ty) == Some(false) => Tokens::Float(xs),
                 Some(ActFormat::Q8K) if pack_k => Tokens::KPacked(&rows_q8_k, kpacked),
                 Some(ActFormat::Q8K) => Tokens::Rows(&rows_q8_k),
-                _ if pack_any && packs(isa, ty) => Tokens::Packed(&rows_q8_0, packed),
+                _ if packs(isa, ty) => Tokens::Packed(&rows_q8_0, packed),
                 _ => Tokens::Rows(&rows_q8_0),
             };
             parallel_group(pool, n_tokens, group, &|w, rows, sink| {
