@@ -463,6 +463,9 @@ fn runs(
     out
 }
 
+/// The most weight bytes in one chunk of a parallel product (see [`parallel_group`]).
+const CHUNK_BYTES: usize = 256 << 10;
+
 /// Runs `work(w, rows, sink)` over chunks of every matrix's rows in the pool, all matrices in
 /// one job; returns the first error.
 fn parallel_group(
@@ -482,11 +485,16 @@ fn parallel_group(
     // neighbouring chunks, one sequential stream of weights that the prefetchers follow
     // (with chunks dealt out in turn, every thread's stream restarted at each chunk: decode
     // steps took 7-8% longer on a 2-core Zen 3), then takes what is left of the others' runs.
+    // Chunks of a big matrix (an output projection of 30 MB) are capped at
+    // [`CHUNK_BYTES`] of weights: the threads end a job at most one chunk apart, and a
+    // sixteenth of such a matrix is over 100 us of work.
     let min_rows = 32usize.div_ceil(n_tokens).next_multiple_of(8);
+    let row_bytes = group.iter().map(|(w, _)| w.row_bytes()).max().unwrap_or(0).max(1);
+    let max_rows = (CHUNK_BYTES / row_bytes) / 8 * 8;
     let chunk = if threads == 1 {
         total.max(1)
     } else {
-        total.div_ceil(threads * 8).next_multiple_of(8).max(min_rows)
+        total.div_ceil(threads * 8).next_multiple_of(8).min(max_rows).max(min_rows)
     };
     let outs: Vec<(WeightView<'_>, OutPtr, usize)> =
         group.iter_mut().map(|(w, out)| (*w, OutPtr(out.as_mut_ptr()), out.len())).collect();
@@ -544,6 +552,25 @@ mod tests {
             quantize_row(ty, src, dst).unwrap();
         }
         (f, b)
+    }
+
+    #[test]
+    fn a_matrix_cut_into_capped_chunks_gives_every_row_once() {
+        // 8704-byte rows: chunks of 24 rows (CHUNK_BYTES), not a sixteenth of the 520.
+        let (ty, rows, cols) = (GgmlType::Q8_0, 520, 8192);
+        assert_eq!(CHUNK_BYTES / ty.row_bytes(cols as u64).unwrap() as usize / 8 * 8, 24);
+        let (_, wb) = weights(ty, rows, cols, 3);
+        let w = WeightView::new(ty, rows, cols, &wb).unwrap();
+        let mut s = 5;
+        for n_tokens in [1, 4] {
+            let x: Vec<f32> = (0..n_tokens * cols).map(|_| lcg(&mut s)).collect();
+            let mut one = vec![f32::NAN; n_tokens * rows];
+            matmul(&ThreadPool::new(1), &w, &x, n_tokens, &mut one).unwrap();
+            let mut two = vec![f32::NAN; n_tokens * rows];
+            matmul(&ThreadPool::new(2), &w, &x, n_tokens, &mut two).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&two), "n={n_tokens}");
+        }
     }
 
     #[test]
