@@ -66,7 +66,43 @@ pub struct KvCache<'a> {
     pub head_dim: usize,
 }
 
+/// Hints that the cache line holding `p` will be used soon.
+#[inline]
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: SSE is part of x86_64's baseline, and a prefetch is a hint: it never faults and
+    // reads nothing the program sees, whatever the address.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(p.cast())
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 impl KvCache<'_> {
+    /// Hints into the CPU's cache the lines that storing position `pos` will write, so that
+    /// the store, a product later, does not wait for memory line by line: each head's row is
+    /// a line or two of its own in a cache far larger than the CPU's.
+    pub fn prefetch_position(&self, pos: usize) {
+        if pos >= self.n_ctx {
+            return;
+        }
+        for data in [self.k, self.v] {
+            let (base, elem) = match data {
+                KvData::F32(s) => (s.as_ptr().cast::<u8>(), 4),
+                KvData::F16(s) => (s.as_ptr().cast::<u8>(), 2),
+            };
+            let row = self.head_dim * elem;
+            for g in 0..self.n_kv_head {
+                let at = (g * self.n_ctx + pos) * row;
+                for line in (at & !63..at + row).step_by(64) {
+                    prefetch_line(base.wrapping_add(line));
+                }
+            }
+        }
+    }
+
     /// Writes one token's keys or values (`n_kv_head x head_dim`, as the K or V projection
     /// produces them) at position `pos` of `dst`.
     ///

@@ -524,6 +524,17 @@ impl<'a> Pass<'a> {
         let (mut q, mut k, mut v) =
             (std::mem::take(&mut self.q), std::mem::take(&mut self.k), std::mem::take(&mut self.v));
         let class = Some(OpClass::Attention);
+        // The rows the K and V stores below will write, fetched while the products run: a few
+        // lines per token, worth it for the tokens of a decode step (a long prefill's would
+        // only push its own weights out of the cache).
+        if a.kv.is_some() && !self.dev_attn && n <= 16 {
+            for (s, &t0) in seqs.iter().zip(&self.starts) {
+                let cache = s.kv.layer(a.cache);
+                for &p in &self.pos[t0..t0 + s.tokens.len()] {
+                    cache.prefetch_position(p);
+                }
+            }
+        }
         if let Some((wk, wv)) = &a.kv {
             let mut group = [(&a.wq, &mut q), (wk, &mut k), (wv, &mut v)];
             self.matmul_group(OpClass::Attention, h, &mut group)?;
