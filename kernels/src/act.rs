@@ -186,8 +186,7 @@ impl QuantizedActs {
         if n_tokens == 0 || cols == 0 {
             return Ok(());
         }
-        // Enough work per task to be worth a wake-up: about 16 Ki values.
-        let per_task = (16384 / cols).max(1);
+        let per_task = tokens_per_task(cols);
         let n_tasks = n_tokens.div_ceil(per_task);
         if n_tasks <= 1 || pool.n_threads() == 1 {
             quantize_blocks(
@@ -293,6 +292,12 @@ impl QuantizedActs {
     }
 }
 
+/// Tokens of `cols` values that one task quantizes: enough work to be worth a wake-up, about
+/// 16 Ki values. (A batch of at most this many is quantized on the calling thread.)
+pub(crate) fn tokens_per_task(cols: usize) -> usize {
+    (16384 / cols.max(1)).max(1)
+}
+
 /// One task's share: input values, and the quants, scales, and sums (`s` or `bsums`) they
 /// produce.
 type Part<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [f32], &'a mut [i16]);
@@ -370,7 +375,7 @@ pub(crate) fn quantize_blocks_scalar(x: &[f32], qs: &mut [i8], d: &mut [f32], s:
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use crate::formats::QK;
@@ -444,13 +449,6 @@ mod avx2 {
     /// Bit-identical to `quantize_blocks_scalar` for finite input.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) fn quantize_blocks(x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
-        let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
-        // The float just below 1/2: `trunc(y + copysign(it, y))` is exactly `roundf(y)` (halves
-        // away from zero), in half the instructions of truncating, then stepping by the
-        // dropped part: below a half the sum stays below the next integer, from a half on it
-        // rounds to it.
-        let below_half = _mm256_set1_ps(0.5f32.next_down());
         for (((xb, qb), db), sb) in x
             .as_chunks::<QK>()
             .0
@@ -459,41 +457,55 @@ mod avx2 {
             .zip(d.iter_mut())
             .zip(s.iter_mut())
         {
-            let v = [
-                load_f32x8(xb[0..8].try_into().unwrap()),
-                load_f32x8(xb[8..16].try_into().unwrap()),
-                load_f32x8(xb[16..24].try_into().unwrap()),
-                load_f32x8(xb[24..32].try_into().unwrap()),
-            ];
-            let m01 = _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask));
-            let m23 = _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask));
-            let m = _mm256_max_ps(m01, m23);
-            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
-            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-            let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
-            let amax = _mm_cvtss_f32(m1);
-            let dd = amax / 127.0;
-            let id = _mm256_set1_ps(if dd != 0.0 { 1.0 / dd } else { 0.0 });
-            let mut q = [_mm256_setzero_si256(); 4];
-            for k in 0..4 {
-                let y = _mm256_mul_ps(v[k], id);
-                let nudge = _mm256_or_ps(_mm256_and_ps(y, sign_mask), below_half);
-                q[k] = _mm256_cvttps_epi32(_mm256_add_ps(y, nudge));
-            }
-            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
-            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
-            let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
-            let isum = _mm_cvtsi128_si32(s1);
-            // packs works within 128-bit lanes; the permute restores element order.
-            let p01 = _mm256_packs_epi32(q[0], q[1]);
-            let p23 = _mm256_packs_epi32(q[2], q[3]);
-            let p = _mm256_packs_epi16(p01, p23);
-            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            store_i8x32(qb, p);
-            *db = round_f16_1(dd);
-            *sb = round_f16_1(isum as f32 * dd);
+            (*db, *sb, _) = quantize_block(xb, qb);
         }
+    }
+
+    /// One block of [`quantize_blocks`]: its quants into `qb`; returns `d`, `s` and the sum of
+    /// the quants (which `s` is `d` times, before rounding to f16).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    pub(crate) fn quantize_block(xb: &[f32; QK], qb: &mut [i8; QK]) -> (f32, f32, i32) {
+        let abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        let sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(i32::MIN));
+        // The float just below 1/2: `trunc(y + copysign(it, y))` is exactly `roundf(y)` (halves
+        // away from zero), in half the instructions of truncating, then stepping by the
+        // dropped part: below a half the sum stays below the next integer, from a half on it
+        // rounds to it.
+        let below_half = _mm256_set1_ps(0.5f32.next_down());
+        let v = [
+            load_f32x8(xb[0..8].try_into().unwrap()),
+            load_f32x8(xb[8..16].try_into().unwrap()),
+            load_f32x8(xb[16..24].try_into().unwrap()),
+            load_f32x8(xb[24..32].try_into().unwrap()),
+        ];
+        let m01 = _mm256_max_ps(_mm256_and_ps(v[0], abs_mask), _mm256_and_ps(v[1], abs_mask));
+        let m23 = _mm256_max_ps(_mm256_and_ps(v[2], abs_mask), _mm256_and_ps(v[3], abs_mask));
+        let m = _mm256_max_ps(m01, m23);
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m1 = _mm_max_ss(m2, _mm_movehdup_ps(m2));
+        let amax = _mm_cvtss_f32(m1);
+        let dd = amax / 127.0;
+        let id = _mm256_set1_ps(if dd != 0.0 { 1.0 / dd } else { 0.0 });
+        let mut q = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            let y = _mm256_mul_ps(v[k], id);
+            let nudge = _mm256_or_ps(_mm256_and_ps(y, sign_mask), below_half);
+            q[k] = _mm256_cvttps_epi32(_mm256_add_ps(y, nudge));
+        }
+        let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256::<1>(sum));
+        let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+        let s1 = _mm_add_epi32(s2, _mm_shuffle_epi32::<0b01>(s2));
+        let isum = _mm_cvtsi128_si32(s1);
+        // packs works within 128-bit lanes; the permute restores element order.
+        let p01 = _mm256_packs_epi32(q[0], q[1]);
+        let p23 = _mm256_packs_epi32(q[2], q[3]);
+        let p = _mm256_packs_epi16(p01, p23);
+        let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        store_i8x32(qb, p);
+        (round_f16_1(dd), round_f16_1(isum as f32 * dd), isum)
     }
 }
 

@@ -238,6 +238,9 @@ pub fn matmul_group_on(
         }
     }
     let Some(cols) = group.first().map(|(w, _)| w.cols) else { return Ok(()) };
+    // No Q8_0 rows when only tiled matrices read them: `run_group` quantizes the tokens
+    // straight into the tiles' layout.
+    let q8_0 = q8_0 && !straight_to_tiles(isa, group, n_tokens, cols);
     let quantize = |acts: &mut QuantizedActs, f: ActFormat, wanted: bool| {
         if wanted {
             acts.quantize_as_on(isa, f, pool, x, n_tokens, cols)
@@ -260,6 +263,22 @@ pub fn matmul_group_on(
             run_group(isa, pool, n_tokens, &xs, &acts, group)
         })
     })
+}
+
+/// Whether the Q8_0 tokens of `group` go straight into the tiled layout
+/// ([`crate::tiled::TiledActs::quantize`]), never quantized as rows: every member that reads
+/// them is tiled, and they are few enough (a decode step's) for one task to quantize, as
+/// [`QuantizedActs`] would too; a prefill's are quantized as rows across the pool, then laid out.
+fn straight_to_tiles(
+    isa: Isa,
+    group: &[(WeightView<'_>, &mut [f32])],
+    n_tokens: usize,
+    cols: usize,
+) -> bool {
+    n_tokens <= crate::act::tokens_per_task(cols)
+        && group.iter().all(|(w, _)| {
+            act_format(w.ty) != Some(ActFormat::Q8_0) || (packs(isa, w.ty) && w.tiles.is_some())
+        })
 }
 
 /// [`matmul`] with activations already quantized (for weights of a quantized type), in the
@@ -316,7 +335,8 @@ enum Tokens<'a> {
 }
 
 /// Runs the products of `group` (checked by the caller) as one parallel job: float members
-/// read `xs`, quantized ones `acts(their format)`, packed here once per format.
+/// read `xs`, quantized ones `acts(their format)`, packed here once per format (tiled ones
+/// quantized here from `xs` when there are no Q8_0 rows, see [`straight_to_tiles`]).
 fn run_group<'q>(
     isa: Isa,
     pool: &ThreadPool,
@@ -342,7 +362,10 @@ fn run_group<'q>(
                 packed.pack(&rows_q8_0);
             }
             if pack_tiled {
-                packed.tiled.pack(&rows_q8_0, tiled_sums)?;
+                match acts(ActFormat::Q8_0) {
+                    Some(_) => packed.tiled.pack(&rows_q8_0, tiled_sums)?,
+                    None => packed.tiled.quantize(isa, xs, tiled_sums)?,
+                }
             }
             if pack_k {
                 kpacked.pack(&rows_q8_k);

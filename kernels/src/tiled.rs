@@ -99,7 +99,7 @@ pub(crate) const TOKENS: usize = 4;
 /// activation rows instead, each token's quants, `d` and `s` are three slices whose pointers
 /// and bounds a block step loads and checks again: about a fifth of the loop's instructions.)
 #[repr(C, align(32))]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub(crate) struct TokenBlocks {
     qs: [[i8; 32]; TOKENS],
     d: [f32; TOKENS],
@@ -145,6 +145,38 @@ impl TiledActs {
             }
         }
         Ok(())
+    }
+
+    /// Quantizes `xs` (rows of one length, in whole blocks) straight into this layout: what
+    /// [`crate::act::QuantizedActs`] would make of them and [`TiledActs::pack`] then lay out,
+    /// without the rows in between; the quant sums only when `sums`. Tiled products run only
+    /// under AVX2, and so does this.
+    pub(crate) fn quantize(
+        &mut self,
+        isa: Isa,
+        xs: &[&[f32]],
+        sums: bool,
+    ) -> Result<(), KernelError> {
+        let cols = xs.first().map_or(0, |x| x.len());
+        if !cols.is_multiple_of(QK) {
+            return Err(KernelError::NotBlockMultiple { ty: GgmlType::Q8_0, n: cols });
+        }
+        for x in xs {
+            check_len("activations", cols, x.len())?;
+        }
+        self.n_tokens = xs.len();
+        self.nb = cols / QK;
+        self.blocks.clear();
+        self.blocks.resize(xs.len().div_ceil(TOKENS) * self.nb, TokenBlocks::default());
+        #[cfg(target_arch = "x86_64")]
+        if isa.avx2() {
+            // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has
+            // AVX2+FMA+F16C.
+            unsafe { avx2::quantize_into(self, xs, sums) };
+            return Ok(());
+        }
+        let _ = (isa, sums);
+        Err(KernelError::Unsupported { ty: GgmlType::Q8_0, op: "tiled activations without AVX2" })
     }
 }
 
@@ -323,6 +355,7 @@ pub(crate) mod avx2 {
     use std::ops::Range;
 
     use super::*;
+    use crate::act::avx2::quantize_block;
     use crate::dot::avx2::{prefetch_ahead, Form};
     use crate::simd::{load_u8x16, load_u8x32, store_f32x8};
 
@@ -546,6 +579,23 @@ pub(crate) mod avx2 {
         Ok(())
     }
 
+    /// The blocks of [`TiledActs::quantize`], sized and checked there.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn quantize_into(acts: &mut TiledActs, xs: &[&[f32]], sums: bool) {
+        let nb = acts.nb;
+        for (tile, out) in xs.chunks(TOKENS).zip(acts.blocks.chunks_exact_mut(nb.max(1))) {
+            for (i, x) in tile.iter().enumerate() {
+                for (o, xb) in out.iter_mut().zip(x.as_chunks::<QK>().0) {
+                    let (d, s, sum) = quantize_block(xb, &mut o.qs[i]);
+                    (o.d[i], o.s[i]) = (d, s);
+                    if sums {
+                        o.sum[i] = sum;
+                    }
+                }
+            }
+        }
+    }
+
     /// Rows `rows` (whole groups) of `tw` against every token of `acts`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(crate) fn tiled_rows<E: FnMut(usize, usize, f32) + ?Sized>(
@@ -573,7 +623,7 @@ mod tests {
     use crate::act::{ActFormat, QuantizedActs};
     use crate::dot::vec_dot_q;
     use crate::formats::quantize_row;
-    use crate::matmul::matmul_on;
+    use crate::matmul::{matmul_on, matmul_quantized_on};
     use crate::ThreadPool;
 
     const TYPES: [GgmlType; 5] =
@@ -605,6 +655,10 @@ mod tests {
         matmul_on(Isa::current(), &pool, &tiled, x, n, &mut got).unwrap();
         let mut rows_layout = vec![f32::NAN; n * rows];
         matmul_on(Isa::current(), &pool, &w, x, n, &mut rows_layout).unwrap();
+        // From quantized rows, laid out for the tiles (a prefill's way; a few tokens from
+        // floats go straight into the tiles' layout).
+        let mut packed = vec![f32::NAN; n * rows];
+        matmul_quantized_on(Isa::current(), &pool, &tiled, &acts, &mut packed).unwrap();
         // The tiles alone, as a model stored tiled holds them.
         let only =
             WeightView::tiled_only(TiledView::new(ty, rows, cols, tiles.as_bytes()).unwrap());
@@ -627,6 +681,7 @@ mod tests {
                     "{ty} {rows}x{cols} n={n} row {r} token {t}"
                 );
                 assert_eq!(g.to_bits(), rows_layout[t * rows + r].to_bits());
+                assert_eq!(g.to_bits(), packed[t * rows + r].to_bits());
                 assert_eq!(g.to_bits(), alone[t * rows + r].to_bits());
             }
         }
@@ -697,6 +752,38 @@ mod tests {
         let wc = WeightView::new(GgmlType::Q4_0, 16, 64, &c).unwrap();
         assert!(wc.with_tiles(ta.view()).is_err());
         assert!(wa.with_tiles(ta.view()).is_ok());
+    }
+
+    #[test]
+    fn tokens_quantized_into_the_tiles_equal_quantized_rows_laid_out() {
+        let pool = ThreadPool::new(1);
+        let Some(isa) = Isa::all_supported().into_iter().find(|i| i.avx2()) else { return };
+        let mut s = 7u32;
+        for (n, cols, sums) in [(1, 32, false), (3, 96, true), (4, 576, true), (9, 160, false)] {
+            let x: Vec<f32> = (0..n * cols)
+                .map(|_| {
+                    s = s.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    (s >> 8) as f32 / (1 << 23) as f32 - 1.0
+                })
+                .collect();
+            let mut acts = QuantizedActs::new();
+            acts.quantize_as_on(isa, ActFormat::Q8_0, &pool, &x, n, cols).unwrap();
+            let rows: Vec<ActRow<'_>> = (0..n).map(|t| acts.row(t)).collect();
+            let mut laid_out = TiledActs::default();
+            laid_out.pack(&rows, sums).unwrap();
+            let xs: Vec<&[f32]> = x.chunks_exact(cols).collect();
+            let mut straight = TiledActs::default();
+            straight.quantize(isa, &xs, sums).unwrap();
+            assert_eq!((straight.n_tokens, straight.nb), (laid_out.n_tokens, laid_out.nb));
+            assert_eq!(straight.blocks, laid_out.blocks, "n={n} cols={cols}");
+        }
+        let mut t = TiledActs::default();
+        let odd = [0.0f32; 40];
+        assert!(matches!(
+            t.quantize(isa, &[&odd[..]], false),
+            Err(KernelError::NotBlockMultiple { n: 40, .. })
+        ));
+        assert!(t.quantize(isa, &[&odd[..32], &odd[..]], false).is_err());
     }
 
     #[test]
