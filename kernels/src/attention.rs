@@ -95,9 +95,13 @@ impl KvCache<'_> {
             };
             let row = self.head_dim * elem;
             for g in 0..self.n_kv_head {
-                let at = (g * self.n_ctx + pos) * row;
-                for line in (at & !63..at + row).step_by(64) {
-                    prefetch_line(base.wrapping_add(line));
+                let start = base.wrapping_add((g * self.n_ctx + pos) * row);
+                let end = start.wrapping_add(row);
+                // From the start of the line that holds the row's first byte.
+                let mut line = start.wrapping_sub(start as usize % 64);
+                while line < end {
+                    prefetch_line(line);
+                    line = line.wrapping_add(64);
                 }
             }
         }

@@ -157,6 +157,12 @@ impl TiledActs {
         xs: &[&[f32]],
         sums: bool,
     ) -> Result<(), KernelError> {
+        if !isa.avx2() {
+            return Err(KernelError::Unsupported {
+                ty: GgmlType::Q8_0,
+                op: "tiled activations without AVX2",
+            });
+        }
         let cols = xs.first().map_or(0, |x| x.len());
         if !cols.is_multiple_of(QK) {
             return Err(KernelError::NotBlockMultiple { ty: GgmlType::Q8_0, n: cols });
@@ -169,14 +175,13 @@ impl TiledActs {
         self.blocks.clear();
         self.blocks.resize(xs.len().div_ceil(TOKENS) * self.nb, TokenBlocks::default());
         #[cfg(target_arch = "x86_64")]
-        if isa.avx2() {
-            // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has
-            // AVX2+FMA+F16C.
-            unsafe { avx2::quantize_into(self, xs, sums) };
-            return Ok(());
-        }
-        let _ = (isa, sums);
-        Err(KernelError::Unsupported { ty: GgmlType::Q8_0, op: "tiled activations without AVX2" })
+        // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
+        unsafe {
+            avx2::quantize_into(self, xs, sums)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = sums;
+        Ok(())
     }
 }
 

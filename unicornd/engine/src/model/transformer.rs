@@ -120,6 +120,11 @@ impl Spec {
 }
 
 /// `blk.{layer}.{what}.weight`.
+/// Most tokens of a pass whose K and V rows are fetched into the CPU's cache while the
+/// layer's products run, before the stores that write them: a few lines per token, worth it for
+/// the tokens of a decode step (a long prefill's would only push its own weights out).
+const KV_PREFETCH_TOKENS: usize = 16;
+
 pub(crate) fn layer_tensor(layer: usize, what: &str) -> String {
     format!("blk.{layer}.{what}.weight")
 }
@@ -524,10 +529,7 @@ impl<'a> Pass<'a> {
         let (mut q, mut k, mut v) =
             (std::mem::take(&mut self.q), std::mem::take(&mut self.k), std::mem::take(&mut self.v));
         let class = Some(OpClass::Attention);
-        // The rows the K and V stores below will write, fetched while the products run: a few
-        // lines per token, worth it for the tokens of a decode step (a long prefill's would
-        // only push its own weights out of the cache).
-        if a.kv.is_some() && !self.dev_attn && n <= 16 {
+        if a.kv.is_some() && !self.dev_attn && n <= KV_PREFETCH_TOKENS {
             for (s, &t0) in seqs.iter().zip(&self.starts) {
                 let cache = s.kv.layer(a.cache);
                 for &p in &self.pos[t0..t0 + s.tokens.len()] {
