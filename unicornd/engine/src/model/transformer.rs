@@ -119,12 +119,12 @@ impl Spec {
     }
 }
 
-/// `blk.{layer}.{what}.weight`.
 /// Most tokens of a pass whose K and V rows are fetched into the CPU's cache while the
 /// layer's products run, before the stores that write them: a few lines per token, worth it for
 /// the tokens of a decode step (a long prefill's would only push its own weights out).
 const KV_PREFETCH_TOKENS: usize = 16;
 
+/// `blk.{layer}.{what}.weight`.
 pub(crate) fn layer_tensor(layer: usize, what: &str) -> String {
     format!("blk.{layer}.{what}.weight")
 }
