@@ -118,6 +118,15 @@ pub(crate) struct TiledActs {
 }
 
 impl TiledActs {
+    /// Room for `n_tokens` tokens of `nb` blocks, all zeros (the padding of a last, partial
+    /// tile stays so), in this buffer's memory.
+    fn reset(&mut self, n_tokens: usize, nb: usize) {
+        self.n_tokens = n_tokens;
+        self.nb = nb;
+        self.blocks.clear();
+        self.blocks.resize(n_tokens.div_ceil(TOKENS) * nb, TokenBlocks::default());
+    }
+
     /// Lays out `acts` (Q8_0 format, all of one length), reusing this buffer's memory; the
     /// quant sums only when `sums`.
     pub(crate) fn pack(&mut self, acts: &[ActRow<'_>], sums: bool) -> Result<(), KernelError> {
@@ -127,10 +136,7 @@ impl TiledActs {
             check_len("activation scales", nb, a.d.len())?;
             check_len("activation sums", nb, a.s.len())?;
         }
-        self.n_tokens = acts.len();
-        self.nb = nb;
-        self.blocks.clear();
-        self.blocks.resize(acts.len().div_ceil(TOKENS) * nb, TokenBlocks::default());
+        self.reset(acts.len(), nb);
         for (tile, out) in acts.chunks(TOKENS).zip(self.blocks.chunks_exact_mut(nb.max(1))) {
             for (i, a) in tile.iter().enumerate() {
                 let qs = a.qs.as_chunks::<QK>().0;
@@ -170,10 +176,7 @@ impl TiledActs {
         for x in xs {
             check_len("activations", cols, x.len())?;
         }
-        self.n_tokens = xs.len();
-        self.nb = cols / QK;
-        self.blocks.clear();
-        self.blocks.resize(xs.len().div_ceil(TOKENS) * self.nb, TokenBlocks::default());
+        self.reset(xs.len(), cols / QK);
         #[cfg(target_arch = "x86_64")]
         // SAFETY: an `Isa` reporting AVX2 comes from detection, so the CPU has AVX2+FMA+F16C.
         unsafe {
