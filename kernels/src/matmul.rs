@@ -364,7 +364,11 @@ fn run_group<'q>(
             if pack_tiled {
                 match acts(ActFormat::Q8_0) {
                     Some(_) => packed.tiled.pack(&rows_q8_0, tiled_sums)?,
-                    None => packed.tiled.quantize(isa, xs, tiled_sums)?,
+                    None => {
+                        // Without rows, the floats themselves: one per token.
+                        check_len("activation rows", n_tokens, xs.len())?;
+                        packed.tiled.quantize(isa, xs, tiled_sums)?
+                    }
                 }
             }
             if pack_k {
