@@ -508,6 +508,12 @@ pub(crate) mod avx2 {
     /// One group of eight rows (its blocks in `blocks`) against the first `T` tokens of a tile
     /// (its blocks in `acts`): per token the eight rows' dot products, each lane the scalar
     /// reference's float steps in block order.
+    ///
+    /// A block's float steps (convert, scale, add) wait on its integer sums through a chain of
+    /// some thirty cycles; issued right behind them, the four tokens' chains fill the core's
+    /// scheduler and stall the next block's loads and multiplies. So the loop is skewed by one
+    /// block: each iteration multiplies block `b` and takes the float steps of block `b - 1`,
+    /// whose sums are long done. The lanes' float steps stay in block order.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn group<const KIND: u8, const T: usize>(
@@ -519,21 +525,33 @@ pub(crate) mod avx2 {
         let gb = (blocks.len() / acts.len().max(1)).max(1);
         let end = blocks.as_ptr_range().end;
         let mut acc = [_mm256_setzero_ps(); T];
-        for (b, (blk, a)) in blocks.chunks_exact(gb).zip(acts).enumerate() {
-            if prefetch {
-                prefetch_ahead(end, b, gb);
-            }
-            let blk = decode::<KIND>(blk);
+        // A block's float steps: its sums, the weights' scales and minimums, its tokens.
+        type Behind<'b, const T: usize> = ([__m256i; T], __m256, __m256, &'b TokenBlocks);
+        let float_steps = |acc: &mut [__m256; T], (sums, d, m, a): Behind<'_, T>| {
             for (t, acc) in acc.iter_mut().enumerate() {
-                let mut sumi = block_sums::<KIND>(&blk, &a.qs[t]);
+                let mut sumi = sums[t];
                 if let Some(shift) = offset_shift(KIND) {
                     sumi = _mm256_sub_epi32(sumi, _mm256_set1_epi32(a.sum[t] << shift));
                 }
                 let f = _mm256_cvtepi32_ps(sumi);
                 let da = _mm256_set1_ps(a.d[t]);
                 let s = if has_min(KIND) { _mm256_set1_ps(a.s[t]) } else { _mm256_setzero_ps() };
-                *acc = Form::of(ty(KIND)).step(*acc, f, blk.d, da, blk.m, s);
+                *acc = Form::of(ty(KIND)).step(*acc, f, d, da, m, s);
             }
+        };
+        let mut behind = None;
+        for (b, (blk, a)) in blocks.chunks_exact(gb).zip(acts).enumerate() {
+            if prefetch {
+                prefetch_ahead(end, b, gb);
+            }
+            let blk = decode::<KIND>(blk);
+            let sums = std::array::from_fn(|t| block_sums::<KIND>(&blk, &a.qs[t]));
+            if let Some(prev) = behind.replace((sums, blk.d, blk.m, a)) {
+                float_steps(&mut acc, prev);
+            }
+        }
+        if let Some(last) = behind {
+            float_steps(&mut acc, last);
         }
         let mut out = [[0.0f32; 8]; T];
         for (o, a) in out.iter_mut().zip(acc) {
