@@ -118,13 +118,29 @@ pub(crate) struct TiledActs {
 }
 
 impl TiledActs {
-    /// Room for `n_tokens` tokens of `nb` blocks, all zeros (the padding of a last, partial
-    /// tile stays so), in this buffer's memory.
+    /// Room for `n_tokens` tokens of `nb` blocks, in this buffer's memory, holding whatever it
+    /// held: the fillers write every lane of every block, the padding of a last, partial tile
+    /// as zeros (see [`TiledActs::clear_padding`]). Zeroing it all first took as long as a
+    /// decode step's quantizing itself.
     fn reset(&mut self, n_tokens: usize, nb: usize) {
         self.n_tokens = n_tokens;
         self.nb = nb;
-        self.blocks.clear();
         self.blocks.resize(n_tokens.div_ceil(TOKENS) * nb, TokenBlocks::default());
+        self.clear_padding();
+    }
+
+    /// Zeros the lanes of a last, partial tile that no token fills.
+    fn clear_padding(&mut self) {
+        let filled = self.n_tokens % TOKENS;
+        if filled == 0 {
+            return;
+        }
+        let last = self.blocks.len() - self.nb;
+        for o in &mut self.blocks[last..] {
+            for i in filled..TOKENS {
+                (o.qs[i], o.d[i], o.s[i], o.sum[i]) = ([0; 32], 0.0, 0.0, 0);
+            }
+        }
     }
 
     /// Lays out `acts` (Q8_0 format, all of one length), reusing this buffer's memory; the
@@ -144,9 +160,7 @@ impl TiledActs {
                     o.qs[i] = qs[b];
                     o.d[i] = a.d[b];
                     o.s[i] = a.s[b];
-                    if sums {
-                        o.sum[i] = quant_sum(&qs[b]);
-                    }
+                    o.sum[i] = if sums { quant_sum(&qs[b]) } else { 0 };
                 }
             }
         }
@@ -613,10 +627,7 @@ pub(crate) mod avx2 {
             for (i, x) in tile.iter().enumerate() {
                 for (o, xb) in out.iter_mut().zip(x.as_chunks::<QK>().0) {
                     let (d, s, sum) = quantize_block(xb, &mut o.qs[i]);
-                    (o.d[i], o.s[i]) = (d, s);
-                    if sums {
-                        o.sum[i] = sum;
-                    }
+                    (o.d[i], o.s[i], o.sum[i]) = (d, s, if sums { sum } else { 0 });
                 }
             }
         }
@@ -785,6 +796,9 @@ mod tests {
         let pool = ThreadPool::new(1);
         let Some(isa) = Isa::all_supported().into_iter().find(|i| i.avx2()) else { return };
         let mut s = 7u32;
+        // Kept from case to case: what a buffer held before must not show through (a case
+        // after one with more blocks, with quant sums, of a whole last tile).
+        let (mut reused_rows, mut reused_straight) = (TiledActs::default(), TiledActs::default());
         for (n, cols, sums) in [(1, 32, false), (3, 96, true), (4, 576, true), (9, 160, false)] {
             let x: Vec<f32> = (0..n * cols)
                 .map(|_| {
@@ -802,6 +816,10 @@ mod tests {
             straight.quantize(isa, &xs, sums).unwrap();
             assert_eq!((straight.n_tokens, straight.nb), (laid_out.n_tokens, laid_out.nb));
             assert_eq!(straight.blocks, laid_out.blocks, "n={n} cols={cols}");
+            reused_rows.pack(&rows, sums).unwrap();
+            reused_straight.quantize(isa, &xs, sums).unwrap();
+            assert_eq!(reused_rows.blocks, laid_out.blocks, "n={n} cols={cols}, reused");
+            assert_eq!(reused_straight.blocks, laid_out.blocks, "n={n} cols={cols}, reused");
         }
         let mut t = TiledActs::default();
         let odd = [0.0f32; 40];
