@@ -24,7 +24,7 @@ use crate::error::check_len;
 use crate::formats::dequantize_row;
 use crate::kdot::{is_k, k_rows_packed, KPacked};
 use crate::pool::ThreadPool;
-use crate::tiled::TiledView;
+use crate::tiled::{TiledView, GROUP};
 use crate::{GgmlType, KernelError};
 
 /// Tokens whose activations a block of rows works through at once.
@@ -408,7 +408,11 @@ fn member_rows(
             // SAFETY: `Packed` tokens exist only where `packs(isa, ..)`, which requires an
             // `isa` with AVX2, and such an `Isa` comes from detection: the CPU has
             // AVX2+FMA+F16C.
-            unsafe { crate::tiled::avx2::tiled_rows(tiles, &p.tiled, rows, &mut emit) }
+            unsafe {
+                crate::tiled::avx2::tiled_rows(tiles, &p.tiled, rows, &mut |r, t, v| {
+                    sink.write_group(r, t, v)
+                })
+            }
         }
         (Tokens::Packed(acts, p), _) => {
             q_rows_packed(isa, ty, data, row_bytes, acts, p, rows, &mut emit)
@@ -455,6 +459,17 @@ impl Sink<'_> {
         // Each task gets a `Sink` with a disjoint `owned` row range and only writes rows in it,
         // so no two threads write the same element, and `out` is not read until all tasks end.
         unsafe { self.ptr.add(i).write(v) }
+    }
+
+    /// `write` of rows `r .. r + 8` of token `t`, with one check and one copy.
+    #[inline]
+    fn write_group(&self, r: usize, t: usize, v: &[f32; GROUP]) {
+        let i = t * self.rows + r;
+        let fits = r >= self.owned.start && r + GROUP <= self.owned.end && i + GROUP <= self.len;
+        assert!(fits, "write outside the task's rows");
+        // SAFETY: as in `write`, for the `GROUP` elements `i .. i + GROUP`, all below `len` and
+        // in this task's rows: `v` is another allocation, so they do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), self.ptr.add(i), GROUP) }
     }
 }
 

@@ -576,7 +576,7 @@ pub(crate) mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
-    fn drive<const KIND: u8, E: FnMut(usize, usize, f32) + ?Sized>(
+    fn drive<const KIND: u8, E: FnMut(usize, usize, &[f32; GROUP]) + ?Sized>(
         tw: TiledView<'_>,
         acts: &TiledActs,
         rows: Range<usize>,
@@ -611,9 +611,7 @@ pub(crate) mod avx2 {
                     _ => out[..1].copy_from_slice(&group::<KIND, 1>(blocks, tile, first)),
                 }
                 for (t, o) in out[..n].iter().enumerate() {
-                    for (l, &v) in o.iter().enumerate() {
-                        emit(g * GROUP + l, t0 + t, v);
-                    }
+                    emit(g * GROUP, t0 + t, o);
                 }
             }
         }
@@ -634,9 +632,10 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// Rows `rows` (whole groups) of `tw` against every token of `acts`.
+    /// Rows `rows` (whole groups) of `tw` against every token of `acts`: `emit(r, t, v)` takes
+    /// token `t`'s values of rows `r .. r + 8` (a group's, stored at once, not one by one).
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn tiled_rows<E: FnMut(usize, usize, f32) + ?Sized>(
+    pub(crate) fn tiled_rows<E: FnMut(usize, usize, &[f32; GROUP]) + ?Sized>(
         tw: TiledView<'_>,
         acts: &TiledActs,
         rows: Range<usize>,
@@ -860,7 +859,7 @@ mod tests {
             let data = matrix(GgmlType::Q4_0, 8, 64, &[1.0]);
             let w = WeightView::new(GgmlType::Q4_0, 8, 64, &data).unwrap();
             let tiles = TiledWeights::new(&w).unwrap();
-            let mut emit = |_: usize, _: usize, _: f32| {};
+            let mut emit = |_: usize, _: usize, _: &[f32; GROUP]| {};
             // SAFETY: the CPU has AVX2 (checked above, by detection).
             let r = unsafe { avx2::tiled_rows(tiles.view(), &t, 0..8, &mut emit) };
             assert!(r.is_err(), "3 blocks of activations against 2 of weights");
