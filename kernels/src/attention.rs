@@ -66,20 +66,6 @@ pub struct KvCache<'a> {
     pub head_dim: usize,
 }
 
-/// Hints that the cache line holding `p` will be used soon.
-#[inline]
-fn prefetch_line(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE is part of x86_64's baseline, and a prefetch is a hint: it never faults and
-    // reads nothing the program sees, whatever the address.
-    unsafe {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        _mm_prefetch::<_MM_HINT_T0>(p.cast())
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
-
 impl KvCache<'_> {
     /// Hints into the CPU's cache the lines that storing position `pos` will write, so that
     /// the store, a product later, does not wait for memory line by line: each head's row is
@@ -100,7 +86,8 @@ impl KvCache<'_> {
                 // From the start of the line that holds the row's first byte.
                 let mut line = start.wrapping_sub(start as usize % 64);
                 while line < end {
-                    prefetch_line(line);
+                    #[cfg(target_arch = "x86_64")]
+                    crate::simd::prefetch(line);
                     line = line.wrapping_add(64);
                 }
             }

@@ -544,7 +544,7 @@ pub(crate) mod avx2 {
     use crate::simd::store_i32x8;
     use crate::simd::{
         hsum_ps, load_bf16x8_le, load_f16x8_le, load_f32x8, load_f32x8_le, load_i32x8, load_i8x16,
-        load_i8x32, load_u8x16, store_f32x8,
+        load_i8x32, load_u8x16, prefetch, store_f32x8,
     };
 
     /// Rows a drive works through for every token tile before moving on: their weights stay
@@ -859,14 +859,6 @@ pub(crate) mod avx2 {
 
     /// Bytes beyond the end of the current row tile that the tile prefetches.
     pub(crate) const PREFETCH_AHEAD: usize = 1024;
-
-    /// Hints that the line holding `p` will be read soon.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    pub(crate) fn prefetch(p: *const u8) {
-        // A prefetch never faults, so an address past the weights is fine.
-        _mm_prefetch::<_MM_HINT_T0>(p.cast())
-    }
 
     /// For block `b` of a tile whose rows end at `end` and take `step` bytes a block together:
     /// hints the `step` bytes [`PREFETCH_AHEAD`] beyond that block's, the same number of lines

@@ -2,12 +2,20 @@
 //! bounds are proven by the types and the unsafe pointer access lives here only), horizontal
 //! sums, and a vectorized `exp`.
 //!
-//! Every function requires AVX2+FMA+F16C; callers reach them only through an [`crate::cpu::Isa`]
-//! that detected those.
+//! Every function but [`prefetch`] requires AVX2+FMA+F16C; callers reach them only through an
+//! [`crate::cpu::Isa`] that detected those.
 
 #![cfg(target_arch = "x86_64")]
 
 use std::arch::x86_64::*;
+
+/// Hints that the cache line holding `p` will be used soon. Needs only SSE, x86_64's baseline.
+#[inline]
+pub(crate) fn prefetch(p: *const u8) {
+    // SAFETY: SSE is part of x86_64's baseline, and a prefetch is a hint: it never faults and
+    // reads nothing the program sees, whatever the address.
+    unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast()) }
+}
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
