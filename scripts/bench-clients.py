@@ -5,9 +5,12 @@ themselves, for N = 1, 2, 4, 8, measured in one run, interleaved round by round.
 
 Called by `scripts/bench clients`, which starts the daemon (with --threads compute threads).
 
-For each N, a group is N workers started together: `unicorn bench decode-worker` (the unicorn
-side; the daemon shares the model between them and batches their tokens into one forward pass per
-step) or scripts/peer-worker.py (llama.cpp via llama-cpp-python). Every worker prefills the same
+For each N, a group is N workers started together: on the unicorn side (the daemon shares the
+model between them and batches their tokens into one forward pass per step) either
+scripts/decode-worker.c (--worker), a C program linking libunicorn.so.1 as the programs that use
+the daemon do, or `unicorn bench decode-worker`, the Rust CLI; both are measured when --worker is
+given, the C clients in the table and the CLI's in a line below it. On the other side
+scripts/peer-worker.py (llama.cpp via llama-cpp-python). Every worker prefills the same
 prompt, decodes a few untimed tokens, and waits on a barrier; when all are ready they are released
 together, each decodes --tokens greedy tokens one at a time, and reports its per-token latencies,
 start and end time, and memory. While they all still live, this script reads every process's
@@ -157,6 +160,16 @@ def engine_steps(status_cmd):
         return None
 
 
+def daemon_threads(status_cmd):
+    """The daemon's compute threads, from `unicorn status --json`; None when it does not say."""
+    try:
+        st = json.loads(subprocess.run(status_cmd, check=True, stdout=subprocess.PIPE,
+                                       text=True).stdout)
+        return st["threads"]
+    except (subprocess.CalledProcessError, ValueError, KeyError):
+        return None
+
+
 def run_group(cmds, logdir, label, daemon_pid=None, status_cmd=None):
     """Starts every command, waits until all say ready, releases them together, collects their
     JSON lines and everyone's memory. Returns a dict of results."""
@@ -220,7 +233,7 @@ def run_group(cmds, logdir, label, daemon_pid=None, status_cmd=None):
         "pss": sum(m["pss"] for m in mem),
         "unique": unique,
         "clients_rss": sum(m["rss"] for m in mem),
-        "threads": results[0]["threads"],
+        "threads": results[0].get("threads"),
         "heads": [tuple(r["head"]) for r in results],
         "load": load_before,
         # the share of all CPUs that other processes used while the group decoded
@@ -244,6 +257,8 @@ def run_group(cmds, logdir, label, daemon_pid=None, status_cmd=None):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--unicorn", required=True, help="the unicorn binary")
+    ap.add_argument("--worker", help="scripts/decode-worker.c built: the unicorn clients of the "
+                                     "table (without it, the CLI's decode-worker)")
     ap.add_argument("--socket", required=True, help="the daemon's socket")
     ap.add_argument("--daemon-pid", type=int, required=True)
     ap.add_argument("--peer-python", required=True, help="python of the llama-cpp-python venv")
@@ -274,8 +289,11 @@ def main():
     here = os.path.dirname(os.path.abspath(__file__))
     common = ["--tokens", str(args.tokens), "--prompt-tokens", str(args.prompt_tokens),
               "--warmup", str(args.warmup)]
-    ours = [args.unicorn, "--no-spawn", "--socket", args.socket, "bench", "decode-worker",
-            "-m", args.model] + common
+    cli = [args.unicorn, "--no-spawn", "--socket", args.socket, "bench", "decode-worker",
+           "-m", args.model] + common
+    ours = ([args.worker, "--socket", args.socket, "--model", args.model] + common
+            if args.worker else cli)
+    status_cmd = [args.unicorn, "--no-spawn", "--socket", args.socket, "status", "--json"]
     peer_settings = []  # (name, threads per process for N, flash attention)
     for t in (["split", "all"] if args.peer_threads == "both" else [args.peer_threads]):
         for fa in ([False, True] if args.peer_flash_attn == "both" else [args.peer_flash_attn == "on"]):
@@ -296,7 +314,9 @@ def main():
                      "--model", args.model, "--threads", str(threads)] + common
         return cmd + (["--flash-attn"] if fa else [])
 
-    results = {}  # (side, n) -> [group result per round]; side "unicorn" or a peer setting name
+    # (side, n) -> [group result per round]; side "unicorn", "unicorn-cli" (the CLI's workers,
+    # when the table's are the C ones) or a peer setting name
+    results = {}
     peak_reset = True
     retried = 0
     loads = [os.getloadavg()[0]]
@@ -307,6 +327,8 @@ def main():
                 # (label, commands, the setting names the result counts for). Peer settings that
                 # come to the same processes (N=1: split = all) run once and count for each.
                 sides = [("unicorn", [ours] * n, ["unicorn"])]
+                if args.worker:
+                    sides.append(("unicorn-cli", [cli] * n, ["unicorn-cli"]))
                 for name, how, fa in peer_settings:
                     same = [s for s in sides if s[0] == (peer_threads(n, how), fa)]
                     if same:
@@ -318,11 +340,9 @@ def main():
                     sides.reverse()
                 for _, cmds, names in sides:
                     label = " = ".join(names)
-                    daemon, status_cmd = None, None
-                    if names == ["unicorn"]:
-                        daemon = args.daemon_pid
-                        status_cmd = [args.unicorn, "--no-spawn", "--socket", args.socket,
-                                      "status", "--json"]
+                    daemon, steps_cmd = None, None
+                    if names[0].startswith("unicorn"):
+                        daemon, steps_cmd = args.daemon_pid, status_cmd
                     tries = []
                     while True:
                         if args.wait_idle > 0:
@@ -331,7 +351,7 @@ def main():
                             f"(load {os.getloadavg()[0]:.2f})")
                         if daemon:
                             peak_reset &= reset_peak(daemon)
-                        g = run_group(cmds, logdir, f"{names[0]}-{n}-{r}", daemon, status_cmd)
+                        g = run_group(cmds, logdir, f"{names[0]}-{n}-{r}", daemon, steps_cmd)
                         log(f"  {g['aggregate']:.1f} tok/s, p50 {g['p50']:.2f} ms, "
                             f"p99 {g['p99']:.2f} ms"
                             + (f", {g['batch']:.2f} tokens per forward pass" if g["batch"] else "")
@@ -379,7 +399,8 @@ def main():
     def first(side, n):
         return results[(side, n)][0]
 
-    uthreads = first("unicorn", counts[0])["threads"]
+    # The CLI's workers report the daemon's threads; the C API does not say, so ask the daemon.
+    uthreads = first("unicorn", counts[0]).get("threads") or daemon_threads(status_cmd)
     peer_sample = first(peer_settings[0][0], counts[0])["sample"]
     mib = lambda kib: kib / 1024
     print(f"model: {os.path.basename(args.model)}; {args.tokens} greedy decode tokens per client "
@@ -425,12 +446,22 @@ def main():
           "the clients' binary and libc, the peer's model file); PSS = their proportional set "
           "sizes summed; unique = the physical pages the group holds, each counted once "
           "(/proc/PID/pagemap; '-' without CAP_SYS_ADMIN)")
-    print("unicorn memory = unicornd + its clients: "
-          + "; ".join(f"N={n}: unicornd {mib(least('unicorn', n, 'daemon_rss')):.0f} MiB "
-                      f"({mib(least('unicorn', n, 'daemon_hwm')):.0f} MiB peak"
-                      f"{'' if peak_reset else ' since start'}), clients "
-                      f"{mib(least('unicorn', n, 'clients_rss')):.0f} MiB"
-                      for n in counts))
+    client_kind = {"unicorn": "C clients (scripts/decode-worker.c, libunicorn.so.1)"
+                   if args.worker else "CLI clients (unicorn bench decode-worker)",
+                   "unicorn-cli": "CLI clients (unicorn bench decode-worker)"}
+    print(f"unicorn's clients in the table: {client_kind['unicorn']}")
+    for side in [s for s in ("unicorn", "unicorn-cli") if (s, counts[0]) in results]:
+        print(f"unicorn memory with {client_kind[side]} = unicornd + its clients: "
+              + "; ".join(f"N={n}: unicornd {mib(least(side, n, 'daemon_rss')):.0f} MiB "
+                          f"({mib(least(side, n, 'daemon_hwm')):.0f} MiB peak"
+                          f"{'' if peak_reset else ' since start'}), clients "
+                          f"{mib(least(side, n, 'clients_rss')):.0f} MiB"
+                          for n in counts))
+    if ("unicorn-cli", counts[0]) in results:
+        print(f"unicorn with {client_kind['unicorn-cli']}, in the same rounds: " + ", ".join(
+            f"N={n}: {med('unicorn-cli', n, 'aggregate'):.1f} tok/s (p50 "
+            f"{med('unicorn-cli', n, 'p50'):.2f} ms, p99 {med('unicorn-cli', n, 'p99'):.2f} ms), "
+            f"memory {memcell('unicorn-cli', n)} MiB" for n in counts))
     if len(peer_settings) > 1:
         for name, _, _ in peer_settings:
             print(f"llama.cpp, {name}: " + ", ".join(
@@ -443,7 +474,9 @@ def main():
                           f"{batched[n]['step_p50_ms']:.1f} ms)" for n in counts if n in batched))
     per_round = lambda side, n: ", ".join(f"{g['aggregate']:.0f}" for g in results.get((side, n), []))
     print("aggregate tok/s of each round: " + "; ".join(
-        f"N={n}: unicorn {per_round('unicorn', n)}, llama.cpp {per_round(best[n], n)}" for n in counts))
+        f"N={n}: unicorn {per_round('unicorn', n)}"
+        + (f" (CLI clients {per_round('unicorn-cli', n)})" if args.worker else "")
+        + f", llama.cpp {per_round(best[n], n)}" for n in counts))
     # Greedy text: the same for every unicorn worker whatever the batch, and how far it agrees
     # with the peer's (the first timed tokens, after the prompt and the warm-up ones).
     heads = {}
@@ -457,8 +490,8 @@ def main():
             k += 1
         return k
 
-    ours_heads = heads.get("unicorn", set())
-    print(f"greedy text: unicorn's workers generated {len(ours_heads)} distinct sequence(s) over "
+    ours_heads = heads.get("unicorn", set()) | heads.get("unicorn-cli", set())
+    print(f"greedy text: unicorn's workers{' (C and CLI)' if args.worker else ''} generated {len(ours_heads)} distinct sequence(s) over "
           f"all N; of the first {max(len(h) for h in ours_heads)} timed tokens, the peer's agree "
           f"with unicorn's on: " + ", ".join(
               f"{name} {min(shared(a, b) for a in ours_heads for b in heads[name])}"
@@ -489,6 +522,14 @@ def main():
         if not (math.isnan(q1) or math.isnan(q4)):
             print(f"         the same in unique physical pages: {q4 / q1:.2f}x ({mib(q4):.0f} / "
                   f"{mib(q1):.0f} MiB): {verdict(q4 <= 1.2 * q1)}")
+        if args.worker:
+            # The same targets with the CLI as the client: a bigger process (its own binary's
+            # pages and more of libc), which RSS counts once per client.
+            c1, c4 = med("unicorn-cli", 1, "aggregate"), med("unicorn-cli", 4, "aggregate")
+            r1, r4 = least("unicorn-cli", 1, "rss"), least("unicorn-cli", 4, "rss")
+            print(f"         with CLI clients: 4 vs 1 client {c4 / c1:.2f}x ({c4:.1f} / {c1:.1f}), "
+                  f"vs 4 llama.cpp processes {c4 / p4:.2f}x, memory (RSS) {r4 / r1:.2f}x "
+                  f"({mib(r4):.0f} / {mib(r1):.0f} MiB)")
     else:
         print("targets: need N=1 and N=4 in --clients")
 

@@ -1,14 +1,16 @@
 //! The C API tests: `tests/c/api_test.c` (sessions, rings), `tests/c/model_test.c` (models,
-//! tokens, contexts, decoding) and the example `examples/c/generate.c`, each built with `-Wall
+//! tokens, contexts, decoding), the example `examples/c/generate.c` and the benchmark's client
+//! `scripts/decode-worker.c`, each built with `-Wall
 //! -Wextra -Werror -pedantic` and the address and undefined-behaviour sanitizers against an
 //! installed copy of the header and the library (`include/unicorn.h`, `lib/libunicorn.so.1` and
 //! its `libunicorn.so` link), run against a real daemon. The model tests need the default model
 //! (`scripts/fetch-model`).
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
-use unicorn_tests::{default_model, repo_root, run, target_dir, Daemon, TempDir};
+use unicorn_tests::{bin, default_model, repo_root, run, target_dir, Daemon, TempDir};
 
 /// Installs the header and the library into `prefix` the way a package does.
 fn install(prefix: &Path) {
@@ -165,4 +167,85 @@ fn the_c_example_generates_text() {
     let (status, _, err) = run(&mut sanitized(&exe));
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("usage"), "{err}");
+}
+
+/// Runs one many-clients benchmark worker through its barriers ("ready", a line to start, its
+/// JSON line, a line to exit) and returns the JSON.
+fn run_worker(cmd: &mut Command) -> serde_json::Value {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the worker");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read the worker");
+    if line != "ready\n" {
+        let err = child.wait_with_output().expect("worker output");
+        panic!("the worker said {line:?}:\n{}", String::from_utf8_lossy(&err.stderr));
+    }
+    stdin.write_all(b"go\n").expect("release the worker");
+    line.clear();
+    out.read_line(&mut line).expect("read the worker's result");
+    let json: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    drop(stdin); // the end of stdin lets it exit
+    let done = child.wait_with_output().expect("wait for the worker");
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    json
+}
+
+#[test]
+fn the_benchmarks_c_client_measures_what_the_clis_does() {
+    let model = default_model();
+    let tmp = TempDir::new("capi-decode-worker");
+    install(tmp.path());
+    let exe = build_c(tmp.path(), "scripts/decode-worker.c");
+    let d = Daemon::start();
+    let args = ["--tokens", "6", "--prompt-tokens", "16", "--warmup", "2"];
+    let c = run_worker(
+        sanitized(&exe).arg("--socket").arg(&d.socket).arg("--model").arg(&model).args(args),
+    );
+    let cli = run_worker(
+        Command::new(bin("unicorn"))
+            .args(["--no-spawn", "--socket"])
+            .arg(&d.socket)
+            .args(["bench", "decode-worker", "-m"])
+            .arg(&model)
+            .args(args),
+    );
+    for w in [&c, &cli] {
+        assert_eq!(w["engine"], "unicorn", "{w}");
+        assert_eq!(w["tokens"], 6, "{w}");
+        assert_eq!(w["prompt_tokens"], 16, "{w}");
+        assert_eq!(w["model"], "SmolLM2-135M-Instruct.Q4_1.gguf", "{w}");
+        let f = |k: &str| w[k].as_f64().unwrap_or_else(|| panic!("{k} missing: {w}"));
+        assert!(f("start_ns") < f("end_ns"), "{w}");
+        assert!(0.0 < f("p50_ms") && f("p50_ms") <= f("p99_ms"), "{w}");
+        assert!(f("p99_ms") <= f("max_ms") && f("mean_ms") <= f("max_ms"), "{w}");
+        assert!(f("rss_kib") > 0.0 && f("rss_kib") <= f("hwm_kib"), "{w}");
+    }
+    assert_eq!(c["client"], "c");
+    // The same prompt and greedy decoding through either client: the same tokens.
+    assert_eq!(c["head"].as_array().map(Vec::len), Some(6), "{c}");
+    assert_eq!(c["head"], cli["head"]);
+
+    // Bad arguments say what is wrong.
+    let (status, _, err) =
+        run(sanitized(&exe).args(["--model"]).arg(&model).args(["--tokens", "0"]));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--tokens wants a number from 1"), "{err}");
+    let (status, _, err) = run(sanitized(&exe).args(["--model", "m.gguf", "--frobnicate", "1"]));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("unknown option --frobnicate") && err.contains("usage"), "{err}");
+    let (status, _, err) = run(sanitized(&exe)
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["--model", "/nonexistent/model.gguf"]));
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("/nonexistent/model.gguf"), "{err}");
+    let (status, _, err) = run(sanitized(&exe).arg("--help"));
+    assert!(status.success() && err.contains("usage: decode-worker"), "{err}");
 }

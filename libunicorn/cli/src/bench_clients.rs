@@ -160,6 +160,9 @@ mod tests {
     #[test]
     fn prompt_text_matches_the_model_benchmark() {
         assert!(include_str!("bench.rs").contains(PROMPT_TEXT));
+        // The C client of the same benchmark, as one C string literal.
+        let c = include_str!("../../../scripts/decode-worker.c");
+        assert!(c.contains(&format!("\n    \"{PROMPT_TEXT}\";\n")));
     }
 
     #[test]
