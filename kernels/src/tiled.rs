@@ -536,8 +536,8 @@ pub(crate) mod avx2 {
         acts: &[TokenBlocks],
         prefetch: bool,
     ) -> [[f32; 8]; T] {
-        // (No blocks at all when the matrix has no columns.)
-        let gb = (blocks.len() / acts.len().max(1)).max(1);
+        // A block group's bytes, a constant of the kind: the prefetches and the strides unroll.
+        let gb = const { layout(ty(KIND)).expect("every kind has a layout").bytes };
         let end = blocks.as_ptr_range().end;
         let mut acc = [_mm256_setzero_ps(); T];
         // A block's float steps: its sums, the weights' scales and minimums, its tokens.
