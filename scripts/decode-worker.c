@@ -98,6 +98,21 @@ static uint64_t percentile(const uint64_t *sorted, size_t n, double p) {
 
 static double ms(uint64_t ns) { return (double)ns / 1e6; }
 
+/* Writes `s` as a JSON string: quotes, backslashes and control characters escaped. */
+static void json_string(const char *s) {
+    putchar('"');
+    for (const unsigned char *c = (const unsigned char *)s; *c != '\0'; c++) {
+        if (*c == '"' || *c == '\\') {
+            printf("\\%c", *c);
+        } else if (*c < 0x20) {
+            printf("\\u%04x", *c);
+        } else {
+            putchar(*c);
+        }
+    }
+    putchar('"');
+}
+
 /* Parses a count for `flag` into `*out`: a decimal in [min, 1 << 20]. */
 static int parse_count(const char *flag, const char *arg, long min, long *out) {
     char *end = NULL;
@@ -243,15 +258,14 @@ int main(int argc, char **argv) {
     qsort(latencies, (size_t)n_tokens, sizeof *latencies, cmp_u64);
     size_t n = (size_t)n_tokens;
     const char *file = strrchr(model_path, '/');
-    file = file != NULL ? file + 1 : model_path;
-    /* The file name goes into JSON: only names without quotes or backslashes are written. */
-    if (strpbrk(file, "\"\\") != NULL) file = "?";
-    printf("{\"engine\": \"unicorn\", \"client\": \"c\", \"pid\": %ld, \"model\": \"%s\", "
-           "\"tokens\": %ld, \"prompt_tokens\": %ld, \"warmup\": %ld, \"start_ns\": %" PRIu64
+    printf("{\"engine\": \"unicorn\", \"client\": \"c\", \"pid\": %ld, \"model\": ",
+           (long)getpid());
+    json_string(file != NULL ? file + 1 : model_path);
+    printf(", \"tokens\": %ld, \"prompt_tokens\": %ld, \"warmup\": %ld, \"start_ns\": %" PRIu64
            ", \"end_ns\": %" PRIu64 ", \"seconds\": %.6f, \"tokens_per_s\": %.3f, "
            "\"p50_ms\": %.3f, \"p99_ms\": %.3f, \"mean_ms\": %.3f, \"max_ms\": %.3f, "
            "\"rss_kib\": %ld, \"hwm_kib\": %ld, \"head\": [",
-           (long)getpid(), file, n_tokens, n_prompt, n_warmup, start_ns, end_ns,
+           n_tokens, n_prompt, n_warmup, start_ns, end_ns,
            (double)elapsed / 1e9, (double)n_tokens * 1e9 / (double)elapsed,
            ms(percentile(latencies, n, 50.0)), ms(percentile(latencies, n, 99.0)),
            ms(sum / n), ms(latencies[n - 1]), rss, hwm);

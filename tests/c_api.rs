@@ -228,6 +228,13 @@ fn the_benchmarks_c_client_measures_what_the_clis_does() {
         assert!(f("rss_kib") > 0.0 && f("rss_kib") <= f("hwm_kib"), "{w}");
     }
     assert_eq!(c["client"], "c");
+    // A file name is written as a JSON string, whatever it holds.
+    let odd = tmp.path().join("a \"quoted\"\\name\t.gguf");
+    std::os::unix::fs::symlink(&model, &odd).unwrap();
+    let w = run_worker(
+        sanitized(&exe).arg("--socket").arg(&d.socket).arg("--model").arg(&odd).args(args),
+    );
+    assert_eq!(w["model"], "a \"quoted\"\\name\t.gguf", "{w}");
     // The same prompt and greedy decoding through either client: the same tokens.
     assert_eq!(c["head"].as_array().map(Vec::len), Some(6), "{c}");
     assert_eq!(c["head"], cli["head"]);
