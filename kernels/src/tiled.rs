@@ -519,6 +519,42 @@ pub(crate) mod avx2 {
         _mm256_madd_epi16(_mm256_add_epi16(a, b), ones)
     }
 
+    /// [`block_sums`] of every token for the 4-bit kinds straight from the block's bytes, one
+    /// 32-byte chunk (quarters `j` and `j + 4`) at a time: only two unpacked quarters are live
+    /// instead of eight, so the tokens' accumulators stay in registers. The 16-bit sums wrap
+    /// exactly as [`block_sums`]' do, in another order: the same integers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn nibble_sums<const KIND: u8, const T: usize>(
+        blk: &[u8],
+        a: &TokenBlocks,
+    ) -> ([__m256i; T], __m256, __m256) {
+        debug_assert!(matches!(KIND, Q4_0 | Q4_1));
+        let lay = layout(ty(KIND)).unwrap_or_else(|| unreachable!("every kind has a layout"));
+        let mask = _mm256_set1_epi8(0x0f);
+        let mut p = [_mm256_setzero_si256(); T];
+        for j in 0..4 {
+            let c = load_u8x32(blk[lay.t_qs + 32 * j..][..32].try_into().unwrap());
+            let lo = _mm256_and_si256(c, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(c), mask);
+            for (p, qa) in p.iter_mut().zip(&a.qs) {
+                let x = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, quarter(qa, j)),
+                    _mm256_maddubs_epi16(hi, quarter(qa, j + 4)),
+                );
+                *p = _mm256_add_epi16(*p, x);
+            }
+        }
+        let ones = _mm256_set1_epi16(1);
+        let d = _mm256_cvtph_ps(load_u8x16(blk[..16].try_into().unwrap()));
+        let m = if has_min(KIND) {
+            _mm256_cvtph_ps(load_u8x16(blk[lay.t_m..lay.t_m + 16].try_into().unwrap()))
+        } else {
+            _mm256_setzero_ps()
+        };
+        (p.map(|p| _mm256_madd_epi16(p, ones)), d, m)
+    }
+
     /// One group of eight rows (its blocks in `blocks`) against the first `T` tokens of a tile
     /// (its blocks in `acts`): per token the eight rows' dot products, each lane the scalar
     /// reference's float steps in block order.
@@ -559,9 +595,13 @@ pub(crate) mod avx2 {
             if prefetch {
                 prefetch_ahead(end, b, gb);
             }
-            let blk = decode::<KIND>(blk);
-            let sums = std::array::from_fn(|t| block_sums::<KIND>(&blk, &a.qs[t]));
-            if let Some(prev) = behind.replace((sums, blk.d, blk.m, a)) {
+            let (sums, d, m) = if matches!(KIND, Q4_0 | Q4_1) {
+                nibble_sums::<KIND, T>(blk, a)
+            } else {
+                let blk = decode::<KIND>(blk);
+                (std::array::from_fn(|t| block_sums::<KIND>(&blk, &a.qs[t])), blk.d, blk.m)
+            };
+            if let Some(prev) = behind.replace((sums, d, m, a)) {
                 float_steps(&mut acc, prev);
             }
         }
