@@ -23,6 +23,7 @@
 #include <unicorn.h>
 
 #include <errno.h>
+#include <stdbool.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -127,9 +128,9 @@ static int parse_count(const char *flag, const char *arg, long min, long *out) {
     return 0;
 }
 
-static int usage(void) {
-    fprintf(stderr, "usage: decode-worker --socket PATH --model PATH [--tokens N] "
-                    "[--prompt-tokens N] [--warmup N]\n");
+static int usage(FILE *to) {
+    fprintf(to, "usage: decode-worker --socket PATH --model PATH [--tokens N] "
+                "[--prompt-tokens N] [--warmup N]\n");
     return 2;
 }
 
@@ -139,10 +140,23 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *flag = argv[i];
         if (strcmp(flag, "--help") == 0 || strcmp(flag, "-h") == 0) {
-            usage();
+            usage(stdout);
             return 0;
         }
-        if (i + 1 >= argc) return usage();
+        const char *known[] = {"--socket", "--model", "-m", "--tokens", "--prompt-tokens",
+                               "--warmup"};
+        bool is_known = false;
+        for (size_t k = 0; k < sizeof known / sizeof *known; k++) {
+            is_known |= strcmp(flag, known[k]) == 0;
+        }
+        if (!is_known) {
+            fprintf(stderr, "decode-worker: unknown option %s\n", flag);
+            return usage(stderr);
+        }
+        if (i + 1 >= argc) {
+            fprintf(stderr, "decode-worker: %s wants a value\n", flag);
+            return usage(stderr);
+        }
         const char *arg = argv[++i];
         if (strcmp(flag, "--socket") == 0) {
             socket_path = arg;
@@ -152,14 +166,14 @@ int main(int argc, char **argv) {
             if (parse_count(flag, arg, 1, &n_tokens) != 0) return 2;
         } else if (strcmp(flag, "--prompt-tokens") == 0) {
             if (parse_count(flag, arg, 1, &n_prompt) != 0) return 2;
-        } else if (strcmp(flag, "--warmup") == 0) {
-            if (parse_count(flag, arg, 0, &n_warmup) != 0) return 2;
         } else {
-            fprintf(stderr, "decode-worker: unknown option %s\n", flag);
-            return usage();
+            if (parse_count(flag, arg, 0, &n_warmup) != 0) return 2;
         }
     }
-    if (model_path == NULL) return usage();
+    if (model_path == NULL) {
+        fprintf(stderr, "decode-worker: --model is required\n");
+        return usage(stderr);
+    }
 
     int rc = 1;
     unicorn_client *client = NULL;

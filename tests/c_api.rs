@@ -253,6 +253,12 @@ fn the_benchmarks_c_client_measures_what_the_clis_does() {
         .args(["--model", "/nonexistent/model.gguf"]));
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(err.contains("/nonexistent/model.gguf"), "{err}");
-    let (status, _, err) = run(sanitized(&exe).arg("--help"));
-    assert!(status.success() && err.contains("usage: decode-worker"), "{err}");
+    let (status, _, err) = run(sanitized(&exe).args(["--model", "m.gguf", "--tokens"]));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--tokens wants a value"), "{err}");
+    let (status, _, err) = run(sanitized(&exe).args(["--tokens", "3"]));
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("--model is required"), "{err}");
+    let (status, out, _) = run(sanitized(&exe).arg("--help"));
+    assert!(status.success() && out.starts_with("usage: decode-worker"), "{out}");
 }
