@@ -398,10 +398,10 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// The bytes of one of the kind's block groups (eight rows' blocks).
-    const fn group_bytes(kind: u8) -> usize {
+    /// The kind's layout, at compile time (every kind has one).
+    const fn lay(kind: u8) -> Layout {
         match layout(ty(kind)) {
-            Some(l) => l.bytes,
+            Some(l) => l,
             None => panic!("every kind has a layout"),
         }
     }
@@ -452,7 +452,7 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn scales<const KIND: u8>(blk: &[u8]) -> (__m256, __m256) {
-        let lay = layout(ty(KIND)).unwrap_or_else(|| unreachable!("every kind has a layout"));
+        let lay = const { lay(KIND) };
         let d = _mm256_cvtph_ps(load_u8x16(blk[..16].try_into().unwrap()));
         let m = if has_min(KIND) {
             _mm256_cvtph_ps(load_u8x16(blk[lay.t_m..lay.t_m + 16].try_into().unwrap()))
@@ -466,7 +466,7 @@ pub(crate) mod avx2 {
     #[inline]
     fn decode_q5<const KIND: u8>(blk: &[u8]) -> Q5Block {
         debug_assert!(matches!(KIND, Q5_0 | Q5_1));
-        let lay = layout(ty(KIND)).unwrap_or_else(|| unreachable!("every kind has a layout"));
+        let lay = const { lay(KIND) };
         let (d, m) = scales::<KIND>(blk);
         let mask = _mm256_set1_epi8(0x0f);
         let mut u = [_mm256_setzero_si256(); 8];
@@ -524,7 +524,7 @@ pub(crate) mod avx2 {
         a: &TokenBlocks,
     ) -> ([__m256i; T], __m256, __m256) {
         debug_assert!(matches!(KIND, Q4_0 | Q4_1));
-        let lay = layout(ty(KIND)).unwrap_or_else(|| unreachable!("every kind has a layout"));
+        let lay = const { lay(KIND) };
         let mask = _mm256_set1_epi8(0x0f);
         let mut p = [_mm256_setzero_si256(); T];
         for j in 0..4 {
@@ -552,7 +552,7 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn q8_sums<const T: usize>(blk: &[u8], a: &TokenBlocks) -> ([__m256i; T], __m256, __m256) {
-        let lay = layout(GgmlType::Q8_0).unwrap_or_else(|| unreachable!("Q8_0 has a layout"));
+        let lay = const { lay(Q8_0) };
         let ones = _mm256_set1_epi16(1);
         let mut p = [_mm256_setzero_si256(); T];
         for half in 0..2 {
@@ -641,7 +641,7 @@ pub(crate) mod avx2 {
         rows: Range<usize>,
         emit: &mut E,
     ) -> Result<(), KernelError> {
-        const { assert!(GB == group_bytes(KIND)) };
+        const { assert!(GB == lay(KIND).bytes) };
         let (nb, gb) = (tw.cols / QK, GB);
         if !rows.start.is_multiple_of(GROUP)
             || !rows.end.is_multiple_of(GROUP)
@@ -703,11 +703,11 @@ pub(crate) mod avx2 {
         match tw.ty {
             // The block groups' size as a constant: their loop walks plain arrays, with
             // constant strides and prefetches.
-            GgmlType::Q4_0 => drive::<Q4_0, { group_bytes(Q4_0) }, E>(tw, acts, rows, emit),
-            GgmlType::Q4_1 => drive::<Q4_1, { group_bytes(Q4_1) }, E>(tw, acts, rows, emit),
-            GgmlType::Q5_0 => drive::<Q5_0, { group_bytes(Q5_0) }, E>(tw, acts, rows, emit),
-            GgmlType::Q5_1 => drive::<Q5_1, { group_bytes(Q5_1) }, E>(tw, acts, rows, emit),
-            GgmlType::Q8_0 => drive::<Q8_0, { group_bytes(Q8_0) }, E>(tw, acts, rows, emit),
+            GgmlType::Q4_0 => drive::<Q4_0, { lay(Q4_0).bytes }, E>(tw, acts, rows, emit),
+            GgmlType::Q4_1 => drive::<Q4_1, { lay(Q4_1).bytes }, E>(tw, acts, rows, emit),
+            GgmlType::Q5_0 => drive::<Q5_0, { lay(Q5_0).bytes }, E>(tw, acts, rows, emit),
+            GgmlType::Q5_1 => drive::<Q5_1, { lay(Q5_1).bytes }, E>(tw, acts, rows, emit),
+            GgmlType::Q8_0 => drive::<Q8_0, { lay(Q8_0).bytes }, E>(tw, acts, rows, emit),
             ty => Err(KernelError::Unsupported { ty, op: "tiled product" }),
         }
     }
