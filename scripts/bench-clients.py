@@ -149,25 +149,20 @@ def wait_idle(limit_s):
         log(f"the CPUs are {busy:.0%} busy with other work; waiting for them to settle")
 
 
+def daemon_status(status_cmd, *keys):
+    """The values of `keys` in the daemon's `unicorn status --json`, or None when the command
+    fails or this daemon does not report one of them."""
+    try:
+        st = json.loads(subprocess.run(status_cmd, check=True, stdout=subprocess.PIPE,
+                                       text=True).stdout)
+        return tuple(st[k] for k in keys)
+    except (subprocess.CalledProcessError, ValueError, KeyError):
+        return None
+
+
 def engine_steps(status_cmd):
-    """The daemon's (forward passes, passes that batched several contexts) so far, or None when
-    this daemon does not report them."""
-    try:
-        st = json.loads(subprocess.run(status_cmd, check=True, stdout=subprocess.PIPE,
-                                       text=True).stdout)
-        return st["engine_steps"], st["engine_batched_steps"]
-    except (subprocess.CalledProcessError, ValueError, KeyError):
-        return None
-
-
-def daemon_threads(status_cmd):
-    """The daemon's compute threads, from `unicorn status --json`; None when it does not say."""
-    try:
-        st = json.loads(subprocess.run(status_cmd, check=True, stdout=subprocess.PIPE,
-                                       text=True).stdout)
-        return st["threads"]
-    except (subprocess.CalledProcessError, ValueError, KeyError):
-        return None
+    """The daemon's (forward passes, passes that batched several contexts) so far, or None."""
+    return daemon_status(status_cmd, "engine_steps", "engine_batched_steps")
 
 
 def run_group(cmds, logdir, label, daemon_pid=None, status_cmd=None):
@@ -400,7 +395,8 @@ def main():
         return results[(side, n)][0]
 
     # The CLI's workers report the daemon's threads; the C API does not say, so ask the daemon.
-    uthreads = first("unicorn", counts[0]).get("threads") or daemon_threads(status_cmd)
+    uthreads = (first("unicorn", counts[0]).get("threads")
+                or (daemon_status(status_cmd, "threads") or [None])[0])
     peer_sample = first(peer_settings[0][0], counts[0])["sample"]
     mib = lambda kib: kib / 1024
     print(f"model: {os.path.basename(args.model)}; {args.tokens} greedy decode tokens per client "
